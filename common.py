@@ -1,0 +1,885 @@
+"""Plumbing shared by every method script: nothing here is an RL algorithm.
+
+grpo.py, tempo.py, dcpo.py, spo.py and token_dpo.py import this file for the parts that are
+the same in all of them, so that each script shows its own algorithm and little else:
+
+  1. CLI            parse_args(Args): argparse built from a dataclass, one help line per field
+  2. errors         fail(msg): one clear line on stderr, exit code 2
+  3. tasks          the embedded arithmetic task, GSM8K from JSONL, prompt formatting
+  4. verifiers      extract_answer / is_correct / reward_fn: bounded, never eval or exec
+  5. models         the embedded tiny model (built, warm-started by SFT, cached), HF loading
+  6. sampling       batched KV-cached generation, the completion mask (first EOS included)
+  7. log-probs      per-token log-probs of completion tokens only, without an fp32 vocab copy
+  8. evaluation     greedy held-out accuracy
+  9. runs           run folder, config.json, metrics.jsonl, completions, atomic checkpoints
+
+The advantage and the loss of each method live in that method's own file, on purpose.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+import typing
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------
+# 1. CLI: a dataclass is the single source of truth for every knob
+# ----------------------------------------------------------------------------------------
+
+
+def parse_args(args_cls, argv: Optional[list[str]] = None):
+    """Build an argparse parser from a dataclass and parse argv into an instance of it.
+
+    Each field becomes a kebab-case flag (`num_generations` -> `--num-generations`). Its help
+    line is the field's `metadata["help"]`, followed by the default. `bool` fields get
+    `--flag/--no-flag`; `Literal[...]` fields get `choices`, so an unknown value is refused
+    by argparse with exit code 2.
+    """
+    doc = (args_cls.__doc__ or "").strip()
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = typing.get_type_hints(args_cls)
+    for f in dataclasses.fields(args_cls):
+        if not f.init:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        tp = hints[f.name]
+        help_text = f.metadata.get("help", "")
+        kwargs: dict[str, Any] = dict(default=f.default, help=f"{help_text} (default: {f.default})")
+        origin = typing.get_origin(tp)
+        if origin is typing.Union:  # Optional[X]
+            inner = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = inner[0]
+            origin = typing.get_origin(tp)
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is typing.Literal:
+            choices = list(typing.get_args(tp))
+            kwargs.update(type=type(choices[0]), choices=choices)
+        else:
+            kwargs["type"] = tp
+        parser.add_argument(flag, dest=f.name, **kwargs)
+    ns = parser.parse_args(argv)
+    return args_cls(**vars(ns))
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Errors a user can fix: one line, exit code 2, never a traceback from inside torch
+# ----------------------------------------------------------------------------------------
+
+
+class UserError(Exception):
+    """Bad input that the user can fix. Scripts turn it into one line and exit code 2."""
+
+
+def fail(message: str) -> typing.NoReturn:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def check_positive(**values: float) -> None:
+    for name, value in values.items():
+        if value is None or value <= 0:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} must be positive, got {value}; pass e.g. {flag} 1")
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Tasks. An example is {"id": int, "question": str, "answer": str (the gold number)}.
+# ----------------------------------------------------------------------------------------
+
+ARITH_TRAIN_SIZE = 4000  # a fixed, finite training set, revisited across epochs
+ARITH_TEST_SIZE = 500    # disjoint held-out set (no question appears in both)
+SYSTEM_PROMPT = ("Solve the problem step by step. "
+                 "End your answer with a line of the form '#### <number>'.")
+
+
+def arith_problem(rng: random.Random) -> tuple[str, str, str]:
+    """One multi-step integer arithmetic problem with its chain-of-thought solution.
+
+    2 to 4 additions/subtractions of numbers in 1..30, every intermediate result in 0..99.
+    Each step of the solution can go wrong on its own (a carry, a borrow, a copied number),
+    so there is room for credit assignment.
+
+    >>> arith_problem(random.Random(0))
+    ('25+2-13+28', '25+2=27 27-13=14 14+28=42 #### 42', '42')
+    """
+    n_steps = rng.randint(2, 4)
+    cur = rng.randint(1, 30)
+    question, steps = str(cur), []
+    for _ in range(n_steps):
+        b = rng.randint(1, 30)
+        op = rng.choice("+-")
+        if op == "-" and b > cur:
+            op = "+"
+        if op == "+" and cur + b > 99:
+            op = "-"
+        new = cur + b if op == "+" else cur - b
+        question += f"{op}{b}"
+        steps.append(f"{cur}{op}{b}={new}")
+        cur = new
+    return question, " ".join(steps) + f" #### {cur}", str(cur)
+
+
+def arith_dataset(split: str, seed: int = 1234) -> list[dict]:
+    """The embedded task: a fixed list of problems, the same on every machine.
+
+    The split is by question text, so no held-out question is ever trained on. `seed` is the
+    task's own seed (not the run's), so every run sees the same train and test sets.
+    """
+    rng = random.Random(seed)
+    seen: dict[str, dict] = {}
+    while len(seen) < ARITH_TRAIN_SIZE + ARITH_TEST_SIZE:
+        q, solution, ans = arith_problem(rng)
+        if q not in seen:
+            seen[q] = {"question": q, "solution": solution, "answer": ans}
+    items = list(seen.values())
+    items = items[:ARITH_TEST_SIZE] if split == "test" else items[ARITH_TEST_SIZE:]
+    return [dict(id=i, **ex) for i, ex in enumerate(items)]
+
+
+def load_gsm8k(split: str, data_dir: Optional[str]) -> list[dict]:
+    """GSM8K in the official JSONL format ({"question", "answer": "...#### 42"}).
+
+    Looks in `data_dir` (default: ../shared/data/gsm8k beside the project), else in the hub
+    through the optional `datasets` package.
+    """
+    candidates = [Path(data_dir)] if data_dir else [Path(__file__).resolve().parent.parent / "shared/data/gsm8k"]
+    for d in candidates:
+        path = d / f"{split}.jsonl"
+        if path.exists():
+            return read_gsm8k_jsonl(path)
+    try:
+        import datasets  # optional dependency
+    except ImportError:
+        where = candidates[0] / f"{split}.jsonl"
+        raise UserError(f"GSM8K file {where} not found; pass --data-dir DIR holding {split}.jsonl "
+                        "(from github.com/openai/grade-school-math) or `pip install datasets` to use the hub")
+    ds = datasets.load_dataset("openai/gsm8k", "main", split=split)
+    return [dict(id=i, question=r["question"], answer=gold_from_gsm8k(r["answer"]), solution=r["answer"])
+            for i, r in enumerate(ds)]
+
+
+def gold_from_gsm8k(answer_field: str) -> str:
+    return answer_field.split("####")[-1].strip().replace(",", "")
+
+
+def read_gsm8k_jsonl(path: Path) -> list[dict]:
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                q, a = row["question"], row["answer"]
+                if not isinstance(q, str) or not isinstance(a, str) or "####" not in a:
+                    raise ValueError
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{path}:{lineno} is not a GSM8K record; each line must be JSON "
+                                'like {"question": "...", "answer": "... #### 42"}')
+            out.append(dict(id=len(out), question=q, answer=gold_from_gsm8k(a), solution=a))
+    if not out:
+        raise UserError(f"{path} holds no examples; point --data-dir at a folder with a non-empty {path.name}")
+    return out
+
+
+def load_task(task: str, split: str, data_dir: Optional[str] = None) -> list[dict]:
+    if task == "arith":
+        return arith_dataset(split)
+    if task == "gsm8k":
+        return load_gsm8k(split, data_dir)
+    raise UserError(f"unknown --task {task!r}; use arith or gsm8k")
+
+
+def format_prompt(tokenizer, question: str, task: str) -> str:
+    """Instruct models get their chat template; base models (and the tiny model) a plain prompt."""
+    if task == "arith" and getattr(tokenizer, "chat_template", None) is None:
+        return f"Q:{question}\nA:"
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"Question: {question}\nAnswer: Let's think step by step."
+
+
+# ----------------------------------------------------------------------------------------
+# 4. Verifiers. Model output is untrusted: bounded size, linear-time regexes, no eval/exec.
+# ----------------------------------------------------------------------------------------
+
+MAX_VERIFY_CHARS = 4096   # only the tail of a completion is read; the answer comes last
+MAX_NUMBER_CHARS = 40     # longer digit strings are not numbers we compare
+_NUM = r"-?(?:\$\s?)?\d[\d,]*(?:\.\d+)?"
+_BOXED = re.compile(r"\\boxed\{\s*(" + _NUM + r")\s*\}")
+_HASHES = re.compile(r"####\s*(" + _NUM + r")")
+_ANSWER_IS = re.compile(r"answer is[:\s]*\**\s*(" + _NUM + r")", re.IGNORECASE)
+_ANY_NUM = re.compile(_NUM)
+
+
+def extract_answer(text: str) -> Optional[str]:
+    """The final answer of a completion, as a string, or None.
+
+    Order: \\boxed{n}, then '#### n', then 'the answer is n', then the last number. Only the
+    last MAX_VERIFY_CHARS characters are read, so a megabyte of output costs microseconds.
+    """
+    if not isinstance(text, str):
+        return None
+    tail = text[-MAX_VERIFY_CHARS:]
+    for pattern in (_BOXED, _HASHES, _ANSWER_IS):
+        found = pattern.findall(tail)
+        if found:
+            return found[-1]
+    found = _ANY_NUM.findall(tail)
+    return found[-1] if found else None
+
+
+def normalize_number(s: Optional[str]) -> Optional[Fraction]:
+    """'$1,234.50' -> Fraction(2469, 2); '18.0' -> 18. None if it is not a plain number."""
+    if s is None:
+        return None
+    s = s.replace(",", "").replace("$", "").replace(" ", "").strip().rstrip(".")
+    if not s or len(s) > MAX_NUMBER_CHARS or not re.fullmatch(r"-?\d+(?:\.\d+)?", s):
+        return None
+    return Fraction(s)  # exact decimal, no float rounding, no exponent parsing
+
+
+def is_correct(completion: str, gold: str) -> bool:
+    pred, ref = normalize_number(extract_answer(completion)), normalize_number(gold)
+    return pred is not None and ref is not None and pred == ref
+
+
+def reward_fn(completions: list[str], answers: list[str]) -> list[float]:
+    """1.0 if the final number equals the gold answer, else 0.0 (TRL's reward signature)."""
+    return [1.0 if is_correct(c, a) else 0.0 for c, a in zip(completions, answers)]
+
+
+# ----------------------------------------------------------------------------------------
+# 5. Models: the embedded tiny model and any Hugging Face causal LM, loaded the same way
+# ----------------------------------------------------------------------------------------
+
+TINY = "tiny"  # the --model value that selects the embedded model
+TINY_VERSION = "v1"
+TINY_TARGET_ACC = (0.10, 0.60)  # the warm start stops inside this band of held-out accuracy
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch. CPU runs are then deterministic; GPU kernels may not be."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TOKENCREDIT_CACHE", Path.home() / ".cache" / "tokencredit"))
+
+
+def build_char_tokenizer():
+    """A character-level tokenizer in Hugging Face format: one token per printable ASCII char."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>", padding_side="left")
+
+
+def build_tiny_model(vocab_size: int, pad_id: int, eos_id: int):
+    """A ~1.8M-parameter Llama built from a transformers config (no dropout anywhere)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=192, intermediate_size=512,
+                         num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=6,
+                         max_position_embeddings=256, tie_word_embeddings=True,
+                         pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=None,
+                         attention_dropout=0.0)
+    return LlamaForCausalLM(config)
+
+
+def ensure_tiny_model(seed: int = 0, quiet: bool = False) -> Path:
+    """Return the folder of the warm-started tiny model, building it first if it is not cached.
+
+    The warm start is a short supervised fine-tune on the arithmetic task's training split
+    (prompt -> chain-of-thought solution). It stops as soon as held-out greedy accuracy
+    enters TINY_TARGET_ACC, so reinforcement learning has room to improve it. It is
+    deterministic for a seed, and the folder loads with AutoModelForCausalLM.from_pretrained.
+    """
+    from tqdm import tqdm
+
+    path = cache_root() / f"tiny-arith-{TINY_VERSION}-seed{seed}"
+    if (path / "warm_start.json").exists():
+        return path
+    torch_threads = torch.get_num_threads()
+    seed_everything(seed)
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_model(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    train, test = arith_dataset("train"), arith_dataset("test")[:200]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    batch_size, max_steps, eval_every = 64, 3000, 50
+    gen = torch.Generator().manual_seed(seed)
+    t0, acc, step = time.time(), 0.0, 0
+    bar = tqdm(range(1, max_steps + 1), desc="warm start (SFT of the tiny model)", disable=quiet, leave=False)
+    for step in bar:
+        idx = torch.randint(len(train), (batch_size,), generator=gen).tolist()
+        prompts = [format_prompt(tokenizer, train[i]["question"], "arith") for i in idx]
+        targets = [train[i]["solution"] for i in idx]
+        loss = sft_loss(model, tokenizer, prompts, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % eval_every == 0:
+            acc = evaluate(model, tokenizer, test, "arith", max_new_tokens=64, batch_size=200)
+            bar.set_postfix(loss=f"{loss.item():.3f}", heldout_acc=f"{acc:.2f}")
+            if acc >= 0.20:  # in the band, above its floor, with room for RL
+                break
+    if not TINY_TARGET_ACC[0] <= acc <= TINY_TARGET_ACC[1]:
+        raise RuntimeError(f"tiny-model warm start ended at held-out accuracy {acc:.2f}, outside {TINY_TARGET_ACC}")
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    info = dict(seed=seed, sft_steps=step, heldout_accuracy=acc, seconds=round(time.time() - t0, 1),
+                parameters=sum(p.numel() for p in model.parameters()))
+    (tmp / "warm_start.json").write_text(json.dumps(info, indent=2))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)  # atomic: a half-written model is never cached
+    torch.set_num_threads(torch_threads)
+    if not quiet:
+        print(f"warm start: {step} SFT steps, held-out accuracy {acc:.3f}, {info['seconds']}s -> {path}")
+    return path
+
+
+def sft_loss(model, tokenizer, prompts: list[str], targets: list[str]) -> torch.Tensor:
+    """Mean next-token cross-entropy on the target tokens (and the EOS after them) only."""
+    eos = tokenizer.eos_token_id
+    rows = [(tokenizer(p, add_special_tokens=False)["input_ids"],
+             tokenizer(t, add_special_tokens=False)["input_ids"] + [eos]) for p, t in zip(prompts, targets)]
+    width = max(len(p) + len(t) for p, t in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    attn = torch.zeros_like(ids)
+    for i, (p, t) in enumerate(rows):  # right padding is fine for teacher forcing
+        ids[i, : len(p) + len(t)] = torch.tensor(p + t)
+        labels[i, len(p): len(p) + len(t)] = torch.tensor(t)
+        attn[i, : len(p) + len(t)] = 1
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]  # [N, W-1, V]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1))
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_model_and_tokenizer(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """Load any causal LM the same way: AutoModelForCausalLM.from_pretrained(path).
+
+    `name == "tiny"` warm-starts (or loads from cache) the embedded model first. Tokenizers
+    pad on the left for generation; a tokenizer with no pad token pads with EOS.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name == TINY:
+        name = str(ensure_tiny_model(seed=0))
+    elif name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise UserError(f"model folder {name} does not exist; pass --model with a Hugging Face id "
+                        "or a folder made by save_pretrained (or --model tiny for the embedded model)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load model {name!r} ({first}); pass --model with a local folder made by "
+                        "save_pretrained, or a hub id that is downloaded or reachable") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"tokenizer of {name!r} has no EOS token; the completion mask needs one")
+    model.to(device)
+    model.eval()  # no dropout, ever: otherwise ratio != 1 on the first pass and the clip fires on noise
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def context_length(model) -> Optional[int]:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Sampling: left-padded prompts, one KV-cached generate call per batch
+# ----------------------------------------------------------------------------------------
+
+
+def tokenize_prompts(tokenizer, examples: list[dict], task: str, max_len: Optional[int],
+                     max_completion_length: int) -> list[list[int]]:
+    """Token ids of each example's prompt. Refuses prompts that do not fit the context."""
+    out = []
+    for ex in examples:
+        ids = tokenizer(format_prompt(tokenizer, ex["question"], task), add_special_tokens=False)["input_ids"]
+        if max_len is not None and len(ids) + max_completion_length > max_len:
+            raise UserError(f"prompt of example {ex['id']} has {len(ids)} tokens, and with "
+                            f"--max-completion-length {max_completion_length} it exceeds the model's "
+                            f"context of {max_len}; shorten the prompt or lower --max-completion-length")
+        out.append(ids)
+    return out
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[[5,6],[7]] -> ids [[5,6],[pad,7]], mask [[1,1],[0,1]] (left padding, for generation)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
+             num_generations: int = 1, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             greedy: bool = False) -> torch.Tensor:
+    """Sample `num_generations` completions per prompt in one batched, KV-cached call.
+
+    Returns completion ids [P*G, L] (L <= max_new_tokens), GROUP-CONTIGUOUS: rows g*G..g*G+G-1
+    belong to prompt g. The generation config is built here from our arguments only, so a
+    hub model's own generation_config.json (top_k=20, repetition_penalty, ...) cannot change
+    the sampler: with top_p=1 and top_k=0 it samples exactly softmax(logits / T).
+    """
+    from transformers import GenerationConfig
+
+    # Every sampling knob is set explicitly: transformers fills knobs left at None from the
+    # model's own generation_config.json, which may hold temperature 0.7 or repetition_penalty.
+    cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=1.0 if greedy else temperature,
+        top_p=1.0 if greedy else top_p, top_k=0 if greedy else top_k, min_p=0.0, typical_p=1.0,
+        repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1,
+        num_return_sequences=1 if greedy else num_generations,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True)
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=cfg)
+    return out[:, prompt_ids.size(1):]
+
+
+def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1.0 on tokens up to AND including the first EOS; all ones when there is no EOS.
+
+    Built from the index of the first EOS, never from `ids != pad`: with pad == eos a
+    pad-based mask would drop the EOS and the policy would never learn to stop.
+
+    >>> completion_mask_from_ids(torch.tensor([[5, 7, 2, 2, 2], [5, 7, 8, 9, 9], [2, 2, 2, 2, 2]]), eos_id=2)
+    tensor([[1., 1., 1., 0., 0.],
+            [1., 1., 1., 1., 1.],
+            [1., 0., 0., 0., 0.]])
+    """
+    is_eos = completion_ids == eos_id                                   # [B, L]
+    L = completion_ids.size(1)
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], L, dtype=torch.long))
+    positions = torch.arange(L, device=completion_ids.device)[None, :]  # [1, L]
+    return (positions <= first[:, None]).float()
+
+
+# ----------------------------------------------------------------------------------------
+# 7. Per-token log-probs of the completion tokens, without an fp32 copy of the vocabulary
+# ----------------------------------------------------------------------------------------
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """log softmax(z / T)[y] for each row, fp32, chunked, with a hand-written backward.
+
+    Forward keeps only the logits (already alive, in the model's dtype) and the row
+    log-sum-exp (fp32, one number a row). Backward recomputes softmax chunk by chunk:
+        d logp / d z = (onehot(y) - softmax(z / T)) / T
+    So no [N, V] fp32 tensor outlives one chunk, in forward or backward.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature: float, chunk: int):
+        n = logits.size(0)
+        logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        for s in range(0, n, chunk):
+            z = logits[s:s + chunk].float()
+            if temperature != 1.0:
+                z = z / temperature
+            lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
+            logp[s:s + chunk] = z.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        logits, targets, lse = ctx.saved_tensors
+        T, chunk = ctx.temperature, ctx.chunk
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.size(0), chunk):
+            z = logits[s:s + chunk].float()
+            if T != 1.0:
+                z = z / T
+            g = grad_logp[s:s + chunk, None].float()              # [c, 1]
+            gz = -torch.exp(z - lse[s:s + chunk, None]) * g      # -softmax * g
+            gz.scatter_add_(-1, targets[s:s + chunk, None], g)   # + onehot * g
+            grad[s:s + chunk] = (gz / T).to(grad.dtype)
+        return grad, None, None, None
+
+
+def selective_log_softmax(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                          chunk: int = 1024) -> torch.Tensor:
+    """log softmax(logits / T) gathered at `targets`. logits [..., V], targets [...] -> [...] fp32.
+
+    Equal to `torch.log_softmax(logits.float() / T, -1).gather(-1, targets[..., None])` (tested),
+    but peak memory is one chunk of rows in fp32 instead of the whole [..., V] tensor.
+    """
+    shape = targets.shape
+    flat = _SelectiveLogSoftmax.apply(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), temperature, chunk)
+    return flat.view(shape)
+
+
+@torch.no_grad()
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, chunk: int = 1024) -> torch.Tensor:
+    """Full-vocabulary entropy of softmax(z / T), chunked, no gradient: H = lse(z) - sum softmax(z)*z."""
+    flat = logits.reshape(-1, logits.size(-1))
+    out = torch.empty(flat.size(0), dtype=torch.float32, device=logits.device)
+    for s in range(0, flat.size(0), chunk):
+        z = flat[s:s + chunk].float() / temperature
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        out[s:s + chunk] = (lse.squeeze(-1) - (torch.exp(z - lse) * z).sum(-1))
+    return out.view(logits.shape[:-1])
+
+
+def per_token_logps(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                    completion_mask: torch.Tensor, temperature: float, with_entropy: bool = False):
+    """Log-probs [B, L] (fp32) of each completion token under `model`, from logits / T.
+
+    Prompts are left-padded, so position ids = cumsum(attention_mask) - 1, which matches what
+    generation used. The LM head runs only on the last L+1 positions (logits_to_keep): prompt
+    logits are never built. Logit j predicts token j+1, so the final one is dropped.
+    Returns (logps, entropies or None).
+    """
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)                  # [B, P+L]
+    attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)    # [B, P+L]
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    L = completion_ids.size(1)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=L + 1, use_cache=False).logits[:, :-1]         # [B, L, V]
+    logps = selective_log_softmax(logits, completion_ids, temperature)         # [B, L]
+    entropies = entropy_from_logits(logits, temperature) if with_entropy else None
+    return logps, entropies
+
+
+# ----------------------------------------------------------------------------------------
+# 8. Evaluation: greedy, on a fixed held-out set
+# ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, examples: list[dict], task: str, max_new_tokens: int, batch_size: int = 64,
+             return_completions: bool = False):
+    """Greedy pass@1 accuracy on `examples` (and the completions, if asked)."""
+    device = next(model.parameters()).device
+    correct, texts = 0, []
+    for s in range(0, len(examples), batch_size):
+        chunk = examples[s:s + batch_size]
+        rows = [tokenizer(format_prompt(tokenizer, ex["question"], task), add_special_tokens=False)["input_ids"]
+                for ex in chunk]
+        ids, mask = left_pad(rows, tokenizer.pad_token_id, device)
+        out = generate(model, tokenizer, ids, mask, max_new_tokens, greedy=True)
+        decoded = decode_completions(tokenizer, out)
+        correct += sum(reward_fn(decoded, [ex["answer"] for ex in chunk]))
+        texts += decoded
+    acc = correct / max(len(examples), 1)
+    return (acc, texts) if return_completions else acc
+
+
+def decode_completions(tokenizer, completion_ids: torch.Tensor) -> list[str]:
+    mask = completion_mask_from_ids(completion_ids, tokenizer.eos_token_id).bool()
+    return [tokenizer.decode(row[m].tolist(), skip_special_tokens=True) for row, m in zip(completion_ids.cpu(), mask.cpu())]
+
+
+# ----------------------------------------------------------------------------------------
+# 9. Runs: folder, config, metrics.jsonl, sample completions, atomic checkpoints, prompt order
+# ----------------------------------------------------------------------------------------
+
+
+def make_run_dir(output_dir: str, algo: str, model: str, task: str, seed: int) -> Path:
+    short = Path(model.rstrip("/")).name or model
+    path = Path(output_dir) / f"{algo}__{short}__{task}__{seed}__{int(time.time())}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class RunLogger:
+    """Writes config.json once, then one JSON line per step to metrics.jsonl (flushed)."""
+
+    def __init__(self, run_dir: Path, config: dict, append: bool = False):
+        self.run_dir = Path(run_dir)
+        if not append:
+            (self.run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        self.metrics = open(self.run_dir / "metrics.jsonl", "a" if append else "w")
+        self.samples = open(self.run_dir / "completions.jsonl", "a" if append else "w")
+
+    def log(self, step: int, metrics: dict) -> None:
+        row = {"step": step, "time": round(time.time(), 3)}
+        row.update({k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()})
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+
+    def log_completions(self, step: int, prompts: list[str], completions: list[str], rewards: list[float]) -> None:
+        for p, c, r in zip(prompts, completions, rewards):
+            self.samples.write(json.dumps({"step": step, "prompt": p, "completion": c, "reward": r}) + "\n")
+        self.samples.flush()
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.samples.close()
+
+
+class PromptSampler:
+    """Epochs over a fixed list of examples, each epoch in a fresh seeded order.
+
+    Its whole state is (epoch, position), so a resumed run draws the same prompts.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
+        self._order = self._perm()
+
+    def _perm(self) -> list[int]:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch)).tolist()
+
+    def next(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos == self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._perm()
+            take = min(k - len(out), self.n - self.pos)
+            out += self._order[self.pos:self.pos + take]
+            self.pos += take
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._order = self._perm()
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict, keep: int = 2) -> Path:
+    """Write run_dir/checkpoints/step-N atomically: a temporary folder, then one rename.
+
+    The folder loads with AutoModelForCausalLM.from_pretrained. trainer_state.pt holds the
+    optimizer, RNG states, the step, the prompt position and the method's own state. A
+    checkpoint containing a non-finite parameter is refused, so a NaN never replaces a good one.
+    """
+    if any(not torch.isfinite(p).all() for p in model.parameters()):
+        raise RuntimeError("refusing to checkpoint a model with non-finite parameters")
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save(dict(trainer_state, step=step, rng=rng_state()), tmp / "trainer_state.pt")
+    (tmp / "COMPLETE").write_text(str(step))  # written last: a folder without it is partial
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint of a run, skipping partial or unreadable ones (with a note)."""
+    root = Path(run_dir) / "checkpoints"
+    if not (Path(run_dir) / "config.json").exists():
+        raise UserError(f"{run_dir} is not a run folder (no config.json); pass --resume a folder under runs/")
+    for ckpt in sorted(root.glob("step-*"), reverse=True):
+        if (ckpt / "COMPLETE").exists() and (ckpt / "trainer_state.pt").exists():
+            return ckpt
+        print(f"note: skipping partial checkpoint {ckpt}", file=sys.stderr)
+    return None
+
+
+class MetricAverager:
+    """Averages metrics over a whole update (every micro-batch and pass), weighted by tokens.
+
+    `approx_kl_old` is averaged over the last pass only: it says how far the passes moved.
+    """
+    LAST_PASS_ONLY = ("approx_kl_old",)
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+        self.skipped_updates = 0
+
+    def add(self, metrics: dict, weight: float, last_pass: bool = True) -> None:
+        for k, v in metrics.items():
+            if k in self.LAST_PASS_ONLY and not last_pass:
+                continue
+            self.sums[k] = self.sums.get(k, 0.0) + v * weight
+            self.weights[k] = self.weights.get(k, 0.0) + weight
+
+    def means(self) -> dict:
+        out = {k: self.sums[k] / max(self.weights[k], 1e-12) for k in self.sums}
+        out["skipped_updates"] = self.skipped_updates
+        return out
+
+
+def optimizer_step(model, optimizer, max_grad_norm: float, avg: MetricAverager) -> float:
+    """Clip the gradient norm and step. A non-finite gradient skips the update (and is counted)."""
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
+    if math.isfinite(grad_norm):
+        optimizer.step()
+    else:
+        avg.skipped_updates += 1
+        print(f"warning: non-finite gradient norm ({grad_norm}); update skipped", file=sys.stderr)
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def rollout_metrics(rewards: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                    eos_id: int, num_generations: int) -> dict:
+    """Reward and length statistics of one rollout batch, with TRL's metric names."""
+    r = rewards.float().view(-1, num_generations)
+    lengths = completion_mask.sum(1).float().cpu()
+    terminated = (completion_ids == eos_id).any(1).cpu()
+    return {
+        "reward": r.mean().item(), "reward_std": r.std(1).mean().item(), "accuracy": (rewards > 0.5).float().mean().item(),
+        "frac_reward_zero_std": (r.std(1) < 1e-6).float().mean().item(),
+        "completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
+        "completions/max_length": lengths.max().item(),
+        "completions/clipped_ratio": 1.0 - terminated.float().mean().item(),
+        "completions/mean_terminated_length": lengths[terminated].mean().item() if terminated.any() else 0.0,
+    }
+
+
+def progress(iterable, desc: str):
+    from tqdm import tqdm
+    return tqdm(iterable, desc=desc, dynamic_ncols=True)
+
+
+class Run:
+    """A run folder and everything that makes a run resumable.
+
+    New run: runs/{algo}__{model}__{task}__{seed}__{time}/ with config.json, metrics.jsonl and
+    completions.jsonl. With --resume DIR: loads the last good checkpoint of DIR into the model,
+    optimizer, prompt sampler and RNGs, drops metric lines written after it, and appends.
+    SIGINT/SIGTERM set `stop_requested`; the loop then checkpoints and stops cleanly.
+    """
+
+    def __init__(self, args, algo: str, model, tokenizer, optimizer, sampler: PromptSampler):
+        import signal
+
+        self.args, self.algo, self.model, self.tokenizer = args, algo, model, tokenizer
+        self.optimizer, self.sampler = optimizer, sampler
+        self.state: dict = {"step": 0}
+        self.stop_requested = False
+        if args.resume:
+            self.run_dir = Path(args.resume)
+            ckpt = latest_checkpoint(self.run_dir)
+            if ckpt is None:
+                raise UserError(f"{self.run_dir} has no complete checkpoint to resume from; start a new run without --resume")
+            self._load(ckpt)
+            self.logger = RunLogger(self.run_dir, {}, append=True)
+            print(f"resumed {self.run_dir} from {ckpt.name}", file=sys.stderr)
+        else:
+            self.run_dir = make_run_dir(args.output_dir, algo, args.model, args.task, args.seed)
+            self.logger = RunLogger(self.run_dir, dict(algo=algo, **dataclasses.asdict(args)))
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        if self.stop_requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        print(f"\nsignal {signum}: finishing this step, checkpointing, then stopping", file=sys.stderr)
+        self.stop_requested = True
+
+    def _load(self, ckpt: Path) -> None:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            saved = AutoModelForCausalLM.from_pretrained(ckpt, dtype=next(self.model.parameters()).dtype)
+            trainer = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        except Exception as e:  # a corrupt checkpoint: say which, so the user can delete it
+            raise UserError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}); delete that folder to resume "
+                            "from the one before it") from None
+        self.model.load_state_dict(saved.state_dict())
+        self.optimizer.load_state_dict(trainer["optimizer"])
+        self.sampler.load_state_dict(trainer["sampler"])
+        self.state = trainer["state"]
+        set_rng_state(trainer["rng"])
+        step = self.state["step"]
+        metrics = self.run_dir / "metrics.jsonl"  # drop lines of steps the checkpoint does not hold
+        if metrics.exists():
+            keep = [l for l in metrics.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+            metrics.write_text("".join(l + "\n" for l in keep))
+
+    def save(self, step: int) -> Path:
+        trainer = {"optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(), "state": self.state}
+        return save_checkpoint(self.run_dir, step, self.model, self.tokenizer, trainer)
+
+    def end_step(self, step: int, metrics: dict, texts: list[str], rewards: torch.Tensor, idx: list[int],
+                 examples: list[dict], num_generations: int) -> None:
+        self.logger.log(step, metrics)
+        if step % self.args.log_completions_every == 0:  # the first group of this batch, as text
+            q = examples[idx[0]]["question"]
+            self.logger.log_completions(step, [q] * num_generations, texts[:num_generations],
+                                        rewards[:num_generations].tolist())
+
+    def finish(self, final_accuracy: float, wall_time: float) -> dict:
+        start = self.state["start_accuracy"]
+        summary = dict(algo=self.algo, start_accuracy=start, final_accuracy=final_accuracy,
+                       steps=self.state["step"], wall_time_s=round(wall_time, 1), run_dir=str(self.run_dir))
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.logger.close()
+        print(f"{self.algo}: held-out greedy accuracy {start:.3f} -> {final_accuracy:.3f} "
+              f"({100 * (final_accuracy - start):+.1f} pts) in {summary['steps']} steps, "
+              f"{wall_time:.0f}s; saved to {self.run_dir}", flush=True)
+        return summary
+
+
+def run_main(main, args_cls, argv: Optional[list[str]] = None):
+    """Parse the CLI, run `main`, and turn a UserError into one line and exit code 2."""
+    args = parse_args(args_cls, argv)
+    try:
+        return main(args)
+    except UserError as e:
+        fail(str(e))

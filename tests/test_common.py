@@ -1,0 +1,133 @@
+"""common.py: verifiers, tasks, data loading, prompts, CLI, checkpoints."""
+import json
+import random
+import time
+
+import pytest
+import torch
+
+import common
+from conftest import SHARED
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("so the total is \\boxed{42}.", "42"),
+    ("#### 1,234", "1,234"),
+    ("The answer is $18.", "$18"),
+    ("the answer is: 7", "7"),
+    ("5 apples and 6 pears, 11 fruits", "11"),
+    ("12+7=19 19-5=14 #### 14", "14"),
+    ("no number here", None),
+    ("", None),
+])
+def test_extract_answer(text, expected):
+    assert common.extract_answer(text) == expected
+
+
+@pytest.mark.parametrize("pred,gold,ok", [
+    ("#### 18", "18", True), ("#### 18.0", "18", True), ("#### $1,000", "1000", True),
+    ("The answer is 18.", "18", True), ("\\boxed{-3}", "-3", True), ("#### 17", "18", False),
+    ("#### 0.50", "0.5", True), ("x" * 10 + "#### 18", "18", True), ("nothing", "18", False),
+    ("#### 1" + "0" * 100, "1" + "0" * 100, False),  # absurdly long numbers are not compared
+])
+def test_is_correct(pred, gold, ok):
+    assert common.is_correct(pred, gold) is ok
+
+
+def test_verifier_hostile_inputs_are_fast_and_safe():
+    hostile = ["__import__('os').system('echo pwned')", "9**9**9**9", "1e999999", "(" * 100000 + "1",
+               "\\boxed{" * 1000, "\\boxed{12", "٣٤٥ ⁴² 𝟘", "#### " + "9" * 1_000_000, "a" * 5_000_000 + " 7"]
+    for text in hostile:
+        t0 = time.time()
+        out = common.is_correct(text, "7")
+        assert isinstance(out, bool) and time.time() - t0 < 0.5
+    assert common.is_correct("a" * 5_000_000 + " 7", "7")
+
+
+@pytest.mark.skipif(not (SHARED / "data/gsm8k/test.jsonl").exists(), reason="../shared/data/gsm8k is absent")
+def test_verifier_accepts_every_gsm8k_gold():
+    rows = [json.loads(l) for l in open(SHARED / "data/gsm8k/test.jsonl")]
+    assert len(rows) > 1000
+    bad = [r["answer"] for r in rows if not common.is_correct(r["answer"], common.gold_from_gsm8k(r["answer"]))]
+    assert bad == []
+
+
+def test_arith_task_fixed_and_disjoint():
+    train, test = common.arith_dataset("train"), common.arith_dataset("test")
+    assert len(train) == common.ARITH_TRAIN_SIZE and len(test) == common.ARITH_TEST_SIZE
+    assert not {e["question"] for e in train} & {e["question"] for e in test}
+    assert common.arith_dataset("train") == train  # the same on every call and machine
+    for ex in train[:200]:  # the solution is correct and verifies
+        assert common.is_correct(ex["solution"], ex["answer"])
+        assert int(ex["answer"]) == eval(ex["question"], {"__builtins__": {}})  # our own generated text
+    q, sol, ans = common.arith_problem(random.Random(0))
+    assert sol.endswith(f"#### {ans}") and sol.count("=") >= 2
+
+
+def test_gsm8k_bad_files(tmp_path):
+    (tmp_path / "train.jsonl").write_text("")
+    with pytest.raises(common.UserError, match="holds no examples"):
+        common.load_gsm8k("train", str(tmp_path))
+    (tmp_path / "train.jsonl").write_text('{"question": "q"}\n')
+    with pytest.raises(common.UserError, match=r"train.jsonl:1 is not a GSM8K record"):
+        common.load_gsm8k("train", str(tmp_path))
+
+
+def test_char_tokenizer_roundtrip(tmp_path):
+    from transformers import AutoTokenizer
+    tok = common.build_char_tokenizer()
+    tok.save_pretrained(tmp_path)
+    tok2 = AutoTokenizer.from_pretrained(tmp_path)
+    s = "Q:12+7-5\nA:12+7=19 19-5=14 #### 14"
+    ids = tok2(s, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(s) and tok2.decode(ids) == s
+    assert tok2.padding_side == "left" and tok2.pad_token_id != tok2.eos_token_id
+
+
+def test_prompt_sampler_resumes_exactly():
+    a = common.PromptSampler(10, seed=3)
+    first = [a.next(4) for _ in range(3)]
+    b = common.PromptSampler(10, seed=3)
+    b.next(4)
+    state = b.state_dict()
+    c = common.PromptSampler(10, seed=3)
+    c.load_state_dict(state)
+    assert [c.next(4), c.next(4)] == first[1:]
+    assert sorted(first[0] + first[1] + first[2][:2]) == list(range(10))  # one epoch covers all
+
+
+def test_checkpoint_is_atomic_and_loadable(random_tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+    model, tok = common.load_model_and_tokenizer(str(random_tiny_model_dir), torch.device("cpu"), torch.float32)
+    (tmp_path / "config.json").write_text("{}")
+    ckpt = common.save_checkpoint(tmp_path, 3, model, tok, {"x": 1})
+    assert common.latest_checkpoint(tmp_path) == ckpt
+    # a partial later checkpoint (no COMPLETE marker) is skipped
+    (tmp_path / "checkpoints/step-0000009").mkdir()
+    assert common.latest_checkpoint(tmp_path) == ckpt
+    loaded = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="non-finite"):
+        common.save_checkpoint(tmp_path, 4, model, tok, {})
+    assert common.latest_checkpoint(tmp_path) == ckpt
+
+
+def test_generation_ignores_model_generation_config(random_tiny_model_dir):
+    """A hub model's generation_config.json (top_k, repetition_penalty, ...) must not change our sampler."""
+    model, tok = common.load_model_and_tokenizer(str(random_tiny_model_dir), torch.device("cpu"), torch.float32)
+    model.generation_config.top_k = 1
+    model.generation_config.repetition_penalty = 1e9
+    model.generation_config.temperature = 0.01
+    ids, mask = common.left_pad([[5, 6, 7]], tok.pad_token_id, "cpu")
+    greedy = common.generate(model, tok, ids, mask, 6, greedy=True)
+    seq = ids
+    with torch.no_grad():  # a plain greedy loop
+        for _ in range(6):
+            nxt = model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    assert greedy.tolist() == seq[:, 3:3 + greedy.size(1)].tolist()
+    torch.manual_seed(0)
+    samples = common.generate(model, tok, ids, mask, 6, num_generations=16)
+    assert len({tuple(r) for r in samples.tolist()}) > 1  # top_k=1 from the model config would make them equal
