@@ -103,8 +103,9 @@ def check_positive(**values: float) -> None:
 # 3. Tasks. An example is {"id": int, "question": str, "answer": str (the gold number)}.
 # ----------------------------------------------------------------------------------------
 
-ARITH_TRAIN_SIZE = 4000  # a fixed, finite training set, revisited across epochs
-ARITH_TEST_SIZE = 500    # disjoint held-out set (no question appears in both)
+ARITH_TRAIN_SIZE = 1000  # the RL prompts: a fixed set, revisited across epochs (DCPO's statistics need that)
+ARITH_TEST_SIZE = 500    # held-out, never trained on
+ARITH_SFT_SIZE = 10000   # the warm start's own problems (disjoint from both)
 SYSTEM_PROMPT = ("Solve the problem step by step. "
                  "End your answer with a line of the form '#### <number>'.")
 
@@ -137,20 +138,24 @@ def arith_problem(rng: random.Random) -> tuple[str, str, str]:
 
 
 def arith_dataset(split: str, seed: int = 1234) -> list[dict]:
-    """The embedded task: a fixed list of problems, the same on every machine.
+    """The embedded task: a fixed list of problems per split ("test", "train", "sft").
 
-    The split is by question text, so no held-out question is ever trained on. `seed` is the
-    task's own seed (not the run's), so every run sees the same train and test sets.
+    The splits are disjoint by question text, so no held-out question is ever trained on.
+    `seed` is the task's own seed (not the run's): every run and machine sees the same sets.
     """
+    sizes = {"test": ARITH_TEST_SIZE, "train": ARITH_TRAIN_SIZE, "sft": ARITH_SFT_SIZE}
     rng = random.Random(seed)
     seen: dict[str, dict] = {}
-    while len(seen) < ARITH_TRAIN_SIZE + ARITH_TEST_SIZE:
+    while len(seen) < sum(sizes.values()):
         q, solution, ans = arith_problem(rng)
         if q not in seen:
             seen[q] = {"question": q, "solution": solution, "answer": ans}
-    items = list(seen.values())
-    items = items[:ARITH_TEST_SIZE] if split == "test" else items[ARITH_TEST_SIZE:]
-    return [dict(id=i, **ex) for i, ex in enumerate(items)]
+    items, start = list(seen.values()), 0
+    for name, size in sizes.items():
+        if name == split:
+            return [dict(id=i, **ex) for i, ex in enumerate(items[start:start + size])]
+        start += size
+    raise ValueError(f"unknown split {split!r}")
 
 
 def load_gsm8k(split: str, data_dir: Optional[str]) -> list[dict]:
@@ -272,7 +277,7 @@ def reward_fn(completions: list[str], answers: list[str]) -> list[float]:
 # ----------------------------------------------------------------------------------------
 
 TINY = "tiny"  # the --model value that selects the embedded model
-TINY_VERSION = "v1"
+TINY_VERSION = "v2"
 TINY_TARGET_ACC = (0.10, 0.60)  # the warm start stops inside this band of held-out accuracy
 
 
@@ -332,7 +337,7 @@ def ensure_tiny_model(seed: int = 0, quiet: bool = False) -> Path:
     seed_everything(seed)
     tokenizer = build_char_tokenizer()
     model = build_tiny_model(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
-    train, test = arith_dataset("train"), arith_dataset("test")[:200]
+    train, test = arith_dataset("sft"), arith_dataset("test")[:200]
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     batch_size, max_steps, eval_every = 64, 3000, 50
     gen = torch.Generator().manual_seed(seed)
@@ -472,11 +477,11 @@ def generate(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
 
     # Every sampling knob is set explicitly: transformers fills knobs left at None from the
     # model's own generation_config.json, which may hold temperature 0.7 or repetition_penalty.
+    # (Greedy decoding ignores the sampling knobs, so they are only set when sampling.)
+    sampling = {} if greedy else dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=0.0, typical_p=1.0)
     cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=1.0 if greedy else temperature,
-        top_p=1.0 if greedy else top_p, top_k=0 if greedy else top_k, min_p=0.0, typical_p=1.0,
-        repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1,
-        num_return_sequences=1 if greedy else num_generations,
+        max_new_tokens=max_new_tokens, do_sample=not greedy, **sampling, repetition_penalty=1.0,
+        no_repeat_ngram_size=0, num_beams=1, num_return_sequences=1 if greedy else num_generations,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True)
     out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=cfg)
     return out[:, prompt_ids.size(1):]
@@ -744,21 +749,25 @@ class MetricAverager:
     `approx_kl_old` is averaged over the last pass only: it says how far the passes moved.
     """
     LAST_PASS_ONLY = ("approx_kl_old",)
+    SUMMED = ("policy_loss",)  # each micro-batch holds a part of the step's loss: sum, then mean over passes
 
     def __init__(self):
         self.sums: dict[str, float] = {}
         self.weights: dict[str, float] = {}
         self.skipped_updates = 0
+        self.passes = 0  # counted by optimizer_step
 
     def add(self, metrics: dict, weight: float, last_pass: bool = True) -> None:
         for k, v in metrics.items():
             if k in self.LAST_PASS_ONLY and not last_pass:
                 continue
-            self.sums[k] = self.sums.get(k, 0.0) + v * weight
-            self.weights[k] = self.weights.get(k, 0.0) + weight
+            w = 1.0 if k in self.SUMMED else weight
+            self.sums[k] = self.sums.get(k, 0.0) + v * w
+            self.weights[k] = self.weights.get(k, 0.0) + w
 
     def means(self) -> dict:
-        out = {k: self.sums[k] / max(self.weights[k], 1e-12) for k in self.sums}
+        out = {k: self.sums[k] / (max(self.passes, 1) if k in self.SUMMED else max(self.weights[k], 1e-12))
+               for k in self.sums}
         out["skipped_updates"] = self.skipped_updates
         return out
 
@@ -766,6 +775,7 @@ class MetricAverager:
 def optimizer_step(model, optimizer, max_grad_norm: float, avg: MetricAverager) -> float:
     """Clip the gradient norm and step. A non-finite gradient skips the update (and is counted)."""
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
+    avg.passes += 1
     if math.isfinite(grad_norm):
         optimizer.step()
     else:
@@ -883,3 +893,58 @@ def run_main(main, args_cls, argv: Optional[list[str]] = None):
         return main(args)
     except UserError as e:
         fail(str(e))
+
+
+# ----------------------------------------------------------------------------------------
+# 10. Credit view: one group's completions, each token with its advantage (model-free)
+# ----------------------------------------------------------------------------------------
+
+_GREENS = (151, 114, 77, 40, 46)    # 256-colour ANSI codes, weakest to strongest
+_REDS = (224, 210, 203, 196, 160)
+
+
+def render_credit(tokens: typing.Sequence[typing.Sequence[str]], advantages: torch.Tensor,
+                  completion_mask: torch.Tensor, color: bool = False, flat: Optional[torch.Tensor] = None,
+                  rewards: Optional[torch.Tensor] = None, decimals: int = 2) -> str:
+    """One line per completion; each real token (mask > 0) followed by its advantage.
+
+    plain: "o1 (r=1.00, GRPO +0.87): A[+1.15]B[+0.58]"  (sign always; tokens are not separated,
+           so the text reads as it was generated)
+    color: each token green (A > 0) or red (A < 0), shade ~ |A| / max |A| of the rows shown;
+           A == 0 uncoloured; no numbers. Newlines and tabs show as \\n and \\t: one line each.
+    tokens: G lists of token strings (at least |o_i| each); advantages [G, L] (or [G] for a
+    sequence-level method), completion_mask [G, L]; flat, rewards: optional [G], shown in front.
+    """
+    m = completion_mask.detach().cpu() > 0                                   # [G, L]
+    adv = advantages.detach().to(torch.float64).cpu()
+    adv = adv[:, None].expand(m.shape) if adv.dim() == 1 else adv            # [G, L]
+    scale = float(adv[m].abs().max()) if m.any() else 0.0
+    lines = []
+    for i, toks in enumerate(tokens):
+        n = int(m[i].sum())
+        if len(toks) < n:
+            raise ValueError(f"completion {i}: {len(toks)} token strings for {n} masked tokens")
+        parts = []
+        for t in range(n):
+            s, a = toks[t].replace("\n", "\\n").replace("\t", "\\t"), float(adv[i, t])
+            if not color:
+                parts.append(f"{s}[{a:+.{decimals}f}]")
+            elif a == 0.0 or scale == 0.0:
+                parts.append(s)
+            else:
+                code = (_GREENS if a > 0 else _REDS)[min(int(abs(a) / scale * len(_GREENS)), len(_GREENS) - 1)]
+                parts.append(f"\x1b[38;5;{code}m{s}\x1b[0m")
+        notes = ([f"r={float(rewards[i]):.2f}"] if rewards is not None else []) + \
+                ([f"GRPO {float(flat[i]):+.{decimals}f}"] if flat is not None else [])
+        lines.append(f"o{i + 1}" + (f" ({', '.join(notes)})" if notes else "") + ": " + "".join(parts))
+    return "\n".join(lines)
+
+
+def credit_view(tokenizer, completion_ids: torch.Tensor, advantages: torch.Tensor, completion_mask: torch.Tensor,
+                flat: Optional[torch.Tensor] = None, rewards: Optional[torch.Tensor] = None,
+                color: Optional[bool] = None) -> str:
+    """render_credit with each token decoded on its own; colour when stdout is a terminal."""
+    lengths = (completion_mask > 0).sum(1).tolist()
+    tokens = [[tokenizer.decode([t]) for t in row[:n]] for row, n in zip(completion_ids.tolist(), lengths)]
+    return render_credit(tokens, advantages, completion_mask, sys.stdout.isatty() if color is None else color,
+                         flat, rewards)

@@ -32,7 +32,7 @@ import torch
 import common
 from common import UserError
 
-TINY_LEARNING_RATE = 5e-4  # the one value for the embedded tiny model, shared by every script
+TINY_LEARNING_RATE = 5e-5  # the one value for the embedded tiny model, shared by every script
 HUB_LEARNING_RATE = 1e-6
 
 

@@ -53,9 +53,10 @@ def test_verifier_accepts_every_gsm8k_gold():
 
 
 def test_arith_task_fixed_and_disjoint():
-    train, test = common.arith_dataset("train"), common.arith_dataset("test")
-    assert len(train) == common.ARITH_TRAIN_SIZE and len(test) == common.ARITH_TEST_SIZE
-    assert not {e["question"] for e in train} & {e["question"] for e in test}
+    train, test, sft = common.arith_dataset("train"), common.arith_dataset("test"), common.arith_dataset("sft")
+    assert (len(train), len(test), len(sft)) == (common.ARITH_TRAIN_SIZE, common.ARITH_TEST_SIZE, common.ARITH_SFT_SIZE)
+    q = [{e["question"] for e in s} for s in (train, test, sft)]
+    assert not (q[0] & q[1]) and not (q[0] & q[2]) and not (q[1] & q[2])
     assert common.arith_dataset("train") == train  # the same on every call and machine
     for ex in train[:200]:  # the solution is correct and verifies
         assert common.is_correct(ex["solution"], ex["answer"])

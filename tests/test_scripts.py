@@ -17,9 +17,18 @@ TINY_RUN = ["--total-steps", "2", "--prompts-per-step", "2", "--num-generations"
             "--max-completion-length", "8", "--eval-every", "1", "--log-completions-every", "1"]
 
 
-def run_script(script, *argv, timeout=300):
+# A random model never answers right, so every advantage would be 0 and nothing would train.
+# This runs the script exactly as `python script.py ...` does, with a reward that alternates 0, 1.
+FAKE_REWARD = ("import runpy, sys, common\n"
+               "common.reward_fn = lambda completions, answers: [float(i % 2) for i in range(len(completions))]\n"
+               "sys.argv = sys.argv[1:]\n"
+               "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
+def run_script(script, *argv, timeout=300, fake_reward=False):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
-    return subprocess.run([sys.executable, str(ROOT / f"{script}.py"), *argv], capture_output=True, text=True,
+    prefix = [sys.executable, "-c", FAKE_REWARD] if fake_reward else [sys.executable]
+    return subprocess.run([*prefix, str(ROOT / f"{script}.py"), *argv], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=env)
 
 
@@ -38,7 +47,8 @@ def test_help_lists_every_flag(script):
 
 @pytest.mark.parametrize("script", [s for s in SCRIPTS if s != "token_dpo"])
 def test_two_steps_end_to_end(script, random_tiny_model_dir, tmp_path):
-    out = run_script(script, "--model", str(random_tiny_model_dir), "--output-dir", str(tmp_path), *TINY_RUN)
+    out = run_script(script, "--model", str(random_tiny_model_dir), "--output-dir", str(tmp_path), *TINY_RUN,
+                     fake_reward=True)
     assert out.returncode == 0, out.stderr[-3000:]
     (run_dir,) = list(tmp_path.iterdir())
     rows = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
