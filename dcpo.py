@@ -25,7 +25,7 @@ DCPO makes three changes to GRPO, all aimed at wasted gradient:
 DAC acts only where the ratio differs from 1, that is from the second optimisation pass over a
 rollout batch on (num_iterations = 2 here; the paper makes 16 updates per rollout). SAS acts only
 on prompts that come back: the arithmetic task's 1000 training problems are revisited every
-62.5 steps (16 prompts a step), so in a 100-step run a prompt's second visit already blends in
+62.5 steps (16 prompts a step), so in the default 80-step run a prompt's second visit blends in
 its first; watch `sas/mean_visits`. OTM's loss is G times GRPO's per-sequence mean, so the
 gradient-norm clip binds more often; `grad_norm` is logged before clipping.
 """
@@ -53,8 +53,8 @@ class Args:
     model: str = field(default="tiny", metadata={"help": "'tiny' (embedded, warm-started on first use), a hub id or a save_pretrained folder"})
     task: Literal["arith", "gsm8k"] = field(default="arith", metadata={"help": "arith: embedded multi-step arithmetic; gsm8k: grade-school math"})
     data_dir: Optional[str] = field(default=None, metadata={"help": "folder with GSM8K train.jsonl/test.jsonl (default: ../shared/data/gsm8k)"})
-    total_steps: int = field(default=100, metadata={"help": "rollout batches to train on (each gives num_iterations optimizer steps)"})
-    eval_every: int = field(default=25, metadata={"help": "greedy held-out evaluation every N steps"})
+    total_steps: int = field(default=80, metadata={"help": "rollout batches to train on (each gives num_iterations optimizer steps)"})
+    eval_every: int = field(default=20, metadata={"help": "greedy held-out evaluation every N steps"})
     eval_size: int = field(default=200, metadata={"help": "held-out examples for greedy evaluation"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (also on SIGINT/SIGTERM and at the end)"})
     output_dir: str = field(default="runs", metadata={"help": "parent folder of the run folder"})

@@ -48,8 +48,8 @@ class Args:
     model: str = field(default="tiny", metadata={"help": "'tiny' (embedded, warm-started on first use), a hub id or a save_pretrained folder"})
     task: Literal["arith", "gsm8k"] = field(default="arith", metadata={"help": "arith: embedded multi-step arithmetic; gsm8k: grade-school math"})
     data_dir: Optional[str] = field(default=None, metadata={"help": "folder with GSM8K train.jsonl/test.jsonl (default: ../shared/data/gsm8k)"})
-    total_steps: int = field(default=100, metadata={"help": "rollout batches to train on (each gives num_iterations optimizer steps)"})
-    eval_every: int = field(default=25, metadata={"help": "greedy held-out evaluation every N steps"})
+    total_steps: int = field(default=80, metadata={"help": "rollout batches to train on (each gives num_iterations optimizer steps)"})
+    eval_every: int = field(default=20, metadata={"help": "greedy held-out evaluation every N steps"})
     eval_size: int = field(default=200, metadata={"help": "held-out examples for greedy evaluation"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (also on SIGINT/SIGTERM and at the end)"})
     output_dir: str = field(default="runs", metadata={"help": "parent folder of the run folder"})
@@ -452,7 +452,8 @@ def main(args: Args) -> dict:
                 old_logps, entropies = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
                 token_mask, tau = entropy_token_mask(entropies, loss_mask, args.top_entropy_quantile)
                 algo_metrics.update({"entropy_mask/threshold": tau,
-                                     "entropy_mask/kept_fraction": (token_mask.sum() / max(num_tokens, 1)).item()})
+                                     "entropy_mask/kept_fraction": (token_mask.sum() / max(num_tokens, 1)).item(),
+                                     "entropy": ((entropies * completion_mask).sum() / completion_mask.sum()).item()})
         avg = common.MetricAverager()
         for it in range(args.num_iterations):
             for mb in mbs:

@@ -17,6 +17,12 @@ by token; TGDPO weights each token by a frozen guidance model's token reward.
     python token_dpo.py --pairs-file pairs.jsonl      # your own {"prompt", "chosen", "rejected"} lines
     python token_dpo.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k   # one GPU, a hub model
 
+On a CPU the default run takes about 2-3 minutes after the warm start: 7 rounds of 128 prompts x
+8 samples, 2 epochs over each round's ~90 pairs, 80 optimizer steps. Seed 0 measured, held-out
+greedy accuracy from 0.375: TDPO2 0.475, TDPO1 0.49, DPO 0.465, TGDPO 0.425 (one seed and 200
+problems, so about +-3.5 points of noise); on the last round's fresh samples the sequence KL to
+the reference was 0.82 nats for TDPO2 against 1.39 for DPO.
+
 The loss starts at ln 2 = 0.693 exactly (policy = reference, so every log-ratio is 0), and the
 first TDPO step equals the DPO step (the KL's gradient is 0 there). `logps/chosen` often FALLS
 while training works: watch `rewards/margins`, `rewards/accuracies` and `eval/accuracy`.
@@ -49,8 +55,8 @@ class Args:
     model: str = field(default="tiny", metadata={"help": "'tiny' (embedded, warm-started on first use), a hub id or a save_pretrained folder"})
     task: Literal["arith", "gsm8k"] = field(default="arith", metadata={"help": "arith: embedded multi-step arithmetic; gsm8k: grade-school math"})
     data_dir: Optional[str] = field(default=None, metadata={"help": "folder with GSM8K train.jsonl/test.jsonl (default: ../shared/data/gsm8k)"})
-    total_steps: int = field(default=100, metadata={"help": "optimizer steps, each on a batch of prompts_per_step pairs (a round with no pairs uses one step)"})
-    eval_every: int = field(default=25, metadata={"help": "greedy held-out evaluation every N steps"})
+    total_steps: int = field(default=80, metadata={"help": "optimizer steps, each on a batch of prompts_per_step pairs (a round with no pairs uses one step)"})
+    eval_every: int = field(default=20, metadata={"help": "greedy held-out evaluation every N steps"})
     eval_size: int = field(default=200, metadata={"help": "held-out examples for greedy evaluation"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (also on SIGINT/SIGTERM and at the end)"})
     output_dir: str = field(default="runs", metadata={"help": "parent folder of the run folder"})
@@ -73,7 +79,7 @@ class Args:
     beta: float = field(default=0.1, metadata={"help": "DPO's beta: scale of the log-ratios (not the RL scripts' KL coefficient)"})
     alpha: float = field(default=0.5, metadata={"help": "TDPO2: weight of the KL term; TGDPO: weight of the guidance token reward"})
     prompts_per_round: int = field(default=128, metadata={"help": "prompts sampled (G answers each, one generate call) to build one round's pairs"})
-    epochs_per_round: int = field(default=4, metadata={"help": "passes over a round's pairs before the next round samples new ones"})
+    epochs_per_round: int = field(default=2, metadata={"help": "passes over a round's pairs before the next round samples new ones"})
     pairs_per_prompt: int = field(default=1, metadata={"help": "(correct, incorrect) pairs drawn per prompt, without reuse"})
     pairs_file: Optional[str] = field(default=None, metadata={"help": "JSONL of {prompt, chosen, rejected} to train on instead of sampling (prompt = the question)"})
     guidance_model: Optional[str] = field(default=None, metadata={"help": "TGDPO guidance model (same tokenizer); default: the policy after the first DPO round"})
