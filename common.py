@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -29,7 +28,6 @@ import shutil
 import sys
 import time
 import typing
-from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Optional
@@ -333,7 +331,6 @@ def ensure_tiny_model(seed: int = 0, quiet: bool = False) -> Path:
     path = cache_root() / f"tiny-arith-{TINY_VERSION}-seed{seed}"
     if (path / "warm_start.json").exists():
         return path
-    torch_threads = torch.get_num_threads()
     seed_everything(seed)
     tokenizer = build_char_tokenizer()
     model = build_tiny_model(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
@@ -368,7 +365,6 @@ def ensure_tiny_model(seed: int = 0, quiet: bool = False) -> Path:
     (tmp / "warm_start.json").write_text(json.dumps(info, indent=2))
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)  # atomic: a half-written model is never cached
-    torch.set_num_threads(torch_threads)
     if not quiet:
         print(f"warm start: {step} SFT steps, held-out accuracy {acc:.3f}, {info['seconds']}s -> {path}")
     return path
@@ -397,7 +393,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_model_and_tokenizer(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+def load_model_and_tokenizer(name: str, device: torch.device, dtype: torch.dtype):
     """Load any causal LM the same way: AutoModelForCausalLM.from_pretrained(path).
 
     `name == "tiny"` warm-starts (or loads from cache) the embedded model first. Tokenizers

@@ -24,7 +24,7 @@ REINFORCE gradient with a group baseline. Watch `reward` and `eval/accuracy`, no
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import torch

@@ -41,7 +41,7 @@ from __future__ import annotations
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional
 
 import torch

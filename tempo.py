@@ -28,7 +28,7 @@ so the loss VALUE is minus the mean advantage (near 0: the TD term need not canc
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import torch

@@ -1,5 +1,6 @@
 """Shared fixtures. Everything here runs on a CPU in seconds, offline."""
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,3 +31,20 @@ def random_tiny_model_dir(tmp_path_factory) -> Path:
 def warm_tiny_model_dir() -> Path:
     """The embedded warm-started model (built once and cached, as `python grpo.py` does)."""
     return common.ensure_tiny_model(seed=0, quiet=True)
+
+
+# A random model never answers right, so every advantage would be 0 and nothing would train.
+# With fake_reward the script runs exactly as `python script.py ...` does, with a reward that
+# alternates 0, 1 by position (so every group has a spread).
+FAKE_REWARD = ("import runpy, sys, common\n"
+               "common.reward_fn = lambda completions, answers: [float(i % 2) for i in range(len(completions))]\n"
+               "sys.argv = sys.argv[1:]\n"
+               "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
+def run_script(script, *argv, timeout=300, fake_reward=False):
+    """`python {script}.py argv` in a subprocess (2 threads), output captured."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    prefix = [sys.executable, "-c", FAKE_REWARD] if fake_reward else [sys.executable]
+    return subprocess.run([*prefix, str(ROOT / f"{script}.py"), *argv], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)

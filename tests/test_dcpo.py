@@ -3,10 +3,7 @@ then the training loop: resumed SAS statistics, and dcpo.py run as a user runs i
 import dataclasses
 import json
 import math
-import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ import common
 import dcpo
 import grpo
 from common import UserError
-from conftest import ROOT
+from conftest import ROOT, run_script
 from dcpo import (PromptStat, PromptStats, add_dcpo_metrics, aggregate_loss, dac_bounds, dcpo_loss,
                   dcpo_per_token_loss, prompt_hash, sas_advantages, sas_blend, sas_group_advantages)
 
@@ -483,20 +480,6 @@ def test_loop_resume_restores_stats_and_repeats_advantages(random_tiny_model_dir
     assert sorted(visits) == [0, 1, 2] and sum(visits.values()) == 8  # 4 steps x 2 prompts, revisited
 
 
-def run_script(script, *argv, timeout=300, parity_reward=False):
-    """`python script.py argv`, or with parity_reward the same script run as __main__ with the reward
-    swapped for one alternating 0, 1: the random model never answers correctly, so every real reward is 0,
-    every advantage 0, and nothing would train."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    prefix = [sys.executable]
-    if parity_reward:
-        prefix += ["-c", "import runpy, sys, common; "
-                   "common.reward_fn = lambda texts, answers: [float(i % 2) for i in range(len(texts))]; "
-                   "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"]
-    return subprocess.run([*prefix, str(ROOT / f"{script}.py"), *argv], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=env)
-
-
 TINY_RUN = ["--prompts-per-step", "2", "--num-generations", "2", "--eval-size", "4",
             "--max-completion-length", "8", "--eval-every", "1", "--log-completions-every", "1"]
 DCPO_METRICS = ("clip_ratio/dcpo", "clip_ratio/dcpo_low", "clip_ratio/dcpo_high", "clip_ratio/dcpo_cap",
@@ -513,7 +496,7 @@ def saved_stats(run_dir, step):
 
 def test_two_steps_end_to_end_then_resume(random_tiny_model_dir, tmp_path):
     m = ["--model", str(random_tiny_model_dir), "--output-dir", str(tmp_path), *TINY_RUN]
-    out = run_script("dcpo", *m, "--total-steps", "2", parity_reward=True)
+    out = run_script("dcpo", *m, "--total-steps", "2", fake_reward=True)
     assert out.returncode == 0, out.stderr[-3000:]
     (run_dir,) = list(tmp_path.iterdir())
     rows = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]

@@ -12,8 +12,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
-from test_scripts import FAKE_REWARD
+from conftest import FAKE_REWARD, ROOT
 
 CLOCK = ("time", "step_time", "generation_share")
 RUN = ["--total-steps", "6", "--prompts-per-step", "2", "--num-generations", "2", "--eval-size", "4",

@@ -1,8 +1,5 @@
 """End-to-end: the scripts as a user runs them (subprocess), --help, and bad input."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,26 +7,11 @@ from transformers import AutoModelForCausalLM
 
 import common
 import grpo
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 SCRIPTS = [s for s in ("grpo", "tempo", "dcpo", "spo", "token_dpo") if (ROOT / f"{s}.py").exists()]
 TINY_RUN = ["--total-steps", "2", "--prompts-per-step", "2", "--num-generations", "2", "--eval-size", "4",
             "--max-completion-length", "8", "--eval-every", "1", "--log-completions-every", "1"]
-
-
-# A random model never answers right, so every advantage would be 0 and nothing would train.
-# This runs the script exactly as `python script.py ...` does, with a reward that alternates 0, 1.
-FAKE_REWARD = ("import runpy, sys, common\n"
-               "common.reward_fn = lambda completions, answers: [float(i % 2) for i in range(len(completions))]\n"
-               "sys.argv = sys.argv[1:]\n"
-               "runpy.run_path(sys.argv[0], run_name='__main__')\n")
-
-
-def run_script(script, *argv, timeout=300, fake_reward=False):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
-    prefix = [sys.executable, "-c", FAKE_REWARD] if fake_reward else [sys.executable]
-    return subprocess.run([*prefix, str(ROOT / f"{script}.py"), *argv], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=env)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

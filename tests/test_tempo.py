@@ -11,10 +11,7 @@ import dataclasses
 import inspect
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 from collections import defaultdict
 
 import numpy as np
@@ -25,7 +22,7 @@ from transformers import AutoModelForCausalLM
 import common
 import grpo
 import tempo
-from conftest import ROOT
+from conftest import run_script
 
 EOS = 2  # vocabulary {0, 1, 2} in the random tests; pad == EOS unless said otherwise
 END = "<end>"  # the brute force's virtual end marker (a response stops at this prefix)
@@ -456,24 +453,12 @@ TINY_RUN = ["--total-steps", "2", "--prompts-per-step", "2", "--num-generations"
             "--max-completion-length", "8", "--eval-every", "1", "--log-completions-every", "1"]
 
 
-# A random model never solves a problem, so every reward is 0, every advantage is 0 and nothing
-# would train. The run swaps the verifier for one that alternates 0, 1 by position (every group
-# then has a spread), then runs tempo.py as __main__, exactly as `python tempo.py` does.
-RUN_WITH_ALTERNATING_REWARDS = (
-    "import runpy, sys, common\n"
-    "common.reward_fn = lambda completions, answers: [float(i % 2) for i in range(len(completions))]\n"
-    "sys.argv = sys.argv[1:]\n"
-    "runpy.run_path(sys.argv[0], run_name='__main__')\n")
-
-
 @pytest.fixture(scope="module")
 def tiny_run(random_tiny_model_dir, tmp_path_factory):
     """tempo.py for 2 steps on the random tiny model, with the credit view every step."""
     out_dir = tmp_path_factory.mktemp("tempo_run")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    out = subprocess.run([sys.executable, "-c", RUN_WITH_ALTERNATING_REWARDS, str(ROOT / "tempo.py"),
-                          "--model", str(random_tiny_model_dir), "--output-dir", str(out_dir), "--show-credit", "1",
-                          *TINY_RUN], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    out = run_script("tempo", "--model", str(random_tiny_model_dir), "--output-dir", str(out_dir),
+                     "--show-credit", "1", *TINY_RUN, fake_reward=True)
     return out, out_dir
 
 
