@@ -85,6 +85,10 @@ class UserError(Exception):
     """Bad input that the user can fix. Scripts turn it into one line and exit code 2."""
 
 
+class TrainingDiverged(Exception):
+    """Too many steps in a row with a non-finite loss or gradient. Exit code 3, one line."""
+
+
 def fail(message: str) -> typing.NoReturn:
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
@@ -334,17 +338,15 @@ def ensure_tiny_model(seed: int = 0, quiet: bool = False) -> Path:
     seed_everything(seed)
     tokenizer = build_char_tokenizer()
     model = build_tiny_model(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
-    train, test = arith_dataset("sft"), arith_dataset("test")[:200]
+    test = arith_dataset("test")[:200]
+    rows = sft_rows(tokenizer, arith_dataset("sft"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     batch_size, max_steps, eval_every = 64, 3000, 50
     gen = torch.Generator().manual_seed(seed)
     t0, acc, step = time.time(), 0.0, 0
     bar = tqdm(range(1, max_steps + 1), desc="warm start (SFT of the tiny model)", disable=quiet, leave=False)
     for step in bar:
-        idx = torch.randint(len(train), (batch_size,), generator=gen).tolist()
-        prompts = [format_prompt(tokenizer, train[i]["question"], "arith") for i in idx]
-        targets = [train[i]["solution"] for i in idx]
-        loss = sft_loss(model, tokenizer, prompts, targets)
+        loss = sft_loss(model, tokenizer, [rows[i] for i in torch.randint(len(rows), (batch_size,), generator=gen).tolist()])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -370,11 +372,15 @@ def ensure_tiny_model(seed: int = 0, quiet: bool = False) -> Path:
     return path
 
 
-def sft_loss(model, tokenizer, prompts: list[str], targets: list[str]) -> torch.Tensor:
-    """Mean next-token cross-entropy on the target tokens (and the EOS after them) only."""
+def sft_rows(tokenizer, examples: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """Tokenise each (prompt, solution + EOS) pair once, before training."""
     eos = tokenizer.eos_token_id
-    rows = [(tokenizer(p, add_special_tokens=False)["input_ids"],
-             tokenizer(t, add_special_tokens=False)["input_ids"] + [eos]) for p, t in zip(prompts, targets)]
+    return [(tokenizer(format_prompt(tokenizer, ex["question"], "arith"), add_special_tokens=False)["input_ids"],
+             tokenizer(ex["solution"], add_special_tokens=False)["input_ids"] + [eos]) for ex in examples]
+
+
+def sft_loss(model, tokenizer, rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """Mean next-token cross-entropy on the target tokens only. rows: (prompt ids, target ids)."""
     width = max(len(p) + len(t) for p, t in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full_like(ids, -100)
@@ -765,6 +771,7 @@ class MetricAverager:
         out = {k: self.sums[k] / (max(self.passes, 1) if k in self.SUMMED else max(self.weights[k], 1e-12))
                for k in self.sums}
         out["skipped_updates"] = self.skipped_updates
+        out["num_updates"] = self.passes
         return out
 
 
@@ -818,6 +825,8 @@ class Run:
         self.optimizer, self.sampler = optimizer, sampler
         self.state: dict = {"step": 0}
         self.stop_requested = False
+        self.bad_steps = 0  # steps in a row whose every update was skipped (non-finite loss or gradient)
+        self.last_checkpoint: Optional[Path] = None
         if args.resume:
             self.run_dir = Path(args.resume)
             ckpt = latest_checkpoint(self.run_dir)
@@ -860,11 +869,31 @@ class Run:
 
     def save(self, step: int) -> Path:
         trainer = {"optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(), "state": self.state}
-        return save_checkpoint(self.run_dir, step, self.model, self.tokenizer, trainer)
+        self.last_checkpoint = save_checkpoint(self.run_dir, step, self.model, self.tokenizer, trainer)
+        return self.last_checkpoint
+
+    def log(self, step: int, metrics: dict) -> None:
+        """Append the step's metrics; stop the run after --max-bad-steps non-finite steps in a row.
+
+        A step counts as bad when it had updates and every one was skipped (optimizer_step
+        found a non-finite gradient, which a non-finite loss also gives). The weights did
+        not change, and no checkpoint is written, so the last good checkpoint stays.
+        """
+        self.logger.log(step, metrics)
+        passes, skipped = metrics.get("num_updates", 0), metrics.get("skipped_updates", 0)
+        self.bad_steps = self.bad_steps + 1 if passes > 0 and skipped == passes else 0
+        limit = self.args.max_bad_steps
+        if limit > 0 and self.bad_steps >= limit:
+            self.logger.close()
+            last = self.last_checkpoint or latest_checkpoint(self.run_dir)
+            raise TrainingDiverged(
+                f"{self.bad_steps} steps in a row had a non-finite loss or gradient (step {step}). "
+                f"Last good checkpoint: {last or 'none yet'}. Lower --learning-rate, or raise --max-bad-steps "
+                "(0 never stops), then --resume the run")
 
     def end_step(self, step: int, metrics: dict, texts: list[str], rewards: torch.Tensor, idx: list[int],
                  examples: list[dict], num_generations: int) -> None:
-        self.logger.log(step, metrics)
+        self.log(step, metrics)
         if step % self.args.log_completions_every == 0:  # the first group of this batch, as text
             q = examples[idx[0]]["question"]
             self.logger.log_completions(step, [q] * num_generations, texts[:num_generations],
@@ -889,6 +918,9 @@ def run_main(main, args_cls, argv: Optional[list[str]] = None):
         return main(args)
     except UserError as e:
         fail(str(e))
+    except TrainingDiverged as e:
+        print(f"stopped: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
 
 
 # ----------------------------------------------------------------------------------------

@@ -69,6 +69,7 @@ class Args:
     num_iterations: int = field(default=2, metadata={"help": "mu, optimisation passes over each rollout batch"})
     learning_rate: Optional[float] = field(default=None, metadata={"help": f"AdamW lr; default {HUB_LEARNING_RATE} for hub models, {TINY_LEARNING_RATE} for the tiny model"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
+    max_bad_steps: int = field(default=5, metadata={"help": "stop after this many steps in a row with a non-finite loss or gradient (0: never)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature T (log-probs use logits / T too)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling; keep 1.0 so the sampler equals softmax(z/T)"})
     top_k: int = field(default=0, metadata={"help": "top-k sampling, 0 = off; keep 0 so the sampler equals softmax(z/T)"})

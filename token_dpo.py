@@ -70,6 +70,7 @@ class Args:
     prompts_per_step: int = field(default=16, metadata={"help": "pairs per optimizer step"})
     learning_rate: Optional[float] = field(default=None, metadata={"help": f"AdamW lr; default {HUB_LEARNING_RATE} for hub models, {TINY_LEARNING_RATE} for the tiny model"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
+    max_bad_steps: int = field(default=5, metadata={"help": "stop after this many steps in a row with a non-finite loss or gradient (0: never)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature for pair building (log-probs always use T = 1)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling for pair building"})
     top_k: int = field(default=0, metadata={"help": "top-k sampling for pair building, 0 = off"})
@@ -611,7 +612,7 @@ def main(args: Args) -> dict:
         metrics.update(learning_rate=lr, step_time=time.time() - t0)
         if step % args.eval_every == 0 or step == args.total_steps:
             eval_acc = metrics["eval/accuracy"] = common.evaluate(model, tokenizer, heldout, args.task, max_len)
-        run.logger.log(step, metrics)
+        run.log(step, metrics)
         bar.set_postfix(margin=f"{metrics.get('rewards/margins', 0.0):.3f}", eval_acc=f"{eval_acc:.2f}")
         if step % args.save_every == 0 or step == args.total_steps or run.stop_requested:
             run.save(step)

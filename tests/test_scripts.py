@@ -47,35 +47,84 @@ def test_two_steps_end_to_end(script, random_tiny_model_dir, tmp_path):
     assert "held-out greedy accuracy" in out.stdout and str(run_dir) in out.stdout
 
 
-def _bad(capsys, argv):
+def _bad(capsys, script, argv):
+    mod = __import__(script)
     with pytest.raises(SystemExit) as e:
-        common.run_main(grpo.main, grpo.Args, argv)
+        common.run_main(mod.main, mod.Args, argv)
     err = capsys.readouterr().err.strip().splitlines()
     return e.value.code, err[-1]
 
 
-def test_bad_inputs(capsys, random_tiny_model_dir, tmp_path):
+# One bad input of each kind, per script, with the words the user sees (README, "Bad input").
+UNKNOWN_CHOICE = {"grpo": "--loss-type", "tempo": "--loss-type", "dcpo": "--loss-type", "spo": "--variant",
+                  "token_dpo": "--loss"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bad_inputs(script, capsys, random_tiny_model_dir, tmp_path):
     m = ["--model", str(random_tiny_model_dir), "--output-dir", str(tmp_path)]
-    code, line = _bad(capsys, ["--model", "./no/such/model"])
+    code, line = _bad(capsys, script, ["--model", "./no/such/model"])
     assert code == 2 and "does not exist" in line and "--model" in line
-    code, line = _bad(capsys, m + ["--num-generations", "1"])
+    code, line = _bad(capsys, script, m + ["--num-generations", "1"])
     assert code == 2 and "--num-generations must be at least 2" in line
-    code, line = _bad(capsys, m + ["--prompts-per-step", "0"])
+    code, line = _bad(capsys, script, m + ["--prompts-per-step", "0"])
     assert code == 2 and "--prompts-per-step must be positive" in line
-    code, line = _bad(capsys, m + ["--micro-batch-size", "-1"])
+    code, line = _bad(capsys, script, m + ["--micro-batch-size", "-1"])
     assert code == 2 and "--micro-batch-size must be positive" in line
-    code, line = _bad(capsys, m + ["--max-completion-length", "300"])  # tiny context is 256
+    code, line = _bad(capsys, script, m + ["--max-completion-length", "300"])  # tiny context is 256
     assert code == 2 and "exceeds the model's context" in line and "--max-completion-length" in line
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "train.jsonl").write_text("")
     (tmp_path / "empty" / "test.jsonl").write_text("")
-    code, line = _bad(capsys, m + ["--task", "gsm8k", "--data-dir", str(tmp_path / "empty")])
+    code, line = _bad(capsys, script, m + ["--task", "gsm8k", "--data-dir", str(tmp_path / "empty")])
     assert code == 2 and "holds no examples" in line
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "train.jsonl").write_text("{not json\n")
-    code, line = _bad(capsys, m + ["--task", "gsm8k", "--data-dir", str(tmp_path / "broken")])
+    code, line = _bad(capsys, script, m + ["--task", "gsm8k", "--data-dir", str(tmp_path / "broken")])
     assert code == 2 and "is not a GSM8K record" in line
-    code, line = _bad(capsys, m + ["--loss-type", "nope"])
+    code, line = _bad(capsys, script, m + ["--task", "gsm8k", "--data-dir", str(tmp_path / "missing")])
+    assert code == 2 and "not found" in line
+    code, line = _bad(capsys, script, m + [UNKNOWN_CHOICE[script], "nope"])
     assert code == 2 and "invalid choice" in line
-    code, line = _bad(capsys, m + ["--resume", str(tmp_path / "empty")])
+    code, line = _bad(capsys, script, m + ["--resume", str(tmp_path / "empty")])
     assert code == 2 and "is not a run folder" in line
+
+
+# After the 4th optimizer update (2 per step with num_iterations 2), every gradient norm is NaN.
+NAN_FROM_STEP_3 = ("import runpy, sys, torch, common\n"
+                   "common.reward_fn = lambda completions, answers: [float(i % 2) for i in range(len(completions))]\n"
+                   "_clip, calls = torch.nn.utils.clip_grad_norm_, [0]\n"
+                   "def clip(params, max_norm):\n"
+                   "    calls[0] += 1\n"
+                   "    norm = _clip(params, max_norm)\n"
+                   "    return norm if calls[0] <= 4 else torch.tensor(float('nan'))\n"
+                   "torch.nn.utils.clip_grad_norm_ = clip\n"
+                   "sys.argv = sys.argv[1:]\n"
+                   "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
+def test_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(random_tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+    argv = ["--model", str(random_tiny_model_dir), "--output-dir", str(tmp_path), *TINY_RUN,
+            "--total-steps", "8", "--save-every", "2", "--eval-every", "100", "--max-bad-steps", "3"]
+    out = subprocess.run([sys.executable, "-c", NAN_FROM_STEP_3, str(ROOT / "grpo.py"), *argv],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 3, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("stopped: 3 steps in a row had a non-finite loss or gradient (step 5)"), last
+    assert "step-0000004" in last and "--max-bad-steps" in last
+    (run_dir,) = list(tmp_path.iterdir())
+    rows = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5]            # every step is logged, the bad ones too
+    assert [r["skipped_updates"] for r in rows[1:]] == [0, 0, 2, 2, 2]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "step-0000004")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # and skipped steps left the weights as they were after step 2
+    at2 = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "step-0000002")
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), at2.parameters()))
+    # --max-bad-steps 0 never stops
+    out = subprocess.run([sys.executable, "-c", NAN_FROM_STEP_3, str(ROOT / "grpo.py"), *argv[:-1], "0",
+                          "--output-dir", str(tmp_path / "never")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]

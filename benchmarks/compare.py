@@ -1,0 +1,280 @@
+"""Compare the methods on the embedded task: every script with its defaults, several seeds.
+
+    python benchmarks/compare.py                 # full: 9 methods x 3 seeds, 80 steps each (see README)
+    python benchmarks/compare.py --quick         # 9 methods x 1 seed x 6 steps: a few minutes on 2 CPU cores
+    python benchmarks/compare.py --tables-only   # rebuild the tables and curves from finished runs
+
+Each run is `python {script}.py --seed S --output-dir OUT/runs/{method}/seed{S}` plus the
+method's own flags below, nothing else: the shared settings are the scripts' defaults
+(grpo.md section 3.2). Finished runs (those with a summary.json) are not run again, so an
+interrupted benchmark continues where it stopped.
+
+Everything is read back from the runs' own metrics.jsonl, and written to OUT:
+    runs.csv    one row per run: final and best accuracy, steps to --target, time per step,
+                the method's diagnostics (means over the run)
+    table.md    one row per method: mean +- std over seeds of the same
+    curves.png  held-out greedy accuracy against step and against wall time (mean over seeds,
+                shaded +- std); needs matplotlib, an optional dependency of this benchmark only
+
+Jobs: 2 CPU cores run one job with 2 threads, or --jobs 2 with 1 thread each (more runs per
+hour: a model this small does not use two threads well). Time per step depends on this choice,
+so the table says which was used.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# name -> (script, extra flags). SPO-tree uses the paper's lighter 4,4,4 tree: the default 6,6,6
+# costs about 20 s a step on 2 CPU cores, a 25-minute run per seed.
+METHODS = {
+    "grpo": ("grpo", []),
+    "tempo": ("tempo", []),
+    "dcpo": ("dcpo", []),
+    "spo-chain": ("spo", ["--variant", "chain"]),
+    "spo-tree": ("spo", ["--variant", "tree", "--tree-branching", "4,4,4"]),
+    "dpo": ("token_dpo", ["--loss", "dpo"]),
+    "tdpo1": ("token_dpo", ["--loss", "tdpo1"]),
+    "tdpo2": ("token_dpo", ["--loss", "tdpo2"]),
+    "tgdpo": ("token_dpo", ["--loss", "tgdpo"]),
+}
+QUICK_FLAGS = ["--total-steps", "6", "--eval-every", "3", "--eval-size", "50"]
+
+# The diagnostics each method logs (their means over the run's steps go in the tables).
+DIAGNOSTICS = {
+    "grpo": ["clip_ratio/region_mean", "approx_kl_old"],
+    "tempo": ["tempo/frac_tokens_td_nonzero", "tempo/branch_nodes_per_group_mean", "clip_ratio/region_mean",
+              "approx_kl_old"],
+    "dcpo": ["clip_ratio/dcpo", "rur", "approx_kl_old"],
+    "spo-chain": ["spo/segments_per_response", "spo/mask_keep_frac", "spo/mc_time_share", "approx_kl_old"],
+    "spo-tree": ["spo/tree_nodes", "spo/mask_keep_frac", "spo/mc_time_share", "approx_kl_old"],
+    "dpo": ["rewards/accuracies", "rewards/margins", "kl/chosen"],
+    "tdpo1": ["rewards/accuracies", "rewards/margins", "kl/chosen"],
+    "tdpo2": ["rewards/accuracies", "rewards/margins", "kl/chosen"],
+    "tgdpo": ["rewards/accuracies", "rewards/margins", "kl/chosen"],
+}
+
+
+# ----------------------------------------------------------------------------------------
+# Reading runs back: pure functions on metrics.jsonl (tested on a fixture)
+# ----------------------------------------------------------------------------------------
+
+def read_run(run_dir: Path, method: str, seed: int, target: float) -> dict:
+    """One run's record from its metrics.jsonl (one JSON object per step).
+
+    curve: [(step, seconds since step 0, eval/accuracy)] for every evaluated step.
+    steps_to_target: the first evaluated step with accuracy >= target (None if never).
+    sec_per_step: mean of the logged step_time over training steps.
+    """
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if line.strip()]
+    if not rows:
+        raise ValueError(f"{run_dir}/metrics.jsonl is empty")
+    t0 = rows[0]["time"]
+    curve = [(r["step"], r["time"] - t0, r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
+    if not curve or curve[0][0] != 0:
+        raise ValueError(f"{run_dir}/metrics.jsonl has no step-0 evaluation")
+    train_rows = [r for r in rows if r["step"] > 0]
+    step_times = [r["step_time"] for r in train_rows if "step_time" in r]
+    reached = [s for s, _, a in curve if a >= target]
+    record = {
+        "method": method, "seed": seed, "steps": rows[-1]["step"],
+        "start_acc": curve[0][2], "final_acc": curve[-1][2], "best_acc": max(a for _, _, a in curve),
+        "steps_to_target": reached[0] if reached else None,
+        "sec_per_step": statistics.mean(step_times) if step_times else float("nan"),
+        "wall_s": curve[-1][1], "curve": curve,
+    }
+    for key in DIAGNOSTICS.get(method, []):
+        values = [r[key] for r in train_rows if isinstance(r.get(key), (int, float))]
+        record[key] = statistics.mean(values) if values else float("nan")
+    return record
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(records: list[dict]) -> list[dict]:
+    """One row per method (in METHODS order): mean and std over its seeds."""
+    rows = []
+    order = [m for m in METHODS if any(r["method"] == m for r in records)]
+    order += sorted({r["method"] for r in records} - set(order))
+    for method in order:
+        runs = [r for r in records if r["method"] == method]
+        row = {"method": method, "seeds": len(runs)}
+        for key in ("start_acc", "final_acc", "best_acc", "sec_per_step", "wall_s"):
+            row[key] = _mean_std([r[key] for r in runs])
+        row["gain"] = _mean_std([r["final_acc"] - r["start_acc"] for r in runs])
+        reached = [r["steps_to_target"] for r in runs if r["steps_to_target"] is not None]
+        row["reached"] = len(reached)
+        row["steps_to_target"] = _mean_std(reached) if reached else (float("nan"), float("nan"))
+        row["diagnostics"] = {k: _mean_std([r[k] for r in runs])[0] for k in DIAGNOSTICS.get(method, [])}
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict], target: float) -> str:
+    """The README table: accuracies in points (%), mean +- std over seeds."""
+    def pm(ms, scale=100.0, fmt="{:.1f}"):
+        m, s = ms
+        return "n/a" if math.isnan(m) else f"{fmt.format(m * scale)} ± {fmt.format(s * scale)}"
+
+    head = (f"| method | seeds | start | final | gain | best | steps to {100 * target:.0f}% | s/step | run s | diagnostics (run means) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        diag = ", ".join(f"{k}={v:.3g}" for k, v in r["diagnostics"].items() if not math.isnan(v))
+        steps = "never" if r["reached"] == 0 else f"{pm(r['steps_to_target'], 1.0, '{:.0f}')} ({r['reached']}/{r['seeds']})"
+        lines.append(f"| {r['method']} | {r['seeds']} | {pm(r['start_acc'])} | {pm(r['final_acc'])} | {pm(r['gain'])} | "
+                     f"{pm(r['best_acc'])} | {steps} | {pm(r['sec_per_step'], 1.0, '{:.2f}')} | "
+                     f"{pm(r['wall_s'], 1.0, '{:.0f}')} | {diag} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def write_csv(records: list[dict], path: Path) -> None:
+    keys = ["method", "seed", "steps", "start_acc", "final_acc", "best_acc", "steps_to_target", "sec_per_step", "wall_s"]
+    diag = sorted({k for r in records for k in DIAGNOSTICS.get(r["method"], [])})
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(keys + diag)
+        for r in records:
+            w.writerow([r.get(k, "") if r.get(k) is not None else "" for k in keys + diag])
+
+
+def plot_curves(records: list[dict], path: Path) -> bool:
+    """Accuracy vs step and vs wall time, mean over seeds with +- std. False if no matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed, so no curves.png (pip install matplotlib); "
+              "runs.csv and table.md are written", file=sys.stderr)
+        return False
+    fig, (ax_step, ax_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method in dict.fromkeys(r["method"] for r in records):
+        runs = [r for r in records if r["method"] == method]
+        steps = sorted(set.intersection(*[{s for s, _, _ in r["curve"]} for r in runs]))
+        acc = [[dict((s, a) for s, _, a in r["curve"])[s] for r in runs] for s in steps]
+        sec = [[dict((s, t) for s, t, _ in r["curve"])[s] for r in runs] for s in steps]
+        mean = [statistics.mean(a) for a in acc]
+        std = [statistics.stdev(a) if len(a) > 1 else 0.0 for a in acc]
+        t = [statistics.mean(x) for x in sec]
+        line, = ax_step.plot(steps, mean, marker="o", ms=3, label=method)
+        ax_step.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                             color=line.get_color(), alpha=0.15)
+        ax_time.plot(t, mean, marker="o", ms=3, color=line.get_color(), label=method)
+    ax_step.set(xlabel="training step", ylabel="held-out greedy accuracy", title="accuracy vs step")
+    ax_time.set(xlabel="wall time since step 0 (s)", ylabel="held-out greedy accuracy", title="accuracy vs wall time")
+    for ax in (ax_step, ax_time):
+        ax.grid(alpha=0.3)
+    ax_step.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def build_outputs(out: Path, target: float) -> list[dict]:
+    """Read every finished run under out/runs and write runs.csv, table.md and curves.png."""
+    records = []
+    for method_dir in sorted((out / "runs").glob("*")):
+        for seed_dir in sorted(method_dir.glob("seed*")):
+            run_dirs = [d for d in seed_dir.iterdir() if (d / "summary.json").exists()]
+            if run_dirs:
+                records.append(read_run(max(run_dirs), method_dir.name, int(seed_dir.name[4:]), target))
+    if not records:
+        raise SystemExit(f"error: no finished runs under {out / 'runs'}; run the benchmark first")
+    write_csv(records, out / "runs.csv")
+    rows = aggregate(records)
+    (out / "table.md").write_text(markdown_table(rows, target))
+    plot_curves(records, out / "curves.png")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------------------
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1 seed, 6 steps, 50 held-out problems: a smoke run of the whole benchmark")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2; --quick: 0)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time; threads per run = CPU cores / jobs")
+    p.add_argument("--target", type=float, default=0.5, help="accuracy for the 'steps to target' column")
+    p.add_argument("--out", default=None, help="output folder (default runs/compare, or runs/compare-quick)")
+    p.add_argument("--tables-only", action="store_true", help="do not run anything; rebuild the tables from finished runs")
+    args = p.parse_args(argv)
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    out = Path(args.out or ("runs/compare-quick" if args.quick else "runs/compare"))
+    out.mkdir(parents=True, exist_ok=True)
+
+    if not args.tables_only:
+        sys.path.insert(0, str(ROOT))
+        import common
+        common.ensure_tiny_model(seed=0)  # once, before any job: jobs must not build it side by side
+        threads = max(1, (os.cpu_count() or 2) // args.jobs)
+        todo = []
+        for seed in seeds:
+            for method in args.methods:
+                seed_dir = out / "runs" / method / f"seed{seed}"
+                if seed_dir.exists() and any((d / "summary.json").exists() for d in seed_dir.iterdir()):
+                    continue  # finished earlier
+                script, flags = METHODS[method]
+                cmd = [sys.executable, str(ROOT / f"{script}.py"), "--seed", str(seed), "--output-dir", str(seed_dir),
+                       *flags, *(QUICK_FLAGS if args.quick else [])]
+                todo.append((method, seed, seed_dir, cmd))
+        print(f"{len(todo)} runs to do, {args.jobs} at a time, {threads} thread(s) each; logs in {out}/logs", flush=True)
+        (out / "logs").mkdir(exist_ok=True)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        running: list = []
+        t_start = time.time()
+        while todo or running:
+            while todo and len(running) < args.jobs:
+                method, seed, seed_dir, cmd = todo.pop(0)
+                import shutil
+                shutil.rmtree(seed_dir, ignore_errors=True)  # an unfinished run is started again
+                log = open(out / "logs" / f"{method}-seed{seed}.log", "w")
+                running.append((method, seed, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                               cwd=ROOT), time.time(), log))
+            time.sleep(1.0)
+            for job in list(running):
+                method, seed, proc, t0, log = job
+                if proc.poll() is not None:
+                    running.remove(job)
+                    log.close()
+                    status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see logs)"
+                    print(f"[{time.time() - t_start:6.0f}s] {method} seed {seed}: {status} in {time.time() - t0:.0f}s",
+                          flush=True)
+        (out / "benchmark.json").write_text(json.dumps(dict(
+            command=" ".join(["python", "benchmarks/compare.py", *(argv if argv is not None else sys.argv[1:])]),
+            jobs=args.jobs, threads_per_job=threads, seeds=seeds, quick=args.quick, date=time.strftime("%Y-%m-%d"),
+            commit=_git_commit(), wall_s=round(time.time() - t_start)), indent=2))
+    rows = build_outputs(out, args.target)
+    print((out / "table.md").read_text())
+    print(f"wrote {out}/runs.csv, {out}/table.md" + (f", {out}/curves.png" if (out / "curves.png").exists() else ""))
+    del rows
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()
