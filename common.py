@@ -274,6 +274,12 @@ def reward_fn(completions: list[str], answers: list[str]) -> list[float]:
     return [1.0 if is_correct(c, a) else 0.0 for c, a in zip(completions, answers)]
 
 
+def finished_rewards(completions: list[str], answers: list[str], completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """reward_fn, with 0 for a completion that never emitted EOS (truncated = wrong). [B] float."""
+    finished = (completion_ids == eos_id).any(1).float().cpu()
+    return torch.tensor(reward_fn(completions, answers), dtype=torch.float32) * finished
+
+
 # ----------------------------------------------------------------------------------------
 # 5. Models: the embedded tiny model and any Hugging Face causal LM, loaded the same way
 # ----------------------------------------------------------------------------------------

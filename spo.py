@@ -640,9 +640,8 @@ def main(args: Args) -> dict:
             prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
             completion_mask = common.completion_mask_from_ids(completion_ids, eos)                   # [B, L]
             texts = common.decode_completions(tokenizer, completion_ids)
-            finished = (completion_ids == eos).any(1).float().cpu()
             # an unfinished response scores 0, like an unfinished MC continuation (paper: "0 if unfinished")
-            rewards = torch.tensor(common.reward_fn(texts, [a for a in answers for _ in range(G)])) * finished
+            rewards = common.finished_rewards(texts, [a for a in answers for _ in range(G)], completion_ids, eos)
             t_gen = time.time() - t0
             # ---- 2. old log-probs: one no-grad forward BEFORE the advantages ----
             # grpo.py takes pass 1's log-probs as the old ones, since its advantages never look

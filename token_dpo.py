@@ -310,7 +310,7 @@ def build_pairs(rewards: torch.Tensor, completion_ids: torch.Tensor, completion_
                 ) -> tuple[list[tuple[int, int, int]], dict]:
     """Pair a verified-correct answer with a verified-incorrect one of the same prompt.
 
-        group g = rows [g*G, (g+1)*G);   C = {i : r_i > 0.5},  W = the rest (truncated = wrong)
+        group g = rows [g*G, (g+1)*G);   C = {i : r_i > 0.5},  W = the rest (truncated rows come with r = 0)
         C or W empty -> skip the prompt (counted as all-correct or all-wrong)
         else shuffle C and W, zip them: pairs (C[k], W[k]) without reuse, at most pairs_per_prompt;
         a pair whose response token ids are identical is skipped (it carries no signal)
@@ -551,7 +551,9 @@ def main(args: Args) -> dict:
                                                  args.temperature, args.top_p, args.top_k)
                 completion_mask = common.completion_mask_from_ids(completion_ids, tokenizer.eos_token_id)
                 texts = common.decode_completions(tokenizer, completion_ids)
-                rewards = torch.tensor(common.reward_fn(texts, [train[i]["answer"] for i in idx for _ in range(G)]))
+                # truncated = wrong (card section 2): a cut-off answer is never "chosen"
+                rewards = common.finished_rewards(texts, [train[i]["answer"] for i in idx for _ in range(G)],
+                                                  completion_ids, tokenizer.eos_token_id)
                 found, counts = build_pairs(rewards, completion_ids.cpu(), completion_mask.cpu(), G,
                                             args.pairs_per_prompt, gen)
                 ids, lengths = completion_ids.tolist(), completion_mask.sum(1).long().tolist()

@@ -132,3 +132,10 @@ def test_generation_ignores_model_generation_config(random_tiny_model_dir):
     torch.manual_seed(0)
     samples = common.generate(model, tok, ids, mask, 6, num_generations=16)
     assert len({tuple(r) for r in samples.tolist()}) > 1  # top_k=1 from the model config would make them equal
+
+
+def test_finished_rewards_zero_a_truncated_completion():
+    eos = 1
+    ids = torch.tensor([[5, 6, eos, 0], [5, 6, 7, 8], [5, eos, 0, 0]])
+    texts = ["#### 4", "#### 4", "#### 5"]
+    assert common.finished_rewards(texts, ["4", "4", "4"], ids, eos).tolist() == [1.0, 0.0, 0.0]

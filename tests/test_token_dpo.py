@@ -553,6 +553,8 @@ def test_two_steps_end_to_end_with_a_pairs_file(loss, random_tiny_model_dir, tmp
 def run_in_process(monkeypatch, tmp_path, model_dir, reward, extra=()):
     """main() on freshly sampled pairs, with a stand-in verifier (a random model is never right)."""
     monkeypatch.setattr(common, "reward_fn", lambda texts, answers: [reward(i) for i in range(len(texts))])
+    # a random model rarely emits EOS; count every sample as finished so that `reward` decides
+    monkeypatch.setattr(common, "finished_rewards", lambda texts, answers, ids, eos: torch.tensor(common.reward_fn(texts, answers)))
     out_dir = tmp_path / "runs"
     common.run_main(T.main, T.Args, ["--model", str(model_dir), "--output-dir", str(out_dir), *TINY_RUN,
                                      "--save-every", "1", *extra])
