@@ -473,26 +473,83 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
              num_generations: int = 1, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             greedy: bool = False) -> torch.Tensor:
+             greedy: bool = False, row_keys: Optional[list[int]] = None) -> torch.Tensor:
     """Sample `num_generations` completions per prompt in one batched, KV-cached call.
 
     Returns completion ids [P*G, L] (L <= max_new_tokens), GROUP-CONTIGUOUS: rows g*G..g*G+G-1
     belong to prompt g. The generation config is built here from our arguments only, so a
     hub model's own generation_config.json (top_k=20, repetition_penalty, ...) cannot change
     the sampler: with top_p=1 and top_k=0 it samples exactly softmax(logits / T).
+
+    row_keys (one int per prompt row, num_generations must be 1): each row draws from its own
+    random stream (KeyedSampler), so a row's sample does not depend on which rows share the
+    call, their order or their padding. Used where a batched result must equal a
+    one-row-at-a-time one (SPO's Monte Carlo values).
     """
     from transformers import GenerationConfig
 
+    keyed = row_keys is not None and not greedy
+    if keyed and (num_generations != 1 or len(row_keys) != prompt_ids.size(0)):
+        raise ValueError("row_keys needs one key per prompt row and num_generations == 1 (repeat the rows instead)")
     # Every sampling knob is set explicitly: transformers fills knobs left at None from the
     # model's own generation_config.json, which may hold temperature 0.7 or repetition_penalty.
     # (Greedy decoding ignores the sampling knobs, so they are only set when sampling.)
-    sampling = {} if greedy else dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=0.0, typical_p=1.0)
+    sample = not greedy and not keyed  # keyed sampling picks the token itself; generate() then takes its argmax
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=0.0, typical_p=1.0) if sample else {}
     cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=not greedy, **sampling, repetition_penalty=1.0,
-        no_repeat_ngram_size=0, num_beams=1, num_return_sequences=1 if greedy else num_generations,
+        max_new_tokens=max_new_tokens, do_sample=sample, **sampling, repetition_penalty=1.0,
+        no_repeat_ngram_size=0, num_beams=1, num_return_sequences=num_generations if sample else 1,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True)
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=cfg)
+    extra = {"logits_processor": [KeyedSampler(row_keys, temperature, top_p, top_k)]} if keyed else {}
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=cfg, **extra)
     return out[:, prompt_ids.size(1):]
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32, C. Wellons) on int64 tensors holding values in [0, 2^32)."""
+    m = 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & m   # int64 products may wrap; the low 32 bits are still right
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & m
+    return x ^ (x >> 16)
+
+
+class KeyedSampler:
+    """A logits processor that samples row r's t-th new token from a stream keyed by (key_r, t).
+
+        p      = softmax(top_p(top_k(logits / T)))            (the same sampler as do_sample)
+        u[v]   = (hash(hash(hash(key_r) ^ t) ^ v) + 0.5) / 2^32,   g[v] = -log(-log u[v])
+        token  = argmax_v (log p[v] + g[v])                   (Gumbel-max: an exact sample of p)
+                                                               (log p = logits' - logsumexp: argmax of logits' + g)
+
+    It returns 0 at that token and -inf elsewhere, and runs under greedy decoding, which takes
+    the argmax. The noise is a pure function of (key, t, v): no generator state is shared
+    between rows, so the same key gives the same sample in any batch.
+    """
+
+    def __init__(self, keys: list[int], temperature: float, top_p: float, top_k: int):
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.keys = torch.tensor([k & 0xFFFFFFFF for k in keys], dtype=torch.long)
+        self.warpers = [TemperatureLogitsWarper(temperature)] + \
+            ([TopKLogitsWarper(top_k)] if top_k > 0 else []) + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+        self.start: Optional[int] = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.start is None:
+            self.start = input_ids.size(1)
+        t = input_ids.size(1) - self.start                                     # new tokens so far
+        for w in self.warpers:
+            scores = w(input_ids, scores)
+        B, V = scores.shape
+        keys = self.keys.to(scores.device)
+        row = _hash32(_hash32(keys) ^ t)                                       # [B]
+        h = _hash32(row[:, None] ^ torch.arange(V, device=scores.device)[None, :])  # [B, V]
+        u = (h.float() + 0.5) / 2.0 ** 32                                     # in (0, 1)
+        noisy = scores.float() - torch.log(-torch.log(u))  # log p = scores - logsumexp: same argmax
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, noisy.argmax(-1, keepdim=True), 0.0)
 
 
 def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:

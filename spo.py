@@ -41,6 +41,7 @@ from __future__ import annotations
 import random
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional
 
@@ -369,11 +370,16 @@ def _cut_at_eos(row: list[int], eos_id: int, budget: int) -> tuple[list[int], bo
     return (row[:row.index(eos_id) + 1], True) if eos_id in row else (row, False)
 
 
+def mc_stream_key(seed: int, prefix: PrefixKey, j: int) -> int:
+    """The random-stream key of the j-th MC continuation of a boundary state (stable across runs)."""
+    return zlib.crc32(f"{seed}:{prefix[0]}:{','.join(map(str, prefix[1]))}:{j}".encode())
+
+
 @torch.no_grad()
 def mc_rollout_rewards(model, tokenizer, prefixes: list[PrefixKey], prompt_ids: list[list[int]],
                        answers: list[str], num_rollouts: int, max_completion_length: int, temperature: float = 1.0,
                        top_p: float = 1.0, top_k: int = 0, batch_size: int = 512, greedy: bool = False,
-                       reward_fn: Optional[Callable] = None) -> tuple[torch.Tensor, int]:
+                       reward_fn: Optional[Callable] = None, seed: int = 0) -> tuple[torch.Tensor, int]:
     """N continuations of every boundary state, scored by the verifier (SPO-chain's Monte Carlo).
 
         input_p  = prompt_ids[prompt of p] + prefix tokens of p      (ids end to end, never text)
@@ -383,9 +389,10 @@ def mc_rollout_rewards(model, tokenizer, prefixes: list[PrefixKey], prompt_ids: 
     The budget gives a continued response the same length limit as the original. Prefixes are
     sorted by length and cut into calls of about batch_size rows, so rows of one call have
     similar budgets (a call runs until its longest budget or until every row has ended).
-    Sampling draws from torch's global RNG, so the values are reproducible for a seed, but a
-    prefix's draws depend on which other prefixes share its call. greedy=True (for tests)
-    repeats each row's argmax continuation N times.
+    Continuation j of prefix p draws from its own random stream, keyed by (seed, p's prompt
+    index, p's tokens, j) (common.KeyedSampler), so a prefix's values do not depend on which
+    other prefixes share its call: batched equals one-at-a-time, sample for sample (tested).
+    greedy=True repeats each row's argmax continuation N times.
     Returns rewards [P, N] (fp32, row p = prefixes[p]) and the continuation tokens generated.
     Example: prefixes [(0, ()), (0, (7, 8))], N = 2 -> 2 prefix rows, each continued twice.
     """
@@ -399,10 +406,12 @@ def mc_rollout_rewards(model, tokenizer, prefixes: list[PrefixKey], prompt_ids: 
         rows = [prompt_ids[prefixes[p][0]] + list(prefixes[p][1]) for p in chunk]
         ids, mask = common.left_pad(rows, tokenizer.pad_token_id, device)
         budget = max_completion_length - len(prefixes[chunk[0]][1])  # the shortest prefix's
-        out = common.generate(model, tokenizer, ids, mask, budget, 1 if greedy else N, temperature, top_p,
-                              top_k, greedy).cpu()
         if greedy:
-            out = out.repeat_interleave(N, 0)
+            out = common.generate(model, tokenizer, ids, mask, budget, greedy=True).cpu().repeat_interleave(N, 0)
+        else:  # N rows per prefix, each with its own stream
+            keys = [mc_stream_key(seed, prefixes[p], j) for p in chunk for j in range(N)]
+            out = common.generate(model, tokenizer, ids.repeat_interleave(N, 0), mask.repeat_interleave(N, 0), budget,
+                                  1, temperature, top_p, top_k, row_keys=keys).cpu()
         texts, finished = [], []
         for r, row in enumerate(out.tolist()):                      # row r = (chunk[r // N], j = r % N)
             prefix = list(prefixes[chunk[r // N]][1])
@@ -655,8 +664,9 @@ def main(args: Args) -> dict:
             starts = segment_starts(prob_mask.cpu() > 0, args.cutpoint_interval, args.partition)   # [B, K]
             prefixes, index = plan_mc_prefixes(completion_ids.cpu(), starts, torch.arange(B) // G)
             t_mc = time.time()
+            mc_seed = int(torch.randint(2**31 - 1, (1,)).item())  # from the global RNG: resumes exactly
             mc_rewards, mc_tokens = mc_rollout_rewards(model, tokenizer, prefixes, prompts, answers, N, max_len,
-                                                       **sample_kw)                                # [P', N]
+                                                       **sample_kw, seed=mc_seed)                  # [P', N]
             t_mc = time.time() - t_mc
             values = mc_values(mc_rewards, index)                                                  # [B, K]
             seg_adv, advantages = chain_advantages(values, rewards, starts, completion_mask.cpu())

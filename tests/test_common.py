@@ -139,3 +139,37 @@ def test_finished_rewards_zero_a_truncated_completion():
     ids = torch.tensor([[5, 6, eos, 0], [5, 6, 7, 8], [5, eos, 0, 0]])
     texts = ["#### 4", "#### 4", "#### 5"]
     assert common.finished_rewards(texts, ["4", "4", "4"], ids, eos).tolist() == [1.0, 0.0, 0.0]
+
+
+def test_keyed_sampler_draws_from_softmax_of_the_warped_logits():
+    n = 40000
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).repeat(n, 1)
+    ids = torch.zeros(n, 3, dtype=torch.long)
+    picks = common.KeyedSampler(list(range(n)), 1.0, 1.0, 0)(ids, logits.clone())
+    assert ((picks == 0.0).sum(1) == 1).all() and torch.isinf(picks).sum() == 3 * n   # one token per row
+    freq = torch.bincount(picks.argmax(1), minlength=4).float() / n
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.01)     # 4 std is about 0.01
+    # temperature 0.5 squares and renormalises p; top_k 2 keeps the two largest
+    freq_t = torch.bincount(common.KeyedSampler(list(range(n)), 0.5, 1.0, 0)(ids, logits.clone()).argmax(1),
+                            minlength=4).float() / n
+    p2 = torch.tensor([0.5, 0.3, 0.15, 0.05]) ** 2
+    assert torch.allclose(freq_t, p2 / p2.sum(), atol=0.01)
+    freq_k = torch.bincount(common.KeyedSampler(list(range(n)), 1.0, 1.0, 2)(ids, logits.clone()).argmax(1),
+                            minlength=4).float() / n
+    assert torch.allclose(freq_k, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.01)
+
+
+def test_keyed_generation_does_not_depend_on_batch_mates(random_tiny_model_dir):
+    model, tok = common.load_model_and_tokenizer(str(random_tiny_model_dir), torch.device("cpu"), torch.float32)
+    rows = [tok("Q:1+2\nA:", add_special_tokens=False)["input_ids"],
+            tok("Q:11+22-3\nA:", add_special_tokens=False)["input_ids"]]
+    ids, mask = common.left_pad(rows, tok.pad_token_id, "cpu")
+    together = common.generate(model, tok, ids, mask, 12, row_keys=[101, 202])
+    for r, key in enumerate([101, 202]):
+        alone_ids, alone_mask = common.left_pad([rows[r]], tok.pad_token_id, "cpu")
+        alone = common.generate(model, tok, alone_ids, alone_mask, 12, row_keys=[key])
+        assert torch.equal(alone[0], together[r, :alone.size(1)])
+    other = common.generate(model, tok, ids, mask, 12, row_keys=[102, 203])
+    assert not torch.equal(other, together)
+    with pytest.raises(ValueError, match="one key per prompt row"):
+        common.generate(model, tok, ids, mask, 4, num_generations=2, row_keys=[1, 2])

@@ -407,11 +407,12 @@ def warm(warm_tiny_model_dir):
     return model, tok, prompts, [ex["answer"] for ex in examples], prefixes
 
 
-def one_at_a_time(model, tok, prefix, prompt, answer, n, max_len, greedy):
-    """The slow reference: one boundary per generate call, written out without spo.py's helpers."""
-    ids, mask = common.left_pad([prompt + list(prefix)], tok.pad_token_id, "cpu")
+def one_at_a_time(model, tok, prefix, prompt, answer, n, max_len, greedy, keys=None):
+    """The slow reference: one boundary per generate call, written out without spo.py's helpers.
+    keys: one random-stream key per continuation (sampling); greedy repeats the argmax row."""
+    ids, mask = common.left_pad([prompt + list(prefix)] * (1 if greedy else n), tok.pad_token_id, "cpu")
     budget = max_len - len(prefix)
-    out = common.generate(model, tok, ids, mask, budget, 1 if greedy else n, greedy=greedy)
+    out = common.generate(model, tok, ids, mask, budget, greedy=greedy, row_keys=keys)
     out = out.repeat(n, 1) if greedy else out
     rewards = []
     for row in out.tolist():
@@ -431,23 +432,22 @@ def test_mc_estimator_equals_one_at_a_time_under_greedy(warm):
         assert got[p].tolist() == one_at_a_time(model, tok, prefix, prompts[pi], answers[pi], 3, 48, True)
 
 
-def test_mc_estimator_matches_one_at_a_time_in_distribution(warm):
-    """Sampling draws from torch's global RNG (common.generate has no per-row generators), so a
-    prefix's draws depend on its batch mates and cannot match sample for sample. The estimates
-    must agree within sampling error: N = 32 per estimate, so the difference of two estimates
-    has std <= sqrt(2 * 0.25 / 32) = 0.125; 0.45 is 3.6 std. The gold-minus-one-digit and the
-    wrong-answer prefixes have values near 1 and 0, so a row credited to the wrong prefix fails."""
+@pytest.mark.parametrize("batch_size", [512, 40])
+def test_mc_estimator_equals_one_at_a_time_when_sampling(warm, batch_size):
+    """Each continuation has its own random stream (seed, prefix, j), so the batched estimator
+    (12 prefixes x 16 rows in 1 call, or 5 calls of 2-3 prefixes) gives exactly the rewards of
+    one generate call per prefix, sample for sample, whatever else shares the call."""
     model, tok, prompts, answers, prefixes = warm
-    n = 32
-    torch.manual_seed(0)
-    batched, _ = mc_rollout_rewards(model, tok, prefixes, prompts, answers, n, 48, batch_size=512)
-    torch.manual_seed(1)
-    ref = torch.tensor([one_at_a_time(model, tok, prefix, prompts[pi], answers[pi], n, 48, False)
+    n, seed = 16, 7
+    batched, _ = mc_rollout_rewards(model, tok, prefixes, prompts, answers, n, 48, batch_size=batch_size, seed=seed)
+    ref = torch.tensor([one_at_a_time(model, tok, prefix, prompts[pi], answers[pi], n, 48, False,
+                                      keys=[spo.mc_stream_key(seed, (pi, prefix), j) for j in range(n)])
                         for pi, prefix in prefixes])
-    v, v_ref = batched.mean(1), ref.mean(1)
-    assert (v - v_ref).abs().max().item() < 0.45, (v, v_ref)
-    for vals in (v, v_ref):
-        assert (vals[1::3] > 0.8).all() and (vals[2::3] < 0.2).all()
+    assert torch.equal(batched, ref)
+    v = batched.mean(1)  # and the values make sense: near 1 after the gold prefix, near 0 after a wrong answer
+    assert (v[1::3] > 0.8).all() and (v[2::3] < 0.2).all()
+    other, _ = mc_rollout_rewards(model, tok, prefixes, prompts, answers, n, 48, batch_size=batch_size, seed=seed + 1)
+    assert not torch.equal(other[0::3], batched[0::3])  # another seed, other samples (prompt-only prefixes vary)
 
 
 def test_mc_estimator_sends_each_prefix_once_with_its_budget(warm, monkeypatch):
@@ -464,11 +464,11 @@ def test_mc_estimator_sends_each_prefix_once_with_its_budget(warm, monkeypatch):
 
     monkeypatch.setattr(common, "generate", spy)
     rewards, tokens = mc_rollout_rewards(model, tok, prefixes, prompts, answers, 4, 10, batch_size=512)
-    assert calls == [(3, 10, 4)] and rewards.shape == (3, 4)   # one call, 3 distinct prefixes, N = 4 each
+    assert calls == [(12, 10, 1)] and rewards.shape == (3, 4)  # one call: 3 distinct prefixes x N = 4 rows
     assert 0 < tokens <= 4 * (10 + 7 + 7)                       # budgets: 10 - prefix length
     calls.clear()
     mc_rollout_rewards(model, tok, prefixes, prompts, answers, 4, 10, batch_size=8)  # 2 prefixes per call
-    assert [c[0] for c in calls] == [2, 1]
+    assert [c[0] for c in calls] == [8, 4]
 
 
 def test_grow_trees_structure(warm):
