@@ -435,6 +435,28 @@ def load_model_and_tokenizer(name: str, device: torch.device, dtype: torch.dtype
     return model, tokenizer
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations during backward instead of storing them.
+
+    For bigger models (card grpo.md section 4, item 7): activation memory drops from one copy
+    per layer to one layer's, for about one extra forward of compute. Transformers checkpoints
+    only in train mode, so the model goes to train mode with every dropout set to 0 (the first
+    pass must still see ratio == 1); common.generate switches to eval mode to keep the KV cache.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)  # the newer name (transformers >= 5.x)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+    model.train()
+
+
 def context_length(model) -> Optional[int]:
     return getattr(model.config, "max_position_embeddings", None)
 
@@ -501,7 +523,12 @@ def generate(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
         no_repeat_ngram_size=0, num_beams=1, num_return_sequences=num_generations if sample else 1,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True)
     extra = {"logits_processor": [KeyedSampler(row_keys, temperature, top_p, top_k)]} if keyed else {}
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=cfg, **extra)
+    was_training = model.training  # train mode only under --gradient-checkpointing, which would drop the KV cache
+    model.eval()
+    try:
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=cfg, **extra)
+    finally:
+        model.train(was_training)
     return out[:, prompt_ids.size(1):]
 
 

@@ -81,6 +81,7 @@ class Args:
     learning_rate: Optional[float] = field(default=None, metadata={"help": f"AdamW lr; default {HUB_LEARNING_RATE} for hub models, {TINY_LEARNING_RATE} for the tiny model"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
     max_bad_steps: int = field(default=5, metadata={"help": "stop after this many steps in a row with a non-finite loss or gradient (0: never)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward: less memory for bigger models, about one more forward of compute"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature T (log-probs use logits / T too)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling; keep 1.0 so the sampler equals softmax(z/T)"})
     top_k: int = field(default=0, metadata={"help": "top-k sampling, 0 = off; keep 0 so the sampler equals softmax(z/T)"})
@@ -612,6 +613,8 @@ def main(args: Args) -> dict:
     heldout = common.load_task(args.task, "test", args.data_dir)[: args.eval_size]
     common.seed_everything(args.seed)
     model, tokenizer = common.load_model_and_tokenizer(args.model, device, dtype)
+    if args.gradient_checkpointing:
+        common.enable_gradient_checkpointing(model)
     train_prompt_ids = common.tokenize_prompts(tokenizer, train, args.task, common.context_length(model), max_len)
     ref_model = None  # with beta == 0, no reference model is ever built
     if args.beta > 0.0:

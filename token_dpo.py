@@ -71,6 +71,7 @@ class Args:
     learning_rate: Optional[float] = field(default=None, metadata={"help": f"AdamW lr; default {HUB_LEARNING_RATE} for hub models, {TINY_LEARNING_RATE} for the tiny model"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
     max_bad_steps: int = field(default=5, metadata={"help": "stop after this many steps in a row with a non-finite loss or gradient (0: never)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward: less memory for bigger models, about one more forward of compute"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature for pair building (log-probs always use T = 1)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling for pair building"})
     top_k: int = field(default=0, metadata={"help": "top-k sampling for pair building, 0 = off"})
@@ -507,6 +508,8 @@ def main(args: Args) -> dict:
     file_rows = read_preference_jsonl(args.pairs_file) if args.pairs_file else None
     common.seed_everything(args.seed)
     model, tokenizer = common.load_model_and_tokenizer(args.model, device, dtype)
+    if args.gradient_checkpointing:
+        common.enable_gradient_checkpointing(model)
     check_plain_lm_head(model, device)
     train_prompt_ids = common.tokenize_prompts(tokenizer, train, args.task, common.context_length(model), max_len)
     file_pairs = None if file_rows is None else tokenize_pairs(file_rows, tokenizer, args.task, common.context_length(model))

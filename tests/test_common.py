@@ -173,3 +173,29 @@ def test_keyed_generation_does_not_depend_on_batch_mates(random_tiny_model_dir):
     assert not torch.equal(other, together)
     with pytest.raises(ValueError, match="one key per prompt row"):
         common.generate(model, tok, ids, mask, 4, num_generations=2, row_keys=[1, 2])
+
+
+def test_gradient_checkpointing_recomputes_layers_and_keeps_gradients(random_tiny_model_dir):
+    def grads_and_layer_calls(checkpointing):
+        model, tok = common.load_model_and_tokenizer(str(random_tiny_model_dir), torch.device("cpu"), torch.float32)
+        if checkpointing:
+            common.enable_gradient_checkpointing(model)
+        calls = []
+        mlp = model.model.layers[0].mlp  # inside the checkpoint; count its forward calls (hooks skip the recompute)
+        mlp_forward = mlp.forward
+        mlp.forward = lambda *a, **k: calls.append(1) or mlp_forward(*a, **k)
+        prompt, pmask = common.left_pad([[3, 4, 5], [6, 7]], tok.pad_token_id, "cpu")
+        completion = torch.tensor([[8, 9, 1], [10, 1, 1]])
+        cmask = common.completion_mask_from_ids(completion, 1)
+        logps, _ = common.per_token_logps(model, prompt, pmask, completion, cmask, 1.0)
+        (logps * cmask).sum().backward()
+        n_forward = len(calls)
+        out = common.generate(model, tok, prompt, pmask, 4, greedy=True)  # eval mode inside, mode restored after
+        assert model.training == checkpointing and out.shape[0] == 2
+        return [p.grad.clone() for p in model.parameters()], n_forward
+
+    plain, calls_plain = grads_and_layer_calls(False)
+    ckpt, calls_ckpt = grads_and_layer_calls(True)
+    assert calls_plain == 1 and calls_ckpt == 2          # the layer ran again during backward
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -128,3 +128,11 @@ def test_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(random_
     out = subprocess.run([sys.executable, "-c", NAN_FROM_STEP_3, str(ROOT / "grpo.py"), *argv[:-1], "0",
                           "--output-dir", str(tmp_path / "never")], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("script", ["grpo", "token_dpo"])
+def test_gradient_checkpointing_flag_runs(script, random_tiny_model_dir, tmp_path):
+    out = run_script(script, "--model", str(random_tiny_model_dir), "--output-dir", str(tmp_path), *TINY_RUN,
+                     "--gradient-checkpointing", fake_reward=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "held-out greedy accuracy" in out.stdout
