@@ -19,7 +19,7 @@ DCPO makes three changes to GRPO, all aimed at wasted gradient:
     python dcpo.py                                   # CPU: embedded tiny model + arithmetic task
     python dcpo.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k   # one GPU, a hub model
     python dcpo.py --no-sas                          # DAC + OTM only (what the released scripts run)
-    # the official code's choices where it departs from the paper (see the card, section 3.1):
+    # the official code's choices where it departs from the paper (see the card, section 3):
     python dcpo.py --eps-low 0.2 --eps-high 0.28 --sas-std unbiased --loss-type grpo
 
 DAC acts only where the ratio differs from 1, that is from the second optimisation pass over a
@@ -78,7 +78,7 @@ class Args:
     beta: float = field(default=0.0, metadata={"help": "k3 KL coefficient to the frozen reference; 0 loads no reference model"})
     epsilon: float = field(default=0.2, metadata={"help": "GRPO's fixed lower clip 1 - epsilon. DCPO does not clip with it (see --eps-low): it is only the band of the clip_ratio/fixed_0.2 comparison metrics"})
     epsilon_high: float = field(default=0.2, metadata={"help": "GRPO's fixed upper clip 1 + epsilon_high. DCPO does not clip with it (see --eps-high): it is only the band of the clip_ratio/fixed_0.2 comparison metrics"})
-    # --- DCPO-specific (card dcpo.md, section 3.1: the paper by default, the official code's choices as flags) ---
+    # --- DCPO-specific (card dcpo.md, section 3: the paper by default, the official code's choices as flags) ---
     loss_type: Literal["otm", "grpo", "dapo", "otm_token_sum"] = field(default="otm", metadata={"help": "otm: token mean per response, summed per prompt, mean over prompts (paper Eq. 8); grpo: otm / G (current official code); dapo: token mean; otm_token_sum: token sum / B (paper-era code)"})
     eps_low: float = field(default=0.16, metadata={"help": "DAC lower bound: (1 - r) * r * q <= eps_low (paper 0.16; the official scripts 0.2)"})
     eps_high: float = field(default=0.20, metadata={"help": "DAC upper bound: (r - 1) * r * q <= eps_high (paper 0.20; the official scripts 0.28)"})

@@ -14,9 +14,11 @@ so it puts extra credit on the branching tokens only. Sampling, clipped loss and
     python tempo.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k   # one GPU, a hub model
     python tempo.py --show-credit 10                 # every 10 steps, print one group's per-token credit
     python tempo.py --td-coef 0                      # ablation: exactly GRPO (td_coef is our extension)
-    python tempo.py --loss-type dapo --epsilon-high 0.28 --num-iterations 1   # the official code's loss
+    python tempo.py --loss-type dapo --epsilon-high 0.28      # the official code's loss (token-mean, clip 0.2/0.28)
     # the official scripts' recipe (for reference, not our default; see the card, section 3; the
-    # paper trains on MATH, which this repo does not ship):
+    # paper trains on MATH, which this repo does not ship). Their rollout is cut into 8 mini-batch
+    # optimizer steps (1 epoch), so steps 2-8 see ratios away from 1 and the clip acts; here every pass
+    # is one full-batch step, so with --num-iterations 1 the ratio stays 1 and the clip never acts:
     python tempo.py --model Qwen/Qwen3-1.7B --task gsm8k --num-generations 7 --loss-type dapo \\
         --epsilon-high 0.28 --num-iterations 1 --max-completion-length 2048 --learning-rate 1e-6
 
