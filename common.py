@@ -602,13 +602,21 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int) -> torch
 # ----------------------------------------------------------------------------------------
 
 
+CHUNK_ELEMENTS = 1 << 22  # fp32 elements per chunk of rows (16 MiB): e.g. 85 rows of Qwen's 49k vocabulary
+
+
+def _rows_per_chunk(vocab: int, chunk: Optional[int]) -> int:
+    return chunk if chunk is not None else max(1, CHUNK_ELEMENTS // vocab)
+
+
 class _SelectiveLogSoftmax(torch.autograd.Function):
     """log softmax(z / T)[y] for each row, fp32, chunked, with a hand-written backward.
 
     Forward keeps only the logits (already alive, in the model's dtype) and the row
-    log-sum-exp (fp32, one number a row). Backward recomputes softmax chunk by chunk:
+    log-sum-exp (fp32, one number a row). Backward recomputes softmax chunk by chunk, in place:
         d logp / d z = (onehot(y) - softmax(z / T)) / T
-    So no [N, V] fp32 tensor outlives one chunk, in forward or backward.
+    So besides the logits' own gradient (which any method needs), only one fp32 chunk of
+    [rows, V] is alive at a time, in forward or backward.
     """
 
     @staticmethod
@@ -632,32 +640,37 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         T, chunk = ctx.temperature, ctx.chunk
         grad = torch.empty_like(logits)
         for s in range(0, logits.size(0), chunk):
-            z = logits[s:s + chunk].float()
+            z = logits[s:s + chunk].to(torch.float32, copy=True)  # a copy even for fp32 logits: edited in place
+            g = grad_logp[s:s + chunk, None].float()             # [c, 1]
             if T != 1.0:
-                z = z / T
-            g = grad_logp[s:s + chunk, None].float()              # [c, 1]
-            gz = -torch.exp(z - lse[s:s + chunk, None]) * g      # -softmax * g
-            gz.scatter_add_(-1, targets[s:s + chunk, None], g)   # + onehot * g
-            grad[s:s + chunk] = (gz / T).to(grad.dtype)
+                z.div_(T)
+            z.sub_(lse[s:s + chunk, None]).exp_().mul_(-g)        # -softmax * g
+            z.scatter_add_(-1, targets[s:s + chunk, None], g)     # + onehot * g
+            if T != 1.0:
+                z.div_(T)
+            grad[s:s + chunk] = z                                 # cast to the logits' dtype
         return grad, None, None, None
 
 
 def selective_log_softmax(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                          chunk: int = 1024) -> torch.Tensor:
+                          chunk: Optional[int] = None) -> torch.Tensor:
     """log softmax(logits / T) gathered at `targets`. logits [..., V], targets [...] -> [...] fp32.
 
     Equal to `torch.log_softmax(logits.float() / T, -1).gather(-1, targets[..., None])` (tested),
-    but peak memory is one chunk of rows in fp32 instead of the whole [..., V] tensor.
+    but peak memory is one chunk of rows in fp32 (CHUNK_ELEMENTS, or `chunk` rows) instead of
+    whole [..., V] fp32 tensors (benchmarks/bench_perf.py, part 3).
     """
     shape = targets.shape
-    flat = _SelectiveLogSoftmax.apply(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), temperature, chunk)
-    return flat.view(shape)
+    flat = logits.reshape(-1, logits.size(-1))
+    out = _SelectiveLogSoftmax.apply(flat, targets.reshape(-1), temperature, _rows_per_chunk(flat.size(-1), chunk))
+    return out.view(shape)
 
 
 @torch.no_grad()
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, chunk: int = 1024) -> torch.Tensor:
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, chunk: Optional[int] = None) -> torch.Tensor:
     """Full-vocabulary entropy of softmax(z / T), chunked, no gradient: H = lse(z) - sum softmax(z)*z."""
     flat = logits.reshape(-1, logits.size(-1))
+    chunk = _rows_per_chunk(flat.size(-1), chunk)
     out = torch.empty(flat.size(0), dtype=torch.float32, device=logits.device)
     for s in range(0, flat.size(0), chunk):
         z = flat[s:s + chunk].float() / temperature

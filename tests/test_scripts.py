@@ -1,5 +1,6 @@
 """End-to-end: the scripts as a user runs them (subprocess), --help, and bad input."""
 import json
+import sys
 
 import pytest
 import torch
@@ -61,8 +62,9 @@ UNKNOWN_CHOICE = {"grpo": "--loss-type", "tempo": "--loss-type", "dcpo": "--loss
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_bad_inputs(script, capsys, random_tiny_model_dir, tmp_path):
+def test_bad_inputs(script, capsys, random_tiny_model_dir, tmp_path, monkeypatch):
     m = ["--model", str(random_tiny_model_dir), "--output-dir", str(tmp_path)]
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as without the optional `datasets` (else: the hub)
     code, line = _bad(capsys, script, ["--model", "./no/such/model"])
     assert code == 2 and "does not exist" in line and "--model" in line
     code, line = _bad(capsys, script, m + ["--num-generations", "1"])
