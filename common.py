@@ -929,7 +929,6 @@ class Run:
         self.state: dict = {"step": 0}
         self.stop_requested = False
         self.bad_steps = 0  # steps in a row whose every update was skipped (non-finite loss or gradient)
-        self.last_checkpoint: Optional[Path] = None
         if args.resume:
             self.run_dir = Path(args.resume)
             ckpt = latest_checkpoint(self.run_dir)
@@ -972,8 +971,7 @@ class Run:
 
     def save(self, step: int) -> Path:
         trainer = {"optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(), "state": self.state}
-        self.last_checkpoint = save_checkpoint(self.run_dir, step, self.model, self.tokenizer, trainer)
-        return self.last_checkpoint
+        return save_checkpoint(self.run_dir, step, self.model, self.tokenizer, trainer)
 
     def log(self, step: int, metrics: dict) -> None:
         """Append the step's metrics; stop the run after --max-bad-steps non-finite steps in a row.
@@ -988,7 +986,7 @@ class Run:
         limit = self.args.max_bad_steps
         if limit > 0 and self.bad_steps >= limit:
             self.logger.close()
-            last = self.last_checkpoint or latest_checkpoint(self.run_dir)
+            last = latest_checkpoint(self.run_dir)
             raise TrainingDiverged(
                 f"{self.bad_steps} steps in a row had a non-finite loss or gradient (step {step}). "
                 f"Last good checkpoint: {last or 'none yet'}. Lower --learning-rate, or raise --max-bad-steps "

@@ -27,6 +27,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -167,8 +168,9 @@ def plot_curves(records: list[dict], path: Path) -> bool:
     for method in dict.fromkeys(r["method"] for r in records):
         runs = [r for r in records if r["method"] == method]
         steps = sorted(set.intersection(*[{s for s, _, _ in r["curve"]} for r in runs]))
-        acc = [[dict((s, a) for s, _, a in r["curve"])[s] for r in runs] for s in steps]
-        sec = [[dict((s, t) for s, t, _ in r["curve"])[s] for r in runs] for s in steps]
+        by_step = [{s: (t, a) for s, t, a in r["curve"]} for r in runs]  # per run: step -> (seconds, accuracy)
+        acc = [[b[s][1] for b in by_step] for s in steps]
+        sec = [[b[s][0] for b in by_step] for s in steps]
         mean = [statistics.mean(a) for a in acc]
         std = [statistics.stdev(a) if len(a) > 1 else 0.0 for a in acc]
         t = [statistics.mean(x) for x in sec]
@@ -245,7 +247,6 @@ def main(argv=None) -> None:
         while todo or running:
             while todo and len(running) < args.jobs:
                 method, seed, seed_dir, cmd = todo.pop(0)
-                import shutil
                 shutil.rmtree(seed_dir, ignore_errors=True)  # an unfinished run is started again
                 log = open(out / "logs" / f"{method}-seed{seed}.log", "w")
                 running.append((method, seed, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -263,10 +264,9 @@ def main(argv=None) -> None:
             command=" ".join(["python", "benchmarks/compare.py", *(argv if argv is not None else sys.argv[1:])]),
             jobs=args.jobs, threads_per_job=threads, seeds=seeds, quick=args.quick, date=time.strftime("%Y-%m-%d"),
             commit=_git_commit(), wall_s=round(time.time() - t_start)), indent=2))
-    rows = build_outputs(out, args.target)
+    build_outputs(out, args.target)
     print((out / "table.md").read_text())
     print(f"wrote {out}/runs.csv, {out}/table.md" + (f", {out}/curves.png" if (out / "curves.png").exists() else ""))
-    del rows
 
 
 def _git_commit() -> str:
