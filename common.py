@@ -285,8 +285,9 @@ def finished_rewards(completions: list[str], answers: list[str], completion_ids:
 # ----------------------------------------------------------------------------------------
 
 TINY = "tiny"  # the --model value that selects the embedded model
-TINY_VERSION = "v2"
+TINY_VERSION = "v3"
 TINY_TARGET_ACC = (0.10, 0.60)  # the warm start stops inside this band of held-out accuracy
+TINY_STOP_ACC = 0.30            # ... at the first evaluation at or above this, leaving room for RL
 
 
 def seed_everything(seed: int) -> None:
@@ -328,6 +329,15 @@ def build_tiny_model(vocab_size: int, pad_id: int, eos_id: int):
     return LlamaForCausalLM(config)
 
 
+def cpu_has_bf16() -> bool:
+    """True on an x86 CPU with native bf16 matmuls (AVX512-BF16 or AMX), where bf16 autocast is
+    several times faster than fp32; elsewhere bf16 is emulated and slower."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # an older or non-x86 build of torch
+        return False
+
+
 def ensure_tiny_model(seed: int = 0, quiet: bool = False) -> Path:
     """Return the folder of the warm-started tiny model, building it first if it is not cached.
 
@@ -346,13 +356,22 @@ def ensure_tiny_model(seed: int = 0, quiet: bool = False) -> Path:
     model = build_tiny_model(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
     test = arith_dataset("test")[:200]
     rows = sft_rows(tokenizer, arith_dataset("sft"))
+    # On a CPU with bf16 instructions the SFT runs its matmuls in bf16 (autocast: the weights and
+    # the optimizer stay fp32) with plain attention, whose bf16 backward is much faster than SDPA's
+    # at these shapes: 0.16 s per step instead of 0.35 s on 2 cores. Elsewhere it runs in fp32.
+    # Either way it is deterministic for a seed on one machine, and the stopping rule below, not
+    # the step count, sets how good the warm start is.
+    bf16 = cpu_has_bf16()
+    model.set_attn_implementation("eager" if bf16 else "sdpa")
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     batch_size, max_steps, eval_every = 64, 3000, 50
     gen = torch.Generator().manual_seed(seed)
     t0, acc, step = time.time(), 0.0, 0
     bar = tqdm(range(1, max_steps + 1), desc="warm start (SFT of the tiny model)", disable=quiet, leave=False)
     for step in bar:
-        loss = sft_loss(model, tokenizer, [rows[i] for i in torch.randint(len(rows), (batch_size,), generator=gen).tolist()])
+        batch = [rows[i] for i in torch.randint(len(rows), (batch_size,), generator=gen).tolist()]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = sft_loss(model, tokenizer, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -360,8 +379,9 @@ def ensure_tiny_model(seed: int = 0, quiet: bool = False) -> Path:
         if step % eval_every == 0:
             acc = evaluate(model, tokenizer, test, "arith", max_new_tokens=64, batch_size=200)
             bar.set_postfix(loss=f"{loss.item():.3f}", heldout_acc=f"{acc:.2f}")
-            if acc >= 0.20:  # in the band, above its floor, with room for RL
+            if acc >= TINY_STOP_ACC:
                 break
+    model.set_attn_implementation("sdpa")  # what every later run uses (fp32)
     if not TINY_TARGET_ACC[0] <= acc <= TINY_TARGET_ACC[1]:
         raise RuntimeError(f"tiny-model warm start ended at held-out accuracy {acc:.2f}, outside {TINY_TARGET_ACC}")
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -369,6 +389,7 @@ def ensure_tiny_model(seed: int = 0, quiet: bool = False) -> Path:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     info = dict(seed=seed, sft_steps=step, heldout_accuracy=acc, seconds=round(time.time() - t0, 1),
+                sft_matmuls="bf16 autocast" if bf16 else "fp32",
                 parameters=sum(p.numel() for p in model.parameters()))
     (tmp / "warm_start.json").write_text(json.dumps(info, indent=2))
     shutil.rmtree(path, ignore_errors=True)

@@ -71,8 +71,10 @@ Run (TRL lives in its own environment, see benchmarks/requirements-perf.txt):
     OMP_NUM_THREADS=2 /tmp/trlenv/bin/python benchmarks/bench_perf.py                    # CPU, tiny random model
     python benchmarks/bench_perf.py --parts overhead,logps,methods                       # without TRL
     python /work/shared/tools/smollm2_to_hf.py /tmp/smollm2                              # a real model folder
-    /tmp/trlenv/bin/python benchmarks/bench_perf.py --device cuda --model /tmp/smollm2 \\
+    /tmp/trlenv/bin/python benchmarks/bench_perf.py --device cuda --model qwen2.5-0.5b-random \\
         --prompts 16 --num-generations 8 --completion-length 256 --parts trl,overhead,logps  # GPU
+    /tmp/trlenv/bin/python benchmarks/bench_perf.py --device cuda --model /tmp/smollm2 \\
+        --prompts 16 --num-generations 8 --completion-length 256 --parts trl,overhead       # GPU, SmolLM2
     /tmp/trlenv/bin/python benchmarks/bench_perf.py --device cuda --model /tmp/smollm2 \\
         --prompts 16 --num-generations 8 --completion-length 256 --parts methods \\
         --repeats 3 --mc-rollouts 4 --out runs/bench_perf_methods                       # GPU, part 4
@@ -285,21 +287,57 @@ class Bench:
         return [self.prompt_ids[i] for i in idx], [self.answers[i] for i in idx]
 
 
-def model_folder(args) -> str:
-    """tiny-random: the embedded tiny Llama (common.build_tiny_model) with random weights, saved
-    once to a temporary folder; tiny: the warm-started embedded model; else a local folder."""
-    if args.model == "tiny-random":
-        common.seed_everything(args.seed)
+QWEN_05B_SHAPE = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                      num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                      rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)  # Qwen2.5-0.5B's config.json
+RANDOM_MODELS = ("tiny-random", "qwen2.5-0.5b-random")
+
+
+def padded_char_tokenizer(vocab_size: int):
+    """The embedded character tokenizer, its vocabulary padded with filler tokens "<t123>" up to
+    vocab_size, so that a random model with a large vocabulary (Qwen's 151,936) can be decoded.
+    Prompts are still one token per character; only sampled ids decode to filler."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    base = common.build_char_tokenizer().get_vocab()
+    vocab = dict(base, **{f"<t{i}>": i for i in range(len(base), vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>", padding_side="left")
+
+
+def random_model(name: str):
+    """(model, tokenizer) with random weights: throughput needs no pretrained weights."""
+    if name == "tiny-random":
         tok = common.build_char_tokenizer()
-        model = common.build_tiny_model(len(tok), tok.pad_token_id, tok.eos_token_id)
-        folder = Path(temp_dir("bench_perf_tiny_random_"))
+        return common.build_tiny_model(len(tok), tok.pad_token_id, tok.eos_token_id), tok
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = padded_char_tokenizer(QWEN_05B_SHAPE["vocab_size"])
+    config = Qwen2Config(**QWEN_05B_SHAPE, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         bos_token_id=None, attention_dropout=0.0)
+    return Qwen2ForCausalLM(config), tok
+
+
+def model_folder(args) -> str:
+    """tiny-random: the embedded tiny Llama (common.build_tiny_model) with random weights;
+    qwen2.5-0.5b-random: a Qwen2 of Qwen2.5-0.5B's shape (494M parameters) with random weights
+    and a character tokenizer padded to its vocabulary; either is saved once to a temporary
+    folder. tiny: the warm-started embedded model. Else a local save_pretrained folder."""
+    if args.model in RANDOM_MODELS:
+        common.seed_everything(args.seed)
+        model, tok = random_model(args.model)
+        folder = Path(temp_dir("bench_perf_random_"))
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
         return str(folder)
     if args.model == common.TINY:
         return str(common.ensure_tiny_model(seed=0))
     if not Path(args.model).expanduser().is_dir():
-        raise SystemExit(f"error: --model {args.model} is not a folder; pass tiny-random, tiny, or a folder made by "
+        raise SystemExit(f"error: --model {args.model} is not a folder; pass {', '.join(RANDOM_MODELS)}, tiny, or a folder made by "
                          "save_pretrained (e.g. python /work/shared/tools/smollm2_to_hf.py /tmp/smollm2)")
     return str(Path(args.model).expanduser())
 
@@ -601,6 +639,12 @@ def part_overhead(b: Bench) -> None:
         extra.append(f"Breakdown of one step, beta = {beta} (3b and 3c summed over the mu passes; synchronised "
                      "per section, so it adds up to a little more than the step): "
                      + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in r["sections"].items()))
+        d = r["decode"]
+        extra.append(f"\nGeneration under torch.profiler (beta = {beta}): {d['ms_per_token']:.2f} ms per generated "
+                     f"token for the whole batch, {d['aten_ops_per_token']:.0f} aten ops per token taking "
+                     f"{d['aten_ms_per_token']:.2f} ms of self time (the rest is Python); most self time: "
+                     + ", ".join(f"{k} {ms:.2f} ms ({n:.0f} calls)" for k, ms, n in d["top"])
+                     + " per token (aten::cat is the KV cache growing by one position per layer).")
         if r.get("profile"):
             extra.append(f"\nbeta = {beta} is above the goal: torch.profiler of one full step, top ops by self time\n")
             extra.append("```text\n" + r["profile"] + "\n```")
@@ -608,6 +652,24 @@ def part_overhead(b: Bench) -> None:
     rep.append("")
     rep.extend(extra)
     rep.append("")
+
+
+def decode_profile(gen, n_tokens: int, device: torch.device, top: int = 4) -> dict:
+    """Where one batched generate spends its time, per generated token: the profiler's count of
+    aten ops and the ops with the most self time. For a small model this is the whole story of
+    its step: the decode forward is hundreds of tiny kernels, each costing about its launch."""
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        t0 = now(device)
+        gen()
+        wall = now(device) - t0
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    ev = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    ops = sorted(ev, key=lambda e: getattr(e, key), reverse=True)[:top]
+    # self times of nested aten ops do not overlap, so their sum is the time spent inside kernels
+    return {"ms_per_token": 1e3 * wall / n_tokens, "aten_ops_per_token": sum(e.count for e in ev) / n_tokens,
+            "aten_ms_per_token": sum(getattr(e, key) for e in ev) / 1e3 / n_tokens,
+            "top": [(e.key, getattr(e, key) / 1e3 / n_tokens, e.count / n_tokens) for e in ops]}
 
 
 def overhead_one(b: Bench, beta: float) -> dict:
@@ -656,6 +718,7 @@ def overhead_one(b: Bench, beta: float) -> dict:
     sections: dict = {}
     grpo_step(b, pol, rows, beta, sections=sections)
     t["sections"] = sections
+    t["decode"] = decode_profile(gen, b.L, device)
     if med(t["ratio"]) > OVERHEAD_GOAL:
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=acts) as prof:
@@ -872,7 +935,7 @@ def part_methods(b: Bench) -> None:
                f"{fmt_t(t['dpo (gathered)'])} | {1e3 * tdpo_extra:.1f} ms | "
                f"{100 * tdpo_extra / med(t['tdpo2 (token_dpo.py)']):.1f}% of a TDPO2 loss step |")
     rep.append("")
-    if b.args.model == "tiny-random":
+    if b.args.model in RANDOM_MODELS:
         rep.append("With a random model nearly every token has p < 0.9, so SPO-chain cuts at almost every token and "
                    "its MC cost is near its worst case; TEMPO's groups share almost no prefix. A trained model "
                    "(--model tiny, or a real folder) gives the typical case.\n")
@@ -892,8 +955,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                        "at the top of this file.")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)} (default: all)")
     p.add_argument("--model", default="tiny-random",
-                   help="tiny-random (the embedded tiny Llama, random weights), tiny (warm-started), or a local "
-                        "save_pretrained folder (default: tiny-random)")
+                   help="tiny-random (the embedded tiny Llama, random weights), qwen2.5-0.5b-random (Qwen2.5-0.5B's "
+                        "shape, random weights; for GPUs), tiny (warm-started), or a local save_pretrained folder "
+                        "(default: tiny-random)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weights dtype for both sides; auto = bf16 on a GPU that has it, else fp32")

@@ -65,6 +65,19 @@ def test_arith_task_fixed_and_disjoint():
     assert sol.endswith(f"#### {ans}") and sol.count("=") >= 2
 
 
+def test_warm_start_is_in_its_band_and_loads_like_a_hub_model(warm_tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    info = json.loads((warm_tiny_model_dir / "warm_start.json").read_text())
+    lo, hi = common.TINY_TARGET_ACC
+    assert lo <= info["heldout_accuracy"] <= hi and info["sft_steps"] % 50 == 0
+    assert info["sft_matmuls"] == ("bf16 autocast" if common.cpu_has_bf16() else "fp32")
+    model = AutoModelForCausalLM.from_pretrained(warm_tiny_model_dir)
+    assert model.dtype == torch.float32 and model.config._attn_implementation != "eager"  # SFT-only settings
+    tok = AutoTokenizer.from_pretrained(warm_tiny_model_dir)
+    assert tok.padding_side == "left" and len(tok) == model.config.vocab_size
+
+
 def test_gsm8k_bad_files(tmp_path):
     (tmp_path / "train.jsonl").write_text("")
     with pytest.raises(common.UserError, match="holds no examples"):

@@ -1,0 +1,48 @@
+"""benchmarks/bench_perf.py's random models: right shape, decodable, without building 494M weights."""
+import json
+import sys
+
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_perf  # noqa: E402
+import common  # noqa: E402
+
+
+def test_qwen_shaped_random_model_has_qwen2_5_0_5b_parameter_count():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    with torch.device("meta"):  # shapes only, no memory
+        model = Qwen2ForCausalLM(Qwen2Config(**bench_perf.QWEN_05B_SHAPE))
+    # Qwen2.5-0.5B has 494,032,768 parameters (tied embeddings, 24 layers, 14 query / 2 KV heads)
+    assert sum(p.numel() for p in model.parameters()) == 494_032_768
+
+
+def test_padded_char_tokenizer_encodes_like_the_char_tokenizer_and_decodes_any_id():
+    tok = bench_perf.padded_char_tokenizer(1000)
+    char = common.build_char_tokenizer()
+    text = common.format_prompt(char, "12+3-4", "arith")
+    assert len(tok) == 1000
+    assert tok(text)["input_ids"] == char(text)["input_ids"]
+    assert (tok.pad_token_id, tok.eos_token_id) == (char.pad_token_id, char.eos_token_id)
+    ids = char("7+8", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids + [999]) == "7+8<t999>"
+
+
+def test_qwen_shaped_random_model_runs_the_overhead_part(monkeypatch, tmp_path):
+    """The GPU path of the benchmark (`--model qwen2.5-0.5b-random`), end to end on a CPU, with the
+    shape scaled down so that it takes seconds: build, save, load, generate, time, report."""
+    small = dict(bench_perf.QWEN_05B_SHAPE, vocab_size=500, hidden_size=64, intermediate_size=128,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    monkeypatch.setattr(bench_perf, "QWEN_05B_SHAPE", small)
+    out = tmp_path / "bench"
+    bench_perf.main(["--model", "qwen2.5-0.5b-random", "--device", "cpu", "--parts", "overhead", "--betas", "0",
+                     "--prompts", "1", "--num-generations", "2", "--completion-length", "4", "--repeats", "1",
+                     "--warmup", "0", "--out", str(out)])
+    report = (out / "report.md").read_text()
+    assert "Qwen2ForCausalLM" in report or "qwen" in report.lower()
+    assert "per generated token" in report
+    raw = json.loads((out / "timings.json").read_text())
+    assert raw["config"]["vocab"] == 500 and raw["overhead"]["beta=0.0"]["full"]
