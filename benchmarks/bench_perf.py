@@ -44,7 +44,9 @@ so a machine that slows down or speeds up during the run moves both sides alike.
             trivial loss), (c) the reference forward when beta > 0, (d) the optimizer step (shown,
             not in the goal), then the full step. Reported: full / (a + mu*b + c), goal <= 1.15, a
             per-section breakdown of one step, and, when above the goal, the torch.profiler table
-            of one full step (top ops by self time).
+            of one full step (top ops by self time). Then generation itself: a profile per
+            generated token (aten ops, their kernel time, the top ops), and common.generate paired
+            with two ways around generate()'s overhead (a static KV cache, a hand-written loop).
   logps     Peak memory and time of common.selective_log_softmax against the naive
             torch.log_softmax(logits.float(), -1).gather(...), forward and backward, on random
             logits of --logps-shape (default 8 x 256 x 49,152: SmolLM2's vocabulary), in fp32 and
@@ -645,6 +647,11 @@ def part_overhead(b: Bench) -> None:
                      f"{d['aten_ms_per_token']:.2f} ms of self time (the rest is Python); most self time: "
                      + ", ".join(f"{k} {ms:.2f} ms ({n:.0f} calls)" for k, ms, n in d["top"])
                      + " per token (aten::cat is the KV cache growing by one position per layer).")
+        if r.get("decode_alternatives"):
+            alt = r["decode_alternatives"]
+            extra.append(f"Ways around generate()'s overhead, paired, {b.P * b.G} x {b.L} tokens: "
+                         + ", ".join(f"{k} {fmt_t(v)}" for k, v in alt.items())
+                         + " (the loop: prefill, then L - 1 one-token forwards with a DynamicCache).")
         if r.get("profile"):
             extra.append(f"\nbeta = {beta} is above the goal: torch.profiler of one full step, top ops by self time\n")
             extra.append("```text\n" + r["profile"] + "\n```")
@@ -670,6 +677,49 @@ def decode_profile(gen, n_tokens: int, device: torch.device, top: int = 4) -> di
     return {"ms_per_token": 1e3 * wall / n_tokens, "aten_ops_per_token": sum(e.count for e in ev) / n_tokens,
             "aten_ms_per_token": sum(getattr(e, key) for e in ev) / 1e3 / n_tokens,
             "top": [(e.key, getattr(e, key) / 1e3 / n_tokens, e.count / n_tokens) for e in ops]}
+
+
+def decode_alternatives(model, tokenizer, prompt_ids, prompt_mask, L: int, G: int, temperature: float,
+                        repeats: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
+    """common.generate against two ways around generate()'s overhead that we tried and did not
+    adopt: transformers' static KV cache, and a hand-written decode loop over the model's forward
+    (a DynamicCache, multinomial sampling). Each makes exactly L tokens per row, G rows a prompt."""
+    from transformers import DynamicCache, GenerationConfig
+
+    ids, mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
+
+    def ours():
+        common.generate(model, tokenizer, prompt_ids, prompt_mask, L, G, temperature, 1.0, 0)
+
+    def static():
+        cfg = GenerationConfig(max_new_tokens=L, min_new_tokens=L, do_sample=True, temperature=temperature,
+                               top_p=1.0, top_k=0, pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id, cache_implementation="static")
+        model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+
+    def sample(logits):
+        return torch.multinomial(torch.softmax(logits[:, -1].float() / temperature, -1), 1)
+
+    def loop():  # prefill, then L - 1 one-token forwards: the same forwards as generate()
+        cache, am = DynamicCache(), mask.clone()
+        pos = (am.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=am, position_ids=pos, past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
+        nxt, last = sample(out.logits), pos[:, -1:]
+        for _ in range(L - 1):
+            am, last = torch.cat([am, am.new_ones(am.size(0), 1)], 1), last + 1
+            out = model(input_ids=nxt, attention_mask=am, position_ids=last, past_key_values=cache, use_cache=True,
+                        logits_to_keep=1)
+            nxt = sample(out.logits)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return paired([Timed("common.generate", ours), Timed("generate, static cache", static),
+                           Timed("hand-written loop", loop)], repeats, warmup, device)
+    finally:
+        model.train(was_training)
 
 
 def overhead_one(b: Bench, beta: float) -> dict:
@@ -719,6 +769,9 @@ def overhead_one(b: Bench, beta: float) -> dict:
     grpo_step(b, pol, rows, beta, sections=sections)
     t["sections"] = sections
     t["decode"] = decode_profile(gen, b.L, device)
+    if beta == b.args.betas[0]:
+        t["decode_alternatives"] = decode_alternatives(pol.model, b.tokenizer, prompt_ids, prompt_mask, b.L, G,
+                                                       b.args.temperature, b.args.repeats, b.args.warmup, device)
     if med(t["ratio"]) > OVERHEAD_GOAL:
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=acts) as prof:

@@ -43,6 +43,8 @@ def test_qwen_shaped_random_model_runs_the_overhead_part(monkeypatch, tmp_path):
                      "--warmup", "0", "--out", str(out)])
     report = (out / "report.md").read_text()
     assert "Qwen2ForCausalLM" in report or "qwen" in report.lower()
-    assert "per generated token" in report
+    assert "per generated token" in report and "hand-written loop" in report
     raw = json.loads((out / "timings.json").read_text())
     assert raw["config"]["vocab"] == 500 and raw["overhead"]["beta=0.0"]["full"]
+    assert set(raw["overhead"]["beta=0.0"]["decode_alternatives"]) == {"common.generate", "generate, static cache",
+                                                                      "hand-written loop"}
