@@ -342,9 +342,10 @@ def ensure_tiny_model(seed: int = 0, quiet: bool = False) -> Path:
     """Return the folder of the warm-started tiny model, building it first if it is not cached.
 
     The warm start is a short supervised fine-tune on the arithmetic task's training split
-    (prompt -> chain-of-thought solution). It stops as soon as held-out greedy accuracy
-    enters TINY_TARGET_ACC, so reinforcement learning has room to improve it. It is
-    deterministic for a seed, and the folder loads with AutoModelForCausalLM.from_pretrained.
+    (prompt -> chain-of-thought solution). It stops at the first evaluation whose held-out
+    greedy accuracy reaches TINY_STOP_ACC (it must then lie in TINY_TARGET_ACC), so
+    reinforcement learning has room to improve it. It is deterministic for a seed on one
+    machine, and the folder loads with AutoModelForCausalLM.from_pretrained.
     """
     from tqdm import tqdm
 
