@@ -302,14 +302,19 @@ def cache_root() -> Path:
     return Path(os.environ.get("TOKENCREDIT_CACHE", Path.home() / ".cache" / "tokencredit"))
 
 
-def build_char_tokenizer():
-    """A character-level tokenizer in Hugging Face format: one token per printable ASCII char."""
+def build_char_tokenizer(vocab_size: Optional[int] = None):
+    """A character-level tokenizer in Hugging Face format: one token per printable ASCII char.
+
+    vocab_size pads the vocabulary with filler tokens "<t123>" (never produced by encoding), so
+    that a random model with a large vocabulary can decode whatever it samples (benchmarks).
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<eos>", "<unk>"]
     chars = [chr(c) for c in range(32, 127)] + ["\n"]
     vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    vocab.update({f"<t{i}>": i for i in range(len(vocab), vocab_size or 0)})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
@@ -363,7 +368,9 @@ def ensure_tiny_model(seed: int = 0, quiet: bool = False) -> Path:
     # Either way it is deterministic for a seed on one machine, and the stopping rule below, not
     # the step count, sets how good the warm start is.
     bf16 = cpu_has_bf16()
-    model.set_attn_implementation("eager" if bf16 else "sdpa")
+    attn = model.config._attn_implementation  # what every later run uses
+    if bf16:
+        model.set_attn_implementation("eager")
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     batch_size, max_steps, eval_every = 64, 3000, 50
     gen = torch.Generator().manual_seed(seed)
@@ -382,7 +389,7 @@ def ensure_tiny_model(seed: int = 0, quiet: bool = False) -> Path:
             bar.set_postfix(loss=f"{loss.item():.3f}", heldout_acc=f"{acc:.2f}")
             if acc >= TINY_STOP_ACC:
                 break
-    model.set_attn_implementation("sdpa")  # what every later run uses (fp32)
+    model.set_attn_implementation(attn)
     if not TINY_TARGET_ACC[0] <= acc <= TINY_TARGET_ACC[1]:
         raise RuntimeError(f"tiny-model warm start ended at held-out accuracy {acc:.2f}, outside {TINY_TARGET_ACC}")
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")

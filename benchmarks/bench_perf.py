@@ -295,22 +295,6 @@ QWEN_05B_SHAPE = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864
 RANDOM_MODELS = ("tiny-random", "qwen2.5-0.5b-random")
 
 
-def padded_char_tokenizer(vocab_size: int):
-    """The embedded character tokenizer, its vocabulary padded with filler tokens "<t123>" up to
-    vocab_size, so that a random model with a large vocabulary (Qwen's 151,936) can be decoded.
-    Prompts are still one token per character; only sampled ids decode to filler."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    base = common.build_char_tokenizer().get_vocab()
-    vocab = dict(base, **{f"<t{i}>": i for i in range(len(base), vocab_size)})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                   unk_token="<unk>", padding_side="left")
-
-
 def random_model(name: str):
     """(model, tokenizer) with random weights: throughput needs no pretrained weights."""
     if name == "tiny-random":
@@ -318,7 +302,7 @@ def random_model(name: str):
         return common.build_tiny_model(len(tok), tok.pad_token_id, tok.eos_token_id), tok
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    tok = padded_char_tokenizer(QWEN_05B_SHAPE["vocab_size"])
+    tok = common.build_char_tokenizer(vocab_size=QWEN_05B_SHAPE["vocab_size"])
     config = Qwen2Config(**QWEN_05B_SHAPE, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                          bos_token_id=None, attention_dropout=0.0)
     return Qwen2ForCausalLM(config), tok
@@ -661,16 +645,24 @@ def part_overhead(b: Bench) -> None:
     rep.append("")
 
 
+def profiler_activities(device: torch.device) -> list:
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+
+def self_time_key(device: torch.device) -> str:
+    """The profiler's self time of an op where its kernels run."""
+    return "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+
+
 def decode_profile(gen, n_tokens: int, device: torch.device, top: int = 4) -> dict:
     """Where one batched generate spends its time, per generated token: the profiler's count of
     aten ops and the ops with the most self time. For a small model this is the whole story of
     its step: the decode forward is hundreds of tiny kernels, each costing about its launch."""
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=profiler_activities(device)) as prof:
         t0 = now(device)
         gen()
         wall = now(device) - t0
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    key = self_time_key(device)
     ev = [e for e in prof.key_averages() if e.key.startswith("aten::")]
     ops = sorted(ev, key=lambda e: getattr(e, key), reverse=True)[:top]
     # self times of nested aten ops do not overlap, so their sum is the time spent inside kernels
@@ -773,12 +765,10 @@ def overhead_one(b: Bench, beta: float) -> dict:
         t["decode_alternatives"] = decode_alternatives(pol.model, b.tokenizer, prompt_ids, prompt_mask, b.L, G,
                                                        b.args.temperature, b.args.repeats, b.args.warmup, device)
     if med(t["ratio"]) > OVERHEAD_GOAL:
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=acts) as prof:
+        with profile(activities=profiler_activities(device)) as prof:
             grpo_step(b, pol, rows, beta)
             now(device)
-        sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        t["profile"] = prof.key_averages().table(sort_by=sort, row_limit=b.args.profile_rows)
+        t["profile"] = prof.key_averages().table(sort_by=self_time_key(device), row_limit=b.args.profile_rows)
     return t
 
 

@@ -21,7 +21,7 @@ def test_qwen_shaped_random_model_has_qwen2_5_0_5b_parameter_count():
 
 
 def test_padded_char_tokenizer_encodes_like_the_char_tokenizer_and_decodes_any_id():
-    tok = bench_perf.padded_char_tokenizer(1000)
+    tok = common.build_char_tokenizer(vocab_size=1000)
     char = common.build_char_tokenizer()
     text = common.format_prompt(char, "12+3-4", "arith")
     assert len(tok) == 1000
