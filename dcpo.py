@@ -91,6 +91,9 @@ class Args:
 # ALGO LOGIC: the advantage
 # ----------------------------------------------------------------------------------------
 
+# grpo.py's function, copied unchanged (tests/test_copies.py). DCPO trains on sas_advantages
+# below; it keeps this one only for the `rur/grpo` metric: what plain GRPO would have used.
+
 
 def compute_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group",
                        eps_std: float = 1e-4) -> torch.Tensor:
@@ -106,7 +109,6 @@ def compute_advantages(rewards: torch.Tensor, num_generations: int, scale_reward
 
     Example: rewards [1, 0, 0, 0] -> mu 0.25, sigma 0.5 -> [1.4997, -0.4999, -0.4999, -0.4999]
     (eps_std=0 gives [1.5, -0.5, -0.5, -0.5]; "none" gives [0.75, -0.25, -0.25, -0.25]).
-    DCPO keeps GRPO's function only for the `rur/grpo` metric: what plain GRPO would have used.
     """
     if num_generations < 2:
         raise ValueError("num_generations must be at least 2: a group of one has no std")

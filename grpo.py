@@ -168,10 +168,12 @@ def aggregate_loss(per_token_loss: torch.Tensor, completion_mask: torch.Tensor, 
         dr_grpo (Dr. GRPO)      sum_it m_it l_it / (B * L_max)
 
     num_sequences (B) and num_tokens (sum m) are those of the WHOLE optimizer-step batch, so
-    that micro-batches add up to the full-batch gradient. Example: seq1 losses [1, 3] (+2
-    masked), seq2 [2, 2, 2, 6]: grpo (2 + 3)/2 = 2.5; dapo 16/6 = 2.667; dr_grpo, L_max 8: 1.0.
+    that micro-batches add up to the full-batch gradient. Masked positions are selected away
+    with where(), never multiplied: 0 * NaN = NaN, so a NaN at a padded position would survive.
+    Example: seq1 losses [1, 3] (+2 masked), seq2 [2, 2, 2, 6]: grpo (2 + 3)/2 = 2.5;
+    dapo 16/6 = 2.667; dr_grpo, L_max 8: 1.0.
     """
-    masked = per_token_loss * completion_mask                  # garbage at masked positions -> 0
+    masked = torch.where(completion_mask > 0, per_token_loss, 0.0)     # [B, L], padding -> 0
     if loss_type == "grpo":
         per_seq = masked.sum(1) / completion_mask.sum(1).clamp(min=1.0)
         return per_seq.sum() / num_sequences
