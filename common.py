@@ -467,7 +467,7 @@ def load_model_and_tokenizer(name: str, device: torch.device, dtype: torch.dtype
 def enable_gradient_checkpointing(model) -> None:
     """Recompute each decoder layer's activations during backward instead of storing them.
 
-    For bigger models (card grpo.md section 4, item 7): activation memory drops from one copy
+    For bigger models (docs/grpo.md, implementation item 5): activation memory drops from one copy
     per layer to one layer's, for about one extra forward of compute. Transformers checkpoints
     only in train mode, so the model goes to train mode with every dropout set to 0 (the first
     pass must still see ratio == 1); common.generate switches to eval mode to keep the KV cache.

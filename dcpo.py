@@ -1,7 +1,7 @@
 """DCPO: Dynamic Clipping Policy Optimization, GRPO with per-token clip bounds, SAS and OTM.
 
 Paper: Yang et al. (Baichuan), "DCPO: Dynamic Clipping Policy Optimization", arXiv 2509.02333
-(2025). Docs: docs/dcpo.md (algorithm card: ../shared/algorithms/dcpo.md).
+(2025). Docs: docs/dcpo.md (the math, bound tables, the defaults and which source each follows).
 
 DCPO makes three changes to GRPO, all aimed at wasted gradient:
   1. Dynamic-adaptive clipping (DAC). GRPO clips every token's ratio to [0.8, 1.2], so a token
@@ -19,7 +19,7 @@ DCPO makes three changes to GRPO, all aimed at wasted gradient:
     python dcpo.py                                   # CPU: embedded tiny model + arithmetic task
     python dcpo.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k   # one GPU, a hub model
     python dcpo.py --no-sas                          # DAC + OTM only (what the released scripts run)
-    # the official code's choices where it departs from the paper (see the card, section 3):
+    # the official code's choices where it departs from the paper (docs/dcpo.md, "Defaults"):
     python dcpo.py --eps-low 0.2 --eps-high 0.28 --sas-std unbiased --loss-type grpo
 
 DAC acts only where the ratio differs from 1, that is from the second optimisation pass over a
@@ -276,7 +276,7 @@ def sas_advantages(rewards: torch.Tensor, num_generations: int, prompt_ids: list
 # ALGO LOGIC: the loss
 # ----------------------------------------------------------------------------------------
 
-# old-probability buckets [lo, hi) of the clip metrics (card section 6)
+# old-probability buckets [lo, hi) of the clip metrics (docs/dcpo.md, "Logged metrics")
 Q_BUCKETS = (("q<0.1", 0.0, 0.1), ("q0.1-0.5", 0.1, 0.5), ("q0.5-0.9", 0.5, 0.9), ("q>=0.9", 0.9, float("inf")))
 
 

@@ -1,7 +1,7 @@
 """GRPO: Group Relative Policy Optimization, with the Dr. GRPO, DAPO and 80/20 variants as flags.
 
-Paper: Shao et al., "DeepSeekMath", arXiv 2402.03300 (2024). Docs: docs/grpo.md (algorithm card:
-../shared/algorithms/grpo.md).
+Paper: Shao et al., "DeepSeekMath", arXiv 2402.03300 (2024). Docs: docs/grpo.md (the math, the
+defaults and which source each follows).
 
 For each prompt, sample a group of G completions, score each with a verifier, and give every
 token of completion i the advantage (r_i - mean(r)) / std(r). The group mean replaces PPO's
@@ -13,7 +13,7 @@ critic. Train with PPO's clipped ratio against the weights that sampled the batc
     python grpo.py --loss-type dr_grpo --scale-rewards none          # Dr. GRPO
     python grpo.py --loss-type dapo --epsilon-high 0.28              # DAPO token-mean + clip-higher
     python grpo.py --top-entropy-quantile 0.2                        # train on the top-20% entropy tokens
-    # the DeepSeekMath recipe (for reference, not our default; see the card, section 3.3):
+    # the DeepSeekMath recipe (for reference, not our default; docs/grpo.md, "Defaults"):
     python grpo.py --model deepseek-ai/deepseek-math-7b-instruct --task gsm8k --beta 0.04 \\
         --num-generations 64 --num-iterations 1 --max-completion-length 1024 --learning-rate 1e-6
 

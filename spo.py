@@ -2,7 +2,7 @@
 
 Paper: Guo, Xu, Liu, Ye, Qiu, "Segment Policy Optimization: Effective Segment-Level Credit
 Assignment in RL for Large Language Models", arXiv 2505.23564 (NeurIPS 2025). Docs: docs/spo.md
-(algorithm card: ../shared/algorithms/spo.md).
+(the math, worked numbers, the defaults and which source each follows).
 
 GRPO gives every token of a response the same credit; PPO wants per-token credit from a critic.
 SPO cuts each response into a few segments and estimates the value V at each segment boundary
@@ -22,7 +22,7 @@ with old probability below 0.9 carry their segment's advantage.
     python spo.py --partition stride --whiten-advantages            # the official code's two choices
     python spo.py --show-credit 10                   # every 10 steps, print one group's segment credit
 
-Settings. The card's (paper's) values are the defaults for a hub model: rho = 0.9, a cutpoint
+Settings. The paper's values are the defaults for a hub model: rho = 0.9, a cutpoint
 interval of 5, N = 9 continuations per boundary, tree 6-6-6 with M = 30 tokens. Two are smaller
 for the embedded tiny model, where a CPU pays for every continuation and a token is a character:
   --num-rollouts 2 (paper 9): so that `python spo.py` fits in ten minutes on two CPU cores;
@@ -118,7 +118,7 @@ def probability_mask(old_logps: torch.Tensor, completion_mask: torch.Tensor, rho
     old_logps, completion_mask: [B, L]. Returns M [B, L] (fp32 0/1); the cutpoints are M > 0.
     Compared in log space in fp64, so a probability of exactly rho is never let in by rounding;
     garbage (even NaN) at padded positions is never kept (NaN < x is False).
-    Example (card 5.1): p = [0.95, 0.5, 0.9, 0.8999, 1.0] -> M = [0, 1, 0, 1, 0].
+    Example: p = [0.95, 0.5, 0.9, 0.8999, 1.0] -> M = [0, 1, 0, 1, 0].
     """
     log_rho = torch.tensor(rho, dtype=torch.float64).log()  # rho = 0 -> -inf: nothing is kept
     return ((old_logps.double() < log_rho) & (completion_mask > 0)).float()
@@ -141,7 +141,7 @@ def segment_starts(cutpoints: torch.Tensor, interval: int = 5, partition: str = 
         boundary state S_k = prompt + y_0 .. y_{u_{c_k} - 1}   (the prompt alone if u_{c_k} = 0)
 
     cutpoints: BoolTensor [B, L]. Returns LongTensor [B, K_max]: row b's K_b starts, then -1.
-    Example (card 5.2): p = [.99, .5, .95, .3, .97, .8, .2, .99, .6, .98] -> U = [1, 3, 5, 6, 8];
+    Example: p = [.99, .5, .95, .3, .97, .8, .2, .99, .6, .98] -> U = [1, 3, 5, 6, 8];
     I = 2 -> starts [1, 5, 8] under both rules. With n = 11 cutpoints at 0..10 and I = 5: even
     [0, 4, 8] (counts 4, 4, 3), stride [0, 5, 10] (counts 5, 5, 1). n = 0 -> no segment.
     """
@@ -208,7 +208,7 @@ def chain_advantages(values: torch.Tensor, rewards: torch.Tensor, starts: torch.
 
     values [B, K_max] (mc_values), rewards [B], starts [B, K_max] (-1 padded), completion_mask
     [B, L]. Returns (segment advantages [B, K_max], token advantages [B, L]), fp32 or fp64.
-    Example (card 5.3): starts [1, 5, 8], V_hat = [0.5, 0.75, 0.25], R = 1 -> A_k = [0.25, -0.5,
+    Example: starts [1, 5, 8], V_hat = [0.5, 0.75, 0.25], R = 1 -> A_k = [0.25, -0.5,
     0.75] (sum 0.5 = R - V_hat_0); A_t = [0, .25, .25, .25, .25, -.5, -.5, -.5, .75, .75].
     """
     values = values.to(torch.promote_types(values.dtype, torch.float32))
@@ -237,7 +237,7 @@ def tree_node_values(parent: torch.Tensor, leaf_rewards: torch.Tensor) -> torch.
         V(leaf) = R(prompt + path);   V(n) = (1/|Ch(n)|) sum_{c in Ch(n)} V(c)   (not the leaf mean)
 
     parent [N] (parent[i] < i), leaf_rewards [N] (read at childless nodes). Returns V [N].
-    Examples (card 5.5): root -> {a, b}, a -> {1, 1}, b -> {1, 0}: V(a) = 1, V(b) = 0.5,
+    Examples: root -> {a, b}, a -> {1, 1}, b -> {1, 0}: V(a) = 1, V(b) = 0.5,
     V(root) = 0.75. root -> {a = leaf 1, b -> {1, 0, 0}}: V(b) = 1/3, V(root) = 2/3, not 1/2.
     Children valued 1, 2/3, 0 (the paper's figure): V(parent) = 5/9.
     """
@@ -261,7 +261,7 @@ def tree_advantages(parent: torch.Tensor, values: torch.Tensor, normalized: bool
         A(root) = 0; siblings that all have the same value get A = 0 EXACTLY (no rounding residue)
 
     parent [N], values [N] (tree_node_values). Returns A [N].
-    Example (card 5.5): root -> {a, b}, a -> {1, 1}, b -> {1, 0}: A(a) = +0.25, A(b) = -0.25,
+    Example: root -> {a, b}, a -> {1, 1}, b -> {1, 0}: A(a) = +0.25, A(b) = -0.25,
     A(b1) = +0.5, A(b2) = -0.5, a's children 0. Normalized: A(a) = +1, A(b) = -1 (std 0.25).
     """
     adv = torch.zeros_like(values)
@@ -543,7 +543,7 @@ def spo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Ten
 
     logps, old_logps, advantages, prob_mask, ref_logps, completion_mask: [b, L]. No advantage
     normalisation happens here. Masked positions may hold garbage: they are zeroed before use.
-    Example (card 5.3): ratio 1, A = [0, .25, .25, .25, .25, -.5, -.5, -.5, .75, .75], M = [0, 1,
+    Example: ratio 1, A = [0, .25, .25, .25, .25, -.5, -.5, -.5, .75, .75], M = [0, 1,
     0, 1, 0, 1, 1, 0, 1, 0], Z = 5 -> L = -(.25 + .25 - .5 - .5 + .75) / 5 = -0.05.
     """
     keep = prob_mask > 0                                                     # [b, L]

@@ -1,7 +1,7 @@
 """TEMPO: Tree-Estimated Mean Prefix Value for Policy Optimization (GRPO plus a tree TD term).
 
 Paper: Tran, Yao, Yu, "Exploiting Tree Structure for Credit Assignment in RL Training of LLMs",
-arXiv 2509.18314 (2025). Docs: docs/tempo.md (algorithm card: ../shared/algorithms/tempo.md).
+arXiv 2509.18314 (2025). Docs: docs/tempo.md (the math, a worked example, the defaults).
 
 The G completions of a prompt already form a prefix tree: responses that begin with the same
 tokens share a path, then split where they first differ. Every prefix s gets the value V(s) =
@@ -15,7 +15,7 @@ so it puts extra credit on the branching tokens only. Sampling, clipped loss and
     python tempo.py --show-credit 10                 # every 10 steps, print one group's per-token credit
     python tempo.py --td-coef 0                      # ablation: exactly GRPO (td_coef is our extension)
     python tempo.py --loss-type dapo --epsilon-high 0.28      # the official code's loss (token-mean, clip 0.2/0.28)
-    # the official scripts' recipe (for reference, not our default; see the card, section 3; the
+    # the official scripts' recipe (for reference, not our default; docs/tempo.md, "Defaults"; the
     # paper trains on MATH, which this repo does not ship). Their rollout is cut into 8 mini-batch
     # optimizer steps (1 epoch), so steps 2-8 see ratios away from 1 and the clip acts; here every pass
     # is one full-batch step, so with --num-iterations 1 the ratio stays 1 and the clip never acts:
@@ -148,7 +148,7 @@ def build_prefix_tree(completion_ids: torch.Tensor, completion_mask: torch.Tenso
     Sums are float64 over r_k - r_g1 (the group's first reward): equal rewards give equal V exactly.
 
     completion_ids, completion_mask [B, L] (mask 1 up to and including the first EOS), rewards [B];
-    B = P * G, group-contiguous. Example (card 5.1; A..F tokens, e = EOS; rewards 1, 0, 1, 0):
+    B = P * G, group-contiguous. Example (docs/tempo.md; tokens A..F, e = EOS; rewards 1, 0, 1, 0):
         o1 = A B C e,  o2 = A B D e,  o3 = A E e,  o4 = F e;  11 nodes, 3 branch (root, A, AB)
         V(root) = 1/2, V(A) = 2/3, V(F) = 0, V(AB) = 1/2, V(AE) = 1, V(ABC) = 1, V(ABD) = 0
     """
@@ -181,7 +181,7 @@ def tree_td(tree: PrefixTree, completion_mask: torch.Tensor) -> torch.Tensor:
 
     The gate also zeroes every token after the response became unique, and masked tokens.
     Along a response delta telescopes to V(leaf_i) - mu_g (= r_i - mu_g for a unique leaf).
-    completion_mask [B, L] -> float64 [B, L]. Example (card 5.1): delta(o1) = [+1/6, -1/6, +1/2, 0],
+    completion_mask [B, L] -> float64 [B, L]. Example (as above): delta(o1) = [+1/6, -1/6, +1/2, 0],
     delta(o2) = [+1/6, -1/6, -1/2, 0], delta(o3) = [+1/6, +1/3, 0], delta(o4) = [-1/2, 0].
     """
     prev, nxt = tree.node_ids[:, :-1].clamp(min=0), tree.node_ids[:, 1:].clamp(min=0)  # [B, L]
@@ -191,7 +191,7 @@ def tree_td(tree: PrefixTree, completion_mask: torch.Tensor) -> torch.Tensor:
 
 def tempo_advantages(rewards: torch.Tensor, td: torch.Tensor, completion_mask: torch.Tensor, num_generations: int,
                      td_coef: float = 1.0, scale_rewards: str = "group", eps_std: float = 1e-4) -> torch.Tensor:
-    """TEMPO advantage per token (what the official code computes, card section 2):
+    """TEMPO advantage per token (what the official code computes; docs/tempo.md, "The math"):
 
         A_i,t = [ (r_i - mu_g) + c * delta_i,t ] / (sigma_g + eps_std)   scale_rewards="group"
         A_i,t =   (r_i - mu_g) + c * delta_i,t                           scale_rewards="none"
@@ -200,7 +200,7 @@ def tempo_advantages(rewards: torch.Tensor, td: torch.Tensor, completion_mask: t
         by the REWARD std too. c = td_coef is OUR extension (the paper has none: c = 1); c = 0 is GRPO.
 
     rewards [B], td [B, L] (tree_td), completion_mask [B, L] -> advantages [B, L] (rewards' dtype).
-    Example (card 5.1, eps_std = 0): mu = 0.5, sigma = 0.5773503, A(o1) = [1.154701, 0.577350,
+    Example (as above, eps_std = 0): mu = 0.5, sigma = 0.5773503, A(o1) = [1.154701, 0.577350,
         1.732051, 0.866025], A(o4) = [-1.732051, -0.866025]; GRPO gives +-0.866025 on every token.
     """
     if scale_rewards not in ("group", "none"):
@@ -221,7 +221,7 @@ def compute_tempo_advantages(rewards: torch.Tensor, num_generations: int, comple
 
         A_i,t = [ (r_i - mu_g) + c * (V(s_i,t+1) - V(s_i,t)) ] / (sigma_g + eps_std)
 
-    Example (card 5.3, eps_std = 0): o1 = o2 = A B e (r = 1), o3 = A C e (r = 0): only A branches;
+    Example (duplicates, eps_std = 0): o1 = o2 = A B e (r = 1), o3 = A C e (r = 0): only A branches;
         A = [0.577350, 1.154701, 0.577350] twice and [-1.154701, -2.309401, -1.154701].
     """
     tree = build_prefix_tree(completion_ids, completion_mask, rewards, num_generations)
@@ -232,7 +232,7 @@ def compute_tempo_advantages(rewards: torch.Tensor, num_generations: int, comple
 
 def tree_metrics(tree: PrefixTree, td: torch.Tensor, completion_mask: torch.Tensor, rewards: torch.Tensor,
                  num_generations: int, td_coef: float = 1.0) -> dict[str, float]:
-    """What the tree did (card section 6); if it branches nowhere, TEMPO is GRPO. Python floats:
+    """What the tree did (docs/tempo.md, metrics); if it branches nowhere, TEMPO is GRPO. Floats:
 
         tempo/frac_tokens_td_nonzero      #{(i,t) : m_i,t = 1, delta_i,t != 0} / sum m
         tempo/branch_nodes_per_group_mean, _max   branching nodes per group
@@ -240,7 +240,7 @@ def tree_metrics(tree: PrefixTree, td: torch.Tensor, completion_mask: torch.Tens
         tempo/td_abs_share                sum |c delta| / sum |(r - mu) + c delta|  (masked, unscaled)
         tempo/first_token_td_share        sum_i |delta_i,0| / sum |delta|  (the root-branching effect)
 
-    td, completion_mask [B, L]; rewards [B]. Example (card 5.1): frac = 9/13, branch nodes 3,
+    td, completion_mask [B, L]; rewards [B]. Example (as above): frac = 9/13, branch nodes 3,
     unique depths 3, 3, 2, 1 -> 2.25, td_abs_share = (8/3) / 8.5, first_token_td_share = 0.375.
     """
     m, td, G = completion_mask.cpu() > 0, td.cpu().double(), num_generations  # [B, L]

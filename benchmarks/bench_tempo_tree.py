@@ -44,7 +44,7 @@ def timed(fn) -> float:
 
 
 def python_trie() -> None:
-    """The card's pseudocode verbatim (counts and sums also kept per token in Python), for contrast:
+    """The textbook trie (counts and sums also kept per token in Python), for contrast:
     tempo.build_prefix_tree walks the same dict trie but only assigns node ids in Python."""
     child, cnt, tot = {}, [0], [0.0]
     for i in range(G):

@@ -1,9 +1,9 @@
 """Peak memory of one TDPO loss step against one DPO step on the same batch (CPU).
 
-The card (token_dpo.md, section 4) asks for this: TDPO needs the full-vocabulary distributions of
-policy and reference at every response position, which done naively is 2 models x 2N x L x V
-floats. token_dpo.py instead runs the model bodies, then the LM heads one chunk of positions at a
-time under activation checkpointing. This script measures four ways of computing one step
+Why it is needed: TDPO needs the full-vocabulary distributions of policy and reference at every
+response position, which done naively is 2 models x 2N x L x V floats. token_dpo.py instead
+runs the model bodies, then the LM heads one chunk of positions at a time under activation
+checkpointing. This script measures four ways of computing one step
 (policy forward with gradient, reference forward without, loss, backward) on one batch:
 
   dpo   (token_dpo.py)   bodies + chunked heads, gathered log-probs (the KL only logged, no grad)

@@ -6,8 +6,8 @@
 
 Each run is `python {script}.py --seed S --output-dir OUT/runs/{method}/seed{S}` plus the
 method's own flags below, nothing else: the shared settings are the scripts' defaults
-(grpo.md section 3.2). Finished runs (those with a summary.json) are not run again, so an
-interrupted benchmark continues where it stopped.
+(docs/grpo.md, implementation details, item 1). Finished runs (those with a summary.json) are
+not run again, so an interrupted benchmark continues where it stopped.
 
 Everything is read back from the runs' own metrics.jsonl, and written to OUT:
     runs.csv    one row per run: final and best accuracy, steps to --target, time per step,

@@ -1,5 +1,6 @@
-"""DCPO card (../shared/algorithms/dcpo.md), section 5 "Tests that must hold", with hand numbers;
-then the training loop: resumed SAS statistics, and dcpo.py run as a user runs it."""
+"""DCPO's bounds, loss, SAS and OTM against hand-computed numbers (the worked numbers of
+docs/dcpo.md, "The math"); then the training loop: resumed SAS statistics, and dcpo.py run as a
+user runs it."""
 import dataclasses
 import json
 import math

@@ -1,4 +1,5 @@
-"""GRPO card (../shared/algorithms/grpo.md), section 5: "Tests that must hold", with hand numbers."""
+"""GRPO's advantage, clip, k3, aggregation, entropy mask and log-probs against hand-computed
+numbers (the worked numbers of docs/grpo.md, "The math"), numbered 1-12."""
 import dataclasses
 import importlib
 import math
@@ -193,7 +194,8 @@ def test_completion_masks_pad_equals_eos():
     assert common.completion_mask_from_ids(ids, EOS).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
 
 
-# 12. shared base settings (card section 3.2) are equal in the Args of all five scripts
+# 12. shared base settings (docs/grpo.md, implementation details, item 1) are equal in the Args of
+# all five scripts
 SHARED_DEFAULTS = dict(num_generations=8, prompts_per_step=16, num_iterations=2, learning_rate=None,
                        max_grad_norm=1.0, temperature=1.0, top_p=1.0, top_k=0, max_completion_length=None,
                        beta=0.0, epsilon=0.2, epsilon_high=0.2, seed=0, model="tiny", task="arith",
@@ -209,6 +211,6 @@ def test_shared_base_settings(script):
     defaults = {f.name: f.default for f in dataclasses.fields(mod.Args)}
     for name, value in SHARED_DEFAULTS.items():
         if script == "token_dpo" and name in ("beta", "epsilon", "epsilon_high", "num_iterations"):
-            continue  # DPO's beta is its own; it has no clip (token_dpo card)
+            continue  # DPO's beta is its own; it has no clip (docs/token_dpo.md)
         assert defaults.get(name) == value, f"{script}.Args.{name} = {defaults.get(name)!r}, shared default {value!r}"
     assert mod.TINY_LEARNING_RATE == grpo.TINY_LEARNING_RATE and mod.HUB_LEARNING_RATE == 1e-6

@@ -1,5 +1,6 @@
-"""SPO card (../shared/algorithms/spo.md), section 5: "Tests that must hold", with hand numbers,
-plus loop references for the vectorised pieces and end-to-end runs of both variants."""
+"""SPO's mask, cutpoints, partitions, chain and tree advantages and loss against hand-computed
+numbers (the worked numbers of docs/spo.md, "The math"; "card" in a test name means one of
+those), plus loop references for the vectorised pieces and end-to-end runs of both variants."""
 import itertools
 import json
 import math
@@ -20,7 +21,7 @@ from spo import (chain_advantages, draw_replay, mc_rollout_rewards, mc_values, p
                  tree_node_values, whiten_advantages)
 
 T = torch.tensor
-CARD_P = [0.99, 0.5, 0.95, 0.3, 0.97, 0.8, 0.2, 0.99, 0.6, 0.98]  # card 5.2
+CARD_P = [0.99, 0.5, 0.95, 0.3, 0.97, 0.8, 0.2, 0.99, 0.6, 0.98]  # docs/spo.md: U = [1, 3, 5, 6, 8]
 
 
 def logps(p, dtype=torch.float64):

@@ -1,9 +1,10 @@
-"""TEMPO card (../shared/algorithms/tempo.md), section 5, plus the training script end to end.
+"""TEMPO's tree, TD term and advantage against hand-computed numbers (the worked example of
+docs/tempo.md, "The math") and two references, plus the training script end to end.
 
 Two independent references for the tree:
   brute_force  a plain dict trie over tuple prefixes (V(prefix) = mean reward of the responses
                starting with it), the definition itself;
-  dense_td     the card's O(G^2 L) vectorised form (same[i,k,t] = cumulative token agreement).
+  dense_td     an O(G^2 L) vectorised form (same[i,k,t] = cumulative token agreement).
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def brute_force(ids: torch.Tensor, mask: torch.Tensor, r: torch.Tensor):
 
 
 def dense_td(ids: torch.Tensor, mask: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """The card's O(G^2 L) form for ONE group (test-only; the module never does this)."""
+    """The O(G^2 L) form for ONE group (test-only; the module never does this)."""
     valid = mask > 0  # [G, L]
     agree = (ids[:, None, :] == ids[None, :, :]) & valid[:, None, :] & valid[None, :, :]  # [G, G, L]
     same = agree.long().cumprod(2).double()  # [G, G, L] i and k agree on tokens 0..t
@@ -345,8 +346,8 @@ def test_permutation_invariance():
 # ----------------------------------------------------------------------------- edge cases
 def test_strict_prefix_response_branches_where_it_stops():
     """A response that stops early without EOS (stop string) is a strict prefix of another:
-    its last node counts as branching (the card's virtual end marker); telescoping then gives
-    V(its last node) - mu instead of r - mu, as the card warns."""
+    its last node counts as branching (as a virtual end marker would make it); telescoping then
+    gives V(its last node) - mu instead of r - mu: that node's value mixes in the longer one."""
     ids, mask, r = make_batch([[A_, B_], [A_, B_, C_, E0], [D_, E0]], [1.0, 0.0, 0.0])
     tree, td = tree_and_td(ids, mask, r, 3)
     ref = brute_force(ids, mask, r)
