@@ -1,4 +1,5 @@
-"""benchmarks/bench_perf.py's random models: right shape, decodable, without building 494M weights."""
+"""The benchmarks' random models (benchmarks/_bench.py): right shape, decodable, without building
+494M weights; and the GPU path of benchmarks/bench_overhead.py on a CPU at a reduced size."""
 import json
 import sys
 
@@ -7,7 +8,8 @@ import torch
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import bench_perf  # noqa: E402
+import _bench  # noqa: E402
+import bench_overhead  # noqa: E402
 import common  # noqa: E402
 
 
@@ -15,7 +17,7 @@ def test_qwen_shaped_random_model_has_qwen2_5_0_5b_parameter_count():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     with torch.device("meta"):  # shapes only, no memory
-        model = Qwen2ForCausalLM(Qwen2Config(**bench_perf.QWEN_05B_SHAPE))
+        model = Qwen2ForCausalLM(Qwen2Config(**_bench.QWEN_05B_SHAPE))
     # Qwen2.5-0.5B has 494,032,768 parameters (tied embeddings, 24 layers, 14 query / 2 KV heads)
     assert sum(p.numel() for p in model.parameters()) == 494_032_768
 
@@ -34,11 +36,11 @@ def test_padded_char_tokenizer_encodes_like_the_char_tokenizer_and_decodes_any_i
 def test_qwen_shaped_random_model_runs_the_overhead_part(monkeypatch, tmp_path):
     """The GPU path of the benchmark (`--model qwen2.5-0.5b-random`), end to end on a CPU, with the
     shape scaled down so that it takes seconds: build, save, load, generate, time, report."""
-    small = dict(bench_perf.QWEN_05B_SHAPE, vocab_size=500, hidden_size=64, intermediate_size=128,
+    small = dict(_bench.QWEN_05B_SHAPE, vocab_size=500, hidden_size=64, intermediate_size=128,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    monkeypatch.setattr(bench_perf, "QWEN_05B_SHAPE", small)
+    monkeypatch.setattr(_bench, "QWEN_05B_SHAPE", small)
     out = tmp_path / "bench"
-    bench_perf.main(["--model", "qwen2.5-0.5b-random", "--device", "cpu", "--parts", "overhead", "--betas", "0",
+    bench_overhead.main(["--model", "qwen2.5-0.5b-random", "--device", "cpu", "--betas", "0",
                      "--prompts", "1", "--num-generations", "2", "--completion-length", "4", "--repeats", "1",
                      "--warmup", "0", "--out", str(out)])
     report = (out / "report.md").read_text()

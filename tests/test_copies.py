@@ -5,8 +5,8 @@ and spo.py copy the GRPO pieces they reuse (the advantage, the clipped objective
 reduction, ...). A copy that drifts would make `diff grpo.py X.py` lie about what the method
 changes, so every top-level function of a method script that has the name of one of grpo.py's
 must be grpo.py's, character for character (docstring included). The failure names the file to fix.
-benchmarks/bench_perf.py's `grpo_step` is a copy of grpo.main's loop body, not of a function: it
-is checked by what it does (one step trains the weights exactly as grpo.main's step does).
+benchmarks/_bench.py's `grpo_step` (the step every benchmark times) is a copy of grpo.main's loop
+body, not of a function: it is checked by what it does (one step trains the weights exactly as grpo.main's step does).
 """
 import ast
 import difflib
@@ -118,15 +118,15 @@ def test_dcpo_aggregate_loss_also_ignores_nan_at_masked_positions():
     assert loss.item() == pytest.approx(5.0)   # one prompt: (2 + 3) / 1
 
 
-# ---------------------------------------------------------- bench_perf's copy of grpo.main's step
+# ---------------------------------------------------------- the benchmarks' copy of grpo.main's step
 def test_bench_grpo_step_trains_like_grpo_main(monkeypatch, tmp_path, random_tiny_model_dir):
-    """benchmarks/bench_perf.py's grpo_step is grpo.main's loop body (rollout, advantages, the mu
+    """benchmarks/_bench.py's grpo_step is grpo.main's loop body (rollout, advantages, the mu
     passes, the optimizer step) without the logging. On the same completions and rewards, one
     step of each must leave bitwise the same weights, with beta > 0 (reference model) and two
-    micro-batches. If this fails, grpo.main changed: change grpo_step in bench_perf.py with it.
+    micro-batches. If this fails, grpo.main changed: change grpo_step in _bench.py with it.
     """
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import bench_perf
+    import _bench as bench
 
     calls = []
 
@@ -144,7 +144,7 @@ def test_bench_grpo_step_trains_like_grpo_main(monkeypatch, tmp_path, random_tin
             calls.append([p[m.bool()].tolist() for p, m in zip(prompt_ids, prompt_mask)])
         return ids.to(prompt_ids.device)
 
-    parity = lambda completions, answers: bench_perf.parity_reward(completions)  # noqa: E731
+    parity = lambda completions, answers: bench.parity_reward(completions)  # noqa: E731
     monkeypatch.setattr(common, "generate", fake_generate)
     monkeypatch.setattr(common, "reward_fn", parity)
     models = []
@@ -152,23 +152,23 @@ def test_bench_grpo_step_trains_like_grpo_main(monkeypatch, tmp_path, random_tin
     monkeypatch.setattr(common, "load_model_and_tokenizer",
                         lambda *a, **k: models.append(load(*a, **k)) or models[-1])
 
-    P, G, L, beta, lr = 2, 4, 6, 0.04, bench_perf.LEARNING_RATE
+    P, G, L, beta, lr = 2, 4, 6, 0.04, bench.LEARNING_RATE
     grpo.main(grpo.Args(model=str(random_tiny_model_dir), total_steps=1, prompts_per_step=P,
                         num_generations=G, max_completion_length=L, micro_batch_size=4, beta=beta,
                         learning_rate=lr, eval_size=1, output_dir=str(tmp_path), device="cpu"))
     trained_by_main = models[0][0]
     assert len(calls) == 1
 
-    args = bench_perf.parse_args([
+    args = bench.parse_args([
         "--model", str(random_tiny_model_dir), "--device", "cpu", "--prompts", str(P),
         "--num-generations", str(G), "--completion-length", str(L), "--micro-batch-size", "4",
         "--num-iterations", "2"])
-    b = bench_perf.build_bench(args)
-    pol = bench_perf.make_policy(b, beta, fixed_length=False)
+    b = bench.build_bench(args)
+    pol = bench.make_policy(b, beta, fixed_length=False)
     before = [p.detach().clone() for p in pol.model.parameters()]
-    bench_perf.grpo_step(b, pol, calls[0], beta)
+    bench.grpo_step(b, pol, calls[0], beta)
     after = list(pol.model.parameters())
-    assert grpo.Args().num_iterations == b.mu and grpo.Args().epsilon == bench_perf.EPSILON
+    assert grpo.Args().num_iterations == b.mu and grpo.Args().epsilon == bench.EPSILON
     assert any(not torch.equal(x, y) for x, y in zip(before, after)), "the step did not train"
     for (name, p), q in zip(trained_by_main.named_parameters(), after):
-        assert torch.equal(p, q), f"{name}: bench_perf.grpo_step no longer does what grpo.main does"
+        assert torch.equal(p, q), f"{name}: _bench.grpo_step no longer does what grpo.main does"
