@@ -91,10 +91,8 @@ class Args:
 # ALGO LOGIC: the advantage
 # ----------------------------------------------------------------------------------------
 
-# grpo.py's function, copied unchanged (tests/test_copies.py). DCPO trains on sas_advantages
-# below; it keeps this one only for the `rur/grpo` metric: what plain GRPO would have used.
 
-
+# grpo.py's, unchanged (tests/test_copies.py); DCPO uses it only for the `rur/grpo` metric
 def compute_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group",
                        eps_std: float = 1e-4) -> torch.Tensor:
     """Group-relative advantage, one number per completion.
