@@ -1,4 +1,4 @@
-"""What the benchmarks of grpo.py share: the clock, peak memory, paired repeats, the set-up, one step.
+"""What grpo.py's benchmarks share: the clock, peak memory, paired repeats, the set-up, one step.
 
 One script per question, each printing a report and writing it with the raw timings as JSON:
 
@@ -14,10 +14,11 @@ sides alike (`paired` below).
 
 Memory: "peak" is the most tensor bytes allocated during the measured code and alive at once,
 above what was allocated when it started (weights, optimizer state and the reference model are
-there before and are equal for both sides by construction). On CUDA: torch.cuda.max_memory_allocated.
-On CPU: the torch profiler's allocation events, as in benchmarks/bench_token_dpo_memory.py, on one
-extra run that is not timed (the profiler slows it); the profiler does not see the freeing of tensors
-allocated before it started, so a CPU peak can only err upward.
+there before and are equal for both sides by construction). On CUDA:
+torch.cuda.max_memory_allocated. On CPU: the torch profiler's allocation events, as in
+benchmarks/bench_token_dpo_memory.py, on one extra run that is not timed (the profiler slows it);
+the profiler does not see the freeing of tensors allocated before it started, so a CPU peak can
+only err upward.
 
 Models (--model): tiny-random, the embedded tiny Llama (common.build_tiny_model) with random
 weights; qwen2.5-0.5b-random, a Qwen2 of Qwen2.5-0.5B's shape (494M parameters) with random
@@ -97,8 +98,8 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device) - self.base
         self.prof.stop()
-        events = sorted((e.start_ns(), e.nbytes()) for e in self.prof.profiler.kineto_results.events()
-                        if e.name() == "[memory]")
+        events = self.prof.profiler.kineto_results.events()
+        events = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
         self.prof = None
         return max(itertools.accumulate(n for _, n in events), default=0)
 
@@ -118,7 +119,8 @@ class Timed:
     setup: Optional[Callable] = None
 
 
-def paired(items: list[Timed], repeats: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
+def paired(items: list[Timed], repeats: int, warmup: int,
+           device: torch.device) -> dict[str, list[float]]:
     """Run every item once per round, warmup + repeats rounds; keep the last `repeats` times.
 
     The order flips every round (A B C, C B A, ...) so no item always runs first or last.
@@ -221,9 +223,10 @@ class Bench:
         return [self.prompt_ids[i] for i in idx], [self.answers[i] for i in idx]
 
 
-QWEN_05B_SHAPE = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                      num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                      rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)  # Qwen2.5-0.5B's config.json
+QWEN_05B_SHAPE = dict(  # Qwen2.5-0.5B's config.json
+    vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+    num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+    rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
 RANDOM_MODELS = ("tiny-random", "qwen2.5-0.5b-random")
 
 
@@ -235,8 +238,8 @@ def random_model(name: str):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tok = common.build_char_tokenizer(vocab_size=QWEN_05B_SHAPE["vocab_size"])
-    config = Qwen2Config(**QWEN_05B_SHAPE, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                         bos_token_id=None, attention_dropout=0.0)
+    config = Qwen2Config(**QWEN_05B_SHAPE, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, bos_token_id=None, attention_dropout=0.0)
     return Qwen2ForCausalLM(config), tok
 
 
@@ -255,8 +258,9 @@ def model_folder(args) -> str:
     if args.model == common.TINY:
         return str(common.ensure_tiny_model(seed=0))
     if not Path(args.model).expanduser().is_dir():
-        raise SystemExit(f"error: --model {args.model} is not a folder; pass {', '.join(RANDOM_MODELS)}, tiny, or a folder made by "
-                         "save_pretrained (e.g. python /work/shared/tools/smollm2_to_hf.py /tmp/smollm2)")
+        raise SystemExit(f"error: --model {args.model} is not a folder; pass "
+                         f"{', '.join(RANDOM_MODELS)}, tiny, or a folder made by save_pretrained "
+                         "(e.g. python /work/shared/tools/smollm2_to_hf.py /tmp/smollm2)")
     return str(Path(args.model).expanduser())
 
 
@@ -270,8 +274,9 @@ def build_bench(args) -> Bench:
     ids = tokenizer(text=texts)["input_ids"]
     context = common.context_length(model)
     if context is not None and max(map(len, ids)) + args.completion_length > context:
-        raise SystemExit(f"error: prompts of up to {max(map(len, ids))} tokens + --completion-length "
-                         f"{args.completion_length} exceed the model's context of {context}")
+        raise SystemExit(f"error: prompts of up to {max(map(len, ids))} tokens + "
+                         f"--completion-length {args.completion_length} exceed the model's context "
+                         f"of {context}")
     b = Bench(args, device, dtype, path, tokenizer, texts, ids, [ex["answer"] for ex in examples],
               num_params=sum(p.numel() for p in model.parameters()), vocab=model.config.vocab_size)
     del model
@@ -297,7 +302,8 @@ def make_policy(b: Bench, beta: float, fixed_length: bool) -> Policy:
     if beta > 0.0:
         ref = b.load()
         ref.requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.999), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.999),
+                                  weight_decay=0.0)
     return Policy(model, ref, optimizer)
 
 
@@ -319,7 +325,8 @@ def grpo_step(b: Bench, pol: Policy, rows: list[list[int]], beta: float,
     clock then synchronises between sections: use it for a breakdown, not for the timing).
     Returns the completion ids and mask and the number of completion tokens trained on.
     """
-    model, ref_model, optimizer, tokenizer, device = pol.model, pol.ref, pol.optimizer, b.tokenizer, b.device
+    model, ref_model, optimizer = pol.model, pol.ref, pol.optimizer
+    tokenizer, device = b.tokenizer, b.device
     G, mu, max_len, mbs_size, T = b.G, b.mu, b.L, b.mbs, b.args.temperature
     B = len(rows) * G
     clock = [now(device)] if sections is not None else None
@@ -333,9 +340,12 @@ def grpo_step(b: Bench, pol: Policy, rows: list[list[int]], beta: float,
     # ---- 1. rollout: G completions for each of P prompts, one batched generate call ----
     with record_function("grpo/1 rollout"):
         prompt_ids, prompt_mask = common.left_pad(rows, tokenizer.pad_token_id, device)
-        completion_ids = common.generate(model, tokenizer, prompt_ids, prompt_mask, max_len, G, T, 1.0, 0)
-        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
-        completion_mask = common.completion_mask_from_ids(completion_ids, tokenizer.eos_token_id)  # [B, L]
+        completion_ids = common.generate(model, tokenizer, prompt_ids, prompt_mask, max_len, G, T,
+                                         1.0, 0)
+        prompt_ids = prompt_ids.repeat_interleave(G, 0)
+        prompt_mask = prompt_mask.repeat_interleave(G, 0)
+        completion_mask = common.completion_mask_from_ids(completion_ids,
+                                                          tokenizer.eos_token_id)  # [B, L]
         lap("1a generate")
         texts = common.decode_completions(tokenizer, completion_ids)
         rewards = torch.tensor(parity_reward(texts))
@@ -371,12 +381,14 @@ def grpo_step(b: Bench, pol: Policy, rows: list[list[int]], beta: float,
                 if it == 0:
                     old_logps[mb] = logps.detach()
                 loss, metrics = grpo.grpo_loss(
-                    logps, old_logps[mb], advantages[mb], loss_mask[mb], epsilon_low=EPSILON, epsilon_high=EPSILON,
-                    loss_type="grpo", num_sequences=B, num_tokens=num_tokens, max_completion_length=max_len,
-                    beta=beta, ref_logps=None if ref_logps is None else ref_logps[mb], token_mask=None)
+                    logps, old_logps[mb], advantages[mb], loss_mask[mb], epsilon_low=EPSILON,
+                    epsilon_high=EPSILON, loss_type="grpo", num_sequences=B, num_tokens=num_tokens,
+                    max_completion_length=max_len, beta=beta,
+                    ref_logps=None if ref_logps is None else ref_logps[mb], token_mask=None)
                 loss.backward()
                 if want_entropy:
-                    metrics["entropy"] = ((ent * completion_mask[mb]).sum() / completion_mask[mb].sum()).item()
+                    cm = completion_mask[mb]
+                    metrics["entropy"] = ((ent * cm).sum() / cm.sum()).item()
                 avg.add(metrics, weight=completion_mask[mb].sum().item(), last_pass=it == mu - 1)
             lap("3b forward + loss + backward")
             grad_norm = common.optimizer_step(model, optimizer, 1.0, avg)
@@ -384,11 +396,13 @@ def grpo_step(b: Bench, pol: Policy, rows: list[list[int]], beta: float,
 
     # ---- 4. the step's metrics (logging, evaluation and checkpoints left out) ----
     with record_function("grpo/4 metrics"):
-        metrics = common.rollout_metrics(rewards, completion_ids, completion_mask, tokenizer.eos_token_id, G)
-        metrics.update(avg.means(), grad_norm=grad_norm, **{"adv/abs_mean": advantages.abs().mean().item()})
+        metrics = common.rollout_metrics(rewards, completion_ids, completion_mask,
+                                         tokenizer.eos_token_id, G)
+        metrics.update(avg.means(), grad_norm=grad_norm,
+                       **{"adv/abs_mean": advantages.abs().mean().item()})
         lap("4 metrics")
-    return {"completion_ids": completion_ids, "completion_mask": completion_mask, "tokens": int(num_tokens),
-            "prompt_ids": prompt_ids, "prompt_mask": prompt_mask}
+    return {"completion_ids": completion_ids, "completion_mask": completion_mask,
+            "tokens": int(num_tokens), "prompt_ids": prompt_ids, "prompt_mask": prompt_mask}
 
 
 def profiler_activities(device: torch.device) -> list:
@@ -416,30 +430,35 @@ def arg_parser(doc: str, out: str, step: bool = True) -> argparse.ArgumentParser
                                        "script and of benchmarks/_bench.py.")
     if step:
         p.add_argument("--model", default="tiny-random",
-                       help="tiny-random (the embedded tiny Llama, random weights), qwen2.5-0.5b-random "
-                            "(Qwen2.5-0.5B's shape, random weights; for GPUs), tiny (warm-started), or a "
-                            "local save_pretrained folder (default: tiny-random)")
+                       help="tiny-random (the embedded tiny Llama, random weights), "
+                            "qwen2.5-0.5b-random (Qwen2.5-0.5B's shape, random weights; for GPUs), "
+                            "tiny (warm-started), or a local save_pretrained folder "
+                            "(default: tiny-random)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     if step:
         p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                       help="weights dtype for both sides; auto = bf16 on a GPU that has it, else fp32")
+                       help="weights dtype for both sides; auto = bf16 on a GPU that has it, "
+                            "else fp32")
         p.add_argument("--prompts", type=int, default=4, help="P, prompts per step (default: 4)")
         p.add_argument("--num-generations", type=int, default=8, help="G (default: 8)")
         p.add_argument("--completion-length", type=int, default=48,
                        help="L, tokens per completion (default: 48)")
-        p.add_argument("--num-iterations", type=int, default=2, help="mu, passes per step (default: 2)")
+        p.add_argument("--num-iterations", type=int, default=2,
+                       help="mu, passes per step (default: 2)")
         p.add_argument("--micro-batch-size", type=int, default=0,
                        help="completions per forward/backward; 0 = whole batch")
         p.add_argument("--betas", default="0,0.04", help="KL coefficients to run (default: 0,0.04)")
         p.add_argument("--gradient-checkpointing", action="store_true",
-                       help="recompute activations in backward (grpo.py's flag; TRL's default is on)")
+                       help="recompute activations in backward (grpo.py's flag; TRL's default "
+                            "is on)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (default: 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
                    help="smallest sizes and 2 repeats (explicit flags win): a smoke test on a CPU")
-    p.add_argument("--out", default=out, help=f"folder for report.md and timings.json (default: {out})")
+    p.add_argument("--out", default=out,
+                   help=f"folder for report.md and timings.json (default: {out})")
     return p
 
 
@@ -458,14 +477,17 @@ def parse_args(argv=None, p: Optional[argparse.ArgumentParser] = None,
             args.betas = [float(x) for x in args.betas.split(",")]
         except ValueError:
             p.error(f"--betas must be comma-separated numbers, got {args.betas!r}")
-        if args.num_generations < 2 or min(args.prompts, args.completion_length, args.num_iterations) < 1:
+        sizes = (args.prompts, args.completion_length, args.num_iterations)
+        if args.num_generations < 2 or min(sizes) < 1:
             p.error("need --num-generations >= 2 and positive --prompts, --completion-length, "
                     "--num-iterations")
     return args
 
 
 def resolve_device(name: str) -> torch.device:
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch sees no GPU; pass --device cpu")
     return device
@@ -473,7 +495,7 @@ def resolve_device(name: str) -> torch.device:
 
 def header(title: str, args: argparse.Namespace, device: torch.device,
            b: Optional[Bench] = None) -> list[str]:
-    """The report's first lines: where, with what, and (for a step benchmark) the model and sizes."""
+    """The report's first lines: where, with what, and for a step benchmark the model and sizes."""
     import transformers
     try:
         import trl
@@ -483,18 +505,19 @@ def header(title: str, args: argparse.Namespace, device: torch.device,
     if device.type == "cuda":
         where = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
     else:
-        where = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+        cpu = platform.processor() or platform.machine()
+        where = f"CPU {cpu}, {torch.get_num_threads()} torch threads"
     lines = [f"# {title}\n", f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; device: {where}",
-             (f"- torch {torch.__version__}, transformers {transformers.__version__}, trl {trl_version}, "
-              f"python {platform.python_version()}")]
+             (f"- torch {torch.__version__}, transformers {transformers.__version__}, "
+              f"trl {trl_version}, python {platform.python_version()}")]
     if b is not None:
-        lines += [(f"- model: {args.model} ({b.num_params / 1e6:.2f}M parameters, vocabulary {b.vocab:,}), "
-                   f"{str(b.dtype).replace('torch.', '')}"),
-                  (f"- step: P = {b.P} prompts x G = {b.G}, L = {b.L} tokens, mu = {b.mu}, micro-batch "
-                   f"{b.mbs}, betas {args.betas}, temperature {args.temperature}, gradient checkpointing "
-                   f"{'on' if args.gradient_checkpointing else 'off'}")]
-    return lines + [(f"- every time: median [min–max] of {args.repeats} paired runs after {args.warmup} "
-                     "warm-up" + (" (--quick)" if args.quick else "")),
+        lines += [(f"- model: {args.model} ({b.num_params / 1e6:.2f}M parameters, vocabulary "
+                   f"{b.vocab:,}), {str(b.dtype).replace('torch.', '')}"),
+                  (f"- step: P = {b.P} prompts x G = {b.G}, L = {b.L} tokens, mu = {b.mu}, "
+                   f"micro-batch {b.mbs}, betas {args.betas}, temperature {args.temperature}, "
+                   f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}")]
+    return lines + [(f"- every time: median [min–max] of {args.repeats} paired runs after "
+                     f"{args.warmup} warm-up" + (" (--quick)" if args.quick else "")),
                     f"- command: {' '.join([Path(sys.executable).name] + sys.argv)}", ""]
 
 
@@ -503,8 +526,8 @@ def start(args: argparse.Namespace, title: str) -> Bench:
     torch.manual_seed(args.seed)
     b = build_bench(args)
     b.report.extend(header(title, args, b.device, b))
-    b.raw["config"] = dict(vars(args), device=str(b.device), dtype=str(b.dtype), num_params=b.num_params,
-                           vocab=b.vocab)
+    b.raw["config"] = dict(vars(args), device=str(b.device), dtype=str(b.dtype),
+                           num_params=b.num_params, vocab=b.vocab)
     return b
 
 

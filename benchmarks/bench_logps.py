@@ -31,14 +31,18 @@ def part_logps(b: SimpleNamespace) -> None:
     rep, raw = b.report, {}
     Bq, Lq, V = b.args.shape
     one = Bq * Lq * V * 4
-    rep.append("## Per-token log-probs: common.selective_log_softmax against the naive log_softmax + gather\n")
-    rep.append(f"Random logits [{Bq}, {Lq}, {V:,}] (leaf, requires grad), random targets; forward, then backward of "
-               f"a weighted sum. One fp32 [B, L, V] tensor = {fmt_mib(one)}. Peak: above the logits, which exist "
-               f"before; both peaks include the gradient of the logits (one [B, L, V] in the logits' dtype), "
-               f"which the next column takes out. selective_log_softmax works on chunks of "
-               f"{common.CHUNK_ELEMENTS:,} fp32 elements ({max(1, common.CHUNK_ELEMENTS // V)} rows here). Goal: selective <= {LOGPS_MEMORY_GOAL} x naive.\n")
-    rep.append("| logits dtype | naive peak | selective peak | selective / naive | the same without the logits' "
-               "gradient | naive time | selective time | max abs diff, log-probs | max abs diff, gradient |")
+    rep.append("## Per-token log-probs: common.selective_log_softmax against the naive log_softmax "
+               "+ gather\n")
+    rep.append(f"Random logits [{Bq}, {Lq}, {V:,}] (leaf, requires grad), random targets; forward, "
+               f"then backward of a weighted sum. One fp32 [B, L, V] tensor = {fmt_mib(one)}. "
+               f"Peak: above the logits, which exist before; both peaks include the gradient of "
+               f"the logits (one [B, L, V] in the logits' dtype), which the next column takes out. "
+               f"selective_log_softmax works on chunks of {common.CHUNK_ELEMENTS:,} fp32 elements "
+               f"({max(1, common.CHUNK_ELEMENTS // V)} rows here). Goal: selective <= "
+               f"{LOGPS_MEMORY_GOAL} x naive.\n")
+    rep.append("| logits dtype | naive peak | selective peak | selective / naive | the same "
+               "without the logits' gradient | naive time | selective time | max abs diff, "
+               "log-probs | max abs diff, gradient |")
     rep.append("|---|---|---|---|---|---|---|---|---|")
     for name in b.args.dtypes:
         dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
@@ -48,7 +52,8 @@ def part_logps(b: SimpleNamespace) -> None:
         g = Bq * Lq * V * torch.tensor([], dtype=dt).element_size()
         rest = f"{fmt_mib(r['peak_naive'] - g)} vs {fmt_mib(r['peak_selective'] - g)}"
         rep.append(f"| {name} | {fmt_mib(r['peak_naive'])} | {fmt_mib(r['peak_selective'])} | "
-                   f"**{r['peak_ratio']:.2f}** {ok} | {rest} | {fmt_t(r['naive'])} | {fmt_t(r['selective'])} | "
+                   f"**{r['peak_ratio']:.2f}** {ok} | {rest} | {fmt_t(r['naive'])} | "
+                   f"{fmt_t(r['selective'])} | "
                    f"{r['max_diff_logps']:.2e} | {r['max_diff_grad']:.2e} |")
     b.raw["logps"] = raw
     rep.append("")
@@ -58,7 +63,8 @@ def logps_one(b: SimpleNamespace, dt: torch.dtype) -> dict:
     device = b.device
     Bq, Lq, V = b.args.shape
     g = torch.Generator(device="cpu").manual_seed(b.args.seed)
-    logits = (3.0 * torch.randn(Bq, Lq, V, generator=g)).to(device=device, dtype=dt).requires_grad_(True)
+    logits = 3.0 * torch.randn(Bq, Lq, V, generator=g)
+    logits = logits.to(device=device, dtype=dt).requires_grad_(True)
     targets = torch.randint(V, (Bq, Lq), generator=g).to(device)
     weight = torch.rand(Bq, Lq, generator=g).to(device)
 
@@ -77,7 +83,8 @@ def logps_one(b: SimpleNamespace, dt: torch.dtype) -> dict:
         (lp * weight).sum().backward()
         return lp.detach()
 
-    t = paired([Timed("naive", naive), Timed("selective", selective)], b.args.repeats, b.args.warmup, device)
+    t = paired([Timed("naive", naive), Timed("selective", selective)], b.args.repeats,
+               b.args.warmup, device)
     lp_s = selective()
     grad_s = logits.grad.float()
     lp_n = naive()
@@ -97,8 +104,10 @@ def logps_one(b: SimpleNamespace, dt: torch.dtype) -> dict:
 
 def main(argv=None) -> None:
     p = _bench.arg_parser(__doc__, "runs/bench_logps", step=False)
-    p.add_argument("--shape", default="8,256,49152", help="B,L,V of the logits (default: 8,256,49152)")
-    p.add_argument("--dtypes", default="float32,bfloat16", help="logits dtypes (default: float32,bfloat16)")
+    p.add_argument("--shape", default="8,256,49152",
+                   help="B,L,V of the logits (default: 8,256,49152)")
+    p.add_argument("--dtypes", default="float32,bfloat16",
+                   help="logits dtypes (default: float32,bfloat16)")
     args = _bench.parse_args(argv, p, quick=dict(shape="2,1024,8192"))
     try:
         args.shape = [int(x) for x in args.shape.split(",")]
@@ -111,8 +120,10 @@ def main(argv=None) -> None:
         p.error("--dtypes must be float32, bfloat16 or both, comma-separated")
     torch.manual_seed(args.seed)
     device = _bench.resolve_device(args.device)
-    b = SimpleNamespace(args=args, device=device, raw={"config": dict(vars(args), device=str(device))},
-                        report=_bench.header("bench_logps: selective against naive log-probs", args, device))
+    title = "bench_logps: selective against naive log-probs"
+    raw = {"config": dict(vars(args), device=str(device))}
+    report = _bench.header(title, args, device)
+    b = SimpleNamespace(args=args, device=device, raw=raw, report=report)
     part_logps(b)
     _bench.write_report(b.report, b.raw, args.out)
 

@@ -40,9 +40,9 @@ report says "Skipped" in one line):
 
     python -m venv --system-site-packages /tmp/trlenv
     /tmp/trlenv/bin/pip install -r benchmarks/requirements-perf.txt
-    OMP_NUM_THREADS=2 /tmp/trlenv/bin/python benchmarks/bench_trl.py --quick      # smoke test, CPU
-    OMP_NUM_THREADS=2 /tmp/trlenv/bin/python benchmarks/bench_trl.py              # CPU, tiny random model
-    python /work/shared/tools/smollm2_to_hf.py /tmp/smollm2                         # a real model folder
+    OMP_NUM_THREADS=2 /tmp/trlenv/bin/python benchmarks/bench_trl.py --quick   # smoke test, CPU
+    OMP_NUM_THREADS=2 /tmp/trlenv/bin/python benchmarks/bench_trl.py   # CPU, tiny random model
+    python /work/shared/tools/smollm2_to_hf.py /tmp/smollm2            # a real model folder
     /tmp/trlenv/bin/python benchmarks/bench_trl.py --device cuda --model qwen2.5-0.5b-random \\
         --prompts 16 --num-generations 8 --completion-length 256                  # GPU
     /tmp/trlenv/bin/python benchmarks/bench_trl.py --device cuda --model /tmp/smollm2 \\
@@ -69,8 +69,9 @@ def part_trl(b: Bench) -> None:
         import trl
         from datasets import Dataset  # noqa: F401  (TRL needs it; checked here for a clear message)
     except ImportError as e:
-        rep.append(f"Skipped: {e}. Install TRL in its own environment (benchmarks/requirements-perf.txt) and run "
-                   "this script with that environment's python.\n")
+        rep.append(f"Skipped: {e}. Install TRL in its own environment "
+                   "(benchmarks/requirements-perf.txt) and run this script with that environment's "
+                   "python.\n")
         return
     rows, raw = [], {}
     for beta in b.args.betas:
@@ -80,29 +81,35 @@ def part_trl(b: Bench) -> None:
         free_memory(b.device)
     b.raw["trl"] = raw
     B = b.P * b.G
-    rep.append(f"trl {trl.__version__}; P = {b.P} prompts x G = {b.G} = {B} completions of exactly L = {b.L} tokens, "
-               f"mu = {b.mu} passes, micro-batch {b.mbs}, {str(b.dtype).replace('torch.', '')}, "
+    rep.append(f"trl {trl.__version__}; P = {b.P} prompts x G = {b.G} = {B} completions of exactly "
+               f"L = {b.L} tokens, mu = {b.mu} passes, micro-batch {b.mbs}, "
+               f"{str(b.dtype).replace('torch.', '')}, "
                f"{b.args.repeats} paired steps after {b.args.warmup} warm-up.\n")
-    rep.append("| beta | grpo.py step | TRL step | grpo.py / TRL, paired (< 1: grpo.py faster) | peak memory grpo.py "
-               "| peak memory TRL "
+    rep.append("| beta | grpo.py step | TRL step | grpo.py / TRL, paired (< 1: grpo.py faster) "
+               "| peak memory grpo.py | peak memory TRL "
                "| tokens generated per step, grpo.py / TRL |")
     rep.append("|---|---|---|---|---|---|---|")
     for r in rows:
-        tok = f"{r['tokens_ours']} / {r['tokens_trl']}" + ("" if r["tokens_equal"] else " (DIFFERENT)")
+        tok = (f"{r['tokens_ours']} / {r['tokens_trl']}"
+               + ("" if r["tokens_equal"] else " (DIFFERENT)"))
         tok += "" if r["same_prompts"] else "; PROMPTS DIFFER"
-        rep.append(f"| {r['beta']} | {fmt_t(r['ours_s'])} | {fmt_t(r['trl_s'])} | {fmt_ratio(r['ratio'])} | "
-                   f"{fmt_mib(r['peak_ours'])} | {fmt_mib(r['peak_trl'])} | {tok} |")
+        rep.append(f"| {r['beta']} | {fmt_t(r['ours_s'])} | {fmt_t(r['trl_s'])} | "
+                   f"{fmt_ratio(r['ratio'])} | {fmt_mib(r['peak_ours'])} | "
+                   f"{fmt_mib(r['peak_trl'])} | {tok} |")
     rep.append("")
-    rep.append("Peak memory: tensor bytes allocated during the step above what existed before it (weights, "
-               "optimizer state and reference model, the same on both sides, are not in it); "
-               + ("the largest over the timed steps (torch.cuda.max_memory_allocated)." if b.device.type == "cuda"
+    rep.append("Peak memory: tensor bytes allocated during the step above what existed before it "
+               "(weights, optimizer state and reference model, the same on both sides, are not in "
+               "it); "
+               + ("the largest over the timed steps (torch.cuda.max_memory_allocated)."
+                  if b.device.type == "cuda"
                   else "one extra, untimed step under the profiler's allocation events.")
-               + " Both sides got the same prompts in the same order (checked every step) and generated "
-               "exactly B x L tokens (checked every step; a difference is flagged in the table).")
+               + " Both sides got the same prompts in the same order (checked every step) and "
+               "generated exactly B x L tokens (checked every step; a difference is flagged in the "
+               "table).")
     if b.mu > 1:
-        rep.append(f"With mu = {b.mu} > 1, TRL runs one extra no-grad forward per step for the old log-probs "
-                   "(grpo.py takes pass 1's); TRL also computes the entropy on every pass. Both are part of "
-                   "TRL's step as it is.")
+        rep.append(f"With mu = {b.mu} > 1, TRL runs one extra no-grad forward per step for the old "
+                   "log-probs (grpo.py takes pass 1's); TRL also computes the entropy on every "
+                   "pass. Both are part of TRL's step as it is.")
     rep.append("")
 
 
@@ -115,15 +122,16 @@ def trl_pair(b: Bench, beta: float) -> dict:
 
     a, device, mu, B = b.args, b.device, b.mu, b.P * b.G
     if B % b.mbs:
-        raise SystemExit(f"error: the batch ({B}) must be a multiple of --micro-batch-size ({b.mbs})")
+        raise SystemExit(f"error: the batch ({B}) must be a multiple of --micro-batch-size "
+                         f"({b.mbs})")
     cpu_profile = device.type == "cpu"  # CPU memory: one extra, untimed, profiled step per side
     blocks = a.warmup + a.repeats + (1 if cpu_profile else 0)
     last = blocks - 1
     timed = range(a.warmup, a.warmup + a.repeats)
 
     ours = make_policy(b, beta, fixed_length=True)
-    res = {"beta": beta, "ours": {}, "trl": {}, "peak_ours": {}, "peak_trl": {}, "tok_ours": {}, "tok_trl": [],
-           "prompts_trl": []}
+    res = {"beta": beta, "ours": {}, "trl": {}, "peak_ours": {}, "peak_trl": {}, "tok_ours": {},
+           "tok_trl": [], "prompts_trl": []}
 
     def run_ours(k: int) -> None:
         rows, _ = b.rows(k)
@@ -161,33 +169,39 @@ def trl_pair(b: Bench, beta: float) -> dict:
         return parity_reward(completions)
 
     # block k's prompts are rows(k): the dataset holds them in order, read without shuffling
-    texts = [b.prompt_texts[(k * b.P + j) % len(b.prompt_texts)] for k in range(blocks) for j in range(b.P)]
+    texts = [b.prompt_texts[(k * b.P + j) % len(b.prompt_texts)]
+             for k in range(blocks) for j in range(b.P)]
     config = GRPOConfig(
         output_dir=temp_dir("bench_trl_"), max_steps=mu * blocks, seed=a.seed,
-        per_device_train_batch_size=b.mbs, gradient_accumulation_steps=B // b.mbs, num_generations=b.G,
-        max_completion_length=b.L, generation_kwargs={"min_new_tokens": b.L}, temperature=a.temperature,
-        top_p=1.0, top_k=0, num_iterations=mu, beta=beta, epsilon=EPSILON, epsilon_high=EPSILON,
-        loss_type="grpo", scale_rewards="group", shuffle_dataset=False, bf16=False, fp16=False,
-        gradient_checkpointing=a.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
-        optim="adamw_torch", learning_rate=LEARNING_RATE, weight_decay=0.0,
-        adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0, lr_scheduler_type="constant", warmup_steps=0,
-        logging_steps=10**9, save_strategy="no", report_to="none", disable_tqdm=True, log_completions=False,
+        per_device_train_batch_size=b.mbs, gradient_accumulation_steps=B // b.mbs,
+        num_generations=b.G, max_completion_length=b.L, generation_kwargs={"min_new_tokens": b.L},
+        temperature=a.temperature, top_p=1.0, top_k=0, num_iterations=mu, beta=beta,
+        epsilon=EPSILON, epsilon_high=EPSILON, loss_type="grpo", scale_rewards="group",
+        shuffle_dataset=False, bf16=False, fp16=False,
+        gradient_checkpointing=a.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, optim="adamw_torch",
+        learning_rate=LEARNING_RATE, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
+        max_grad_norm=1.0, lr_scheduler_type="constant", warmup_steps=0, logging_steps=10**9,
+        save_strategy="no", report_to="none", disable_tqdm=True, log_completions=False,
         use_cpu=device.type == "cpu", dataloader_pin_memory=False)
     trainer = GRPOTrainer(model=b.load(), reward_funcs=[parity], args=config,
                           train_dataset=Dataset.from_list([{"prompt": t} for t in texts]),
                           processing_class=b.tokenizer, callbacks=[PairedClock()])
     trainer.train()
     if not len(res["trl"]) == len(res["ours"]) == len(res["tok_trl"]) == blocks:
-        raise RuntimeError(f"expected {blocks} GRPO steps (one generation each) per side; got TRL {len(res['trl'])} "
-                           f"steps, {len(res['tok_trl'])} generations, ours {len(res['ours'])} steps")
+        raise RuntimeError(f"expected {blocks} GRPO steps (one generation each) per side; got TRL "
+                           f"{len(res['trl'])} steps, {len(res['tok_trl'])} generations, ours "
+                           f"{len(res['ours'])} steps")
     same_prompts = all(res["prompts_trl"][k] == texts[k * b.P:(k + 1) * b.P] for k in range(blocks))
 
     peak_k = [last] if cpu_profile else list(timed)
     out = {"beta": beta,
            "ours_s": [res["ours"][k] for k in timed], "trl_s": [res["trl"][k] for k in timed],
            "ratio": [res["ours"][k] / res["trl"][k] for k in timed],
-           "peak_ours": max(res["peak_ours"][k] for k in peak_k), "peak_trl": max(res["peak_trl"][k] for k in peak_k),
-           "tokens_ours": res["tok_ours"][a.warmup], "tokens_trl": res["tok_trl"][a.warmup] if res["tok_trl"] else None}
+           "peak_ours": max(res["peak_ours"][k] for k in peak_k),
+           "peak_trl": max(res["peak_trl"][k] for k in peak_k),
+           "tokens_ours": res["tok_ours"][a.warmup],
+           "tokens_trl": res["tok_trl"][a.warmup] if res["tok_trl"] else None}
     out["tokens_equal"] = (all(t == B * b.L for t in res["tok_ours"].values())
                            and all(t == B * b.L for t in res["tok_trl"]))
     out["same_prompts"] = same_prompts

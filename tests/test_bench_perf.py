@@ -41,8 +41,8 @@ def test_qwen_shaped_random_model_runs_the_overhead_part(monkeypatch, tmp_path):
     monkeypatch.setattr(_bench, "QWEN_05B_SHAPE", small)
     out = tmp_path / "bench"
     bench_overhead.main(["--model", "qwen2.5-0.5b-random", "--device", "cpu", "--betas", "0",
-                     "--prompts", "1", "--num-generations", "2", "--completion-length", "4", "--repeats", "1",
-                     "--warmup", "0", "--out", str(out)])
+                         "--prompts", "1", "--num-generations", "2", "--completion-length", "4",
+                         "--repeats", "1", "--warmup", "0", "--out", str(out)])
     report = (out / "report.md").read_text()
     assert "Qwen2ForCausalLM" in report or "qwen" in report.lower()
     assert "per generated token" in report and "hand-written loop" in report

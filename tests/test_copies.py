@@ -6,7 +6,8 @@ reduction, ...). A copy that drifts would make `diff grpo.py X.py` lie about wha
 changes, so every top-level function of a method script that has the name of one of grpo.py's
 must be grpo.py's, character for character (docstring included). The failure names the file to fix.
 benchmarks/_bench.py's `grpo_step` (the step every benchmark times) is a copy of grpo.main's loop
-body, not of a function: it is checked by what it does (one step trains the weights exactly as grpo.main's step does).
+body, not of a function: it is checked by what it does (one step trains the weights exactly as
+grpo.main's step does).
 """
 import ast
 import difflib
@@ -118,7 +119,7 @@ def test_dcpo_aggregate_loss_also_ignores_nan_at_masked_positions():
     assert loss.item() == pytest.approx(5.0)   # one prompt: (2 + 3) / 1
 
 
-# ---------------------------------------------------------- the benchmarks' copy of grpo.main's step
+# ------------------------------------------------------- the benchmarks' copy of grpo.main's step
 def test_bench_grpo_step_trains_like_grpo_main(monkeypatch, tmp_path, random_tiny_model_dir):
     """benchmarks/_bench.py's grpo_step is grpo.main's loop body (rollout, advantages, the mu
     passes, the optimizer step) without the logging. On the same completions and rewards, one
