@@ -71,10 +71,6 @@ def load_trl():
 
 def build_trainer(args: Args, callbacks=(), reward_funcs=None):
     """The TRL trainer for `args`: config, in-memory dataset, model, verifier reward."""
-    trl_trainers = load_trl()
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
-
     common.check_positive(max_steps=args.max_steps, per_device_batch_size=args.per_device_batch_size,
                           gradient_accumulation_steps=args.gradient_accumulation_steps,
                           num_iterations=args.num_iterations, logging_steps=args.logging_steps,
@@ -84,7 +80,10 @@ def build_trainer(args: Args, callbacks=(), reward_funcs=None):
     if args.resume_from_checkpoint and not Path(args.resume_from_checkpoint).is_dir():
         raise UserError(f"--resume-from-checkpoint {args.resume_from_checkpoint} is not a folder; pass a "
                         "checkpoint-N folder of an earlier run")
+    trl_trainers = load_trl()  # after the cheap checks: importing TRL takes seconds
     import torch
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
 
     use_cpu = not torch.cuda.is_available()
     max_len = args.max_completion_length or {"arith": 48, "gsm8k": 512}[args.task]

@@ -320,7 +320,7 @@ def test_token_dpo_trainer_refuses_precomputed_reference_log_probs(tmp_path):
 BLOCK_TRL = ("import sys\n"
              "class NoTRL:\n"
              "    def find_spec(self, name, path=None, target=None):\n"
-             "        if name == 'trl' or name.startswith('trl.'):\n"
+             "        if name.split('.')[0] in ('trl', 'verl'):\n"
              "            raise ImportError('No module named ' + repr(name))\n"
              "sys.meta_path.insert(0, NoTRL())\n")
 
@@ -330,7 +330,7 @@ def run_without_trl(code):
                           timeout=120, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT / "integrations")))
 
 
-def test_without_trl_the_plugins_fail_with_one_line_and_the_scripts_still_import():
+def test_without_trl_or_verl_the_plugins_fail_with_one_line_and_the_scripts_still_import():
     proc = run_without_trl("import trl_trainers")
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
@@ -342,6 +342,8 @@ def test_without_trl_the_plugins_fail_with_one_line_and_the_scripts_still_import
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: integrations/trl_trainers.py needs TRL 1.16: "
                                                 "pip install -r integrations/requirements.txt"]
+    proc = run_without_trl("import verl_plugins")
+    assert proc.stderr.strip().splitlines()[-1].startswith("ImportError: integrations/verl_plugins.py needs verl")
     proc = run_without_trl("import common, grpo, tempo, dcpo, spo, token_dpo\n"
                            "assert 'trl' not in sys.modules")
     assert proc.returncode == 0, proc.stderr
