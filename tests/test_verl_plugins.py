@@ -23,9 +23,10 @@ from verl.trainer.ppo import core_algos  # noqa: E402
 def actor_config(loss_mode, loss_agg_mode, rollout_n=2):
     from verl.workers.config import ActorConfig
 
-    return ActorConfig(strategy="fsdp", rollout_n=rollout_n, ppo_micro_batch_size_per_gpu=4, clip_ratio_low=0.16,
-                       clip_ratio_high=0.20, clip_ratio_c=10.0, loss_agg_mode=loss_agg_mode,
-                       policy_loss={"loss_mode": loss_mode}, use_torch_compile=False)
+    return ActorConfig(strategy="fsdp", rollout_n=rollout_n, ppo_micro_batch_size_per_gpu=4,
+                       clip_ratio_low=0.16, clip_ratio_high=0.20, clip_ratio_c=10.0,
+                       loss_agg_mode=loss_agg_mode, policy_loss={"loss_mode": loss_mode},
+                       use_torch_compile=False)
 
 
 def verl_batch(gen, b=4, P=3, R=6):
@@ -37,17 +38,18 @@ def verl_batch(gen, b=4, P=3, R=6):
     response_mask = (torch.arange(R)[None] < lengths[:, None]).float()              # [b, R]
     attention_mask = torch.cat([torch.ones(b, P), response_mask], 1).long()
     logps = (-torch.rand(b, R, generator=gen) * 3) * response_mask
-    old = (logps + 1.5 * torch.randn(b, R, generator=gen)) * response_mask         # ratios far from 1
-    adv = torch.randn(b, generator=gen)[:, None].expand(b, R) * response_mask       # one A per response
+    old = (logps + 1.5 * torch.randn(b, R, generator=gen)) * response_mask  # ratios far from 1
+    adv = torch.randn(b, generator=gen)[:, None].expand(b, R) * response_mask  # one A a response
     flat = []
-    for i in range(b):  # sequence i has P + len_i tokens; log-prob of response token t sits at P - 1 + t
+    for i in range(b):  # sequence i: P + len_i tokens; response token t's log-prob at P - 1 + t
         seq = torch.zeros(P + int(lengths[i]))
         seq[P - 1:P - 1 + int(lengths[i])] = logps[i, :lengths[i]]
         flat.append(seq)
     leaf = torch.cat(flat).requires_grad_(True)
     data = tu.get_tensordict(
-        {"prompts": torch.ones(b, P, dtype=torch.long), "responses": torch.ones(b, R, dtype=torch.long),
-         "attention_mask": attention_mask, "response_mask": response_mask, "old_log_probs": old, "advantages": adv},
+        {"prompts": torch.ones(b, P, dtype=torch.long),
+         "responses": torch.ones(b, R, dtype=torch.long), "attention_mask": attention_mask,
+         "response_mask": response_mask, "old_log_probs": old, "advantages": adv},
         {"dp_size": 1, "batch_num_tokens": int(response_mask.sum()), "global_batch_size": b})
     return leaf, data, logps, old, adv, response_mask
 
@@ -61,7 +63,7 @@ def test_dcpo_policy_loss_through_verls_ppo_loss_equals_dcpo_py(loss_mode, agg, 
     assert core_algos.get_policy_loss_fn(loss_mode) is not None
     leaf, data, logps, old, adv, mask = verl_batch(torch.Generator().manual_seed(0))
     config = actor_config(loss_mode, agg, rollout_n=2)
-    got, metrics = ppo_loss(config, {"log_probs": leaf}, data)                       # verl's own path
+    got, metrics = ppo_loss(config, {"log_probs": leaf}, data)            # verl's own path
     want, ours = dcpo.dcpo_loss(logps, old, adv, mask, eps_low=0.16, eps_high=0.20, ratio_max=10.0,
                                 loss_type=dcpo_type, num_sequences=4, num_tokens=float(mask.sum()),
                                 num_generations=2)
@@ -88,9 +90,10 @@ def test_tempo_estimator_on_verls_layout_equals_tempo_py_with_shuffled_groups():
     for r, (u, k) in enumerate(idx):   # verl puts the outcome reward on the last response token
         token_rewards[r, lens[u][k] - 1] = rewards[u][k]
     fn = core_algos.get_adv_estimator_fn("tempo")
-    with pytest.raises(ValueError, match="compute_advantage"):    # the unpatched trainer passes no batch
-        fn(token_level_rewards=token_rewards, response_mask=mask, index=np.array(uid_order, dtype=object))
-    adv, ret = fn(token_level_rewards=token_rewards, response_mask=mask, index=np.array(uid_order, dtype=object),
+    index = np.array(uid_order, dtype=object)
+    with pytest.raises(ValueError, match="compute_advantage"):  # unpatched verl passes no batch
+        fn(token_level_rewards=token_rewards, response_mask=mask, index=index)
+    adv, ret = fn(token_level_rewards=token_rewards, response_mask=mask, index=index,
                   batch={"responses": responses})
     for u in ("b", "a"):   # tempo.py on each group, contiguous
         ids = torch.tensor(rows[u])
@@ -112,9 +115,9 @@ def test_sas_estimator_keeps_statistics_by_stable_prompt_id_across_calls():
         return fn(token_level_rewards=tr, response_mask=mask, index=np.array(uids, dtype=object),
                   non_tensor_batch={"index": np.array(prompt_ids)})[0][:, 0]
 
-    # dcpo.py's worked example (G = 4 is split here as 2 prompts x 2): prompt 7 at [1, 0] then [1, 1]
+    # G = 2: prompt 7 gets [1, 0], then [1, 1] (all equal, but it varied before)
     first = call([1.0, 0.0, 0.0, 1.0], ["u1", "u1", "u2", "u2"], [7, 7, 8, 8])
-    second = call([1.0, 1.0, 1.0, 0.0], ["x", "x", "y", "y"], [7, 7, 9, 9])   # fresh uids, prompt 7 again
+    second = call([1.0, 1.0, 1.0, 0.0], ["x", "x", "y", "y"], [7, 7, 9, 9])  # new uids, prompt 7
     stats = dcpo.PromptStats(2)
     want1, new1, _ = dcpo.sas_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 2, [7, 8], stats)
     stats.by_id.update(new1)

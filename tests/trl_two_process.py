@@ -1,9 +1,10 @@
-"""Run by tests/test_integrations.py under `accelerate launch --num_processes 2 --cpu` (not a test itself).
+"""Run by tests/test_integrations.py under `accelerate launch --multi_gpu --num_processes 2`
+on a machine without GPUs (TRL then runs both processes on the CPU, over gloo). Not a test.
 
-One TRL step of TempoGRPOTrainer, then one of DCPOGRPOTrainer, with 6 completions per process and
-G = 4: the second group's completions are split over the two processes. Every rank writes what it saw
-(its completion ids and lengths, the rewards, its advantages, the trainers' metrics and the SAS
-statistics) to OUT/rank{r}.json; the test rebuilds the single-process answer from them.
+One TRL step of TempoGRPOTrainer, then one of DCPOGRPOTrainer, with 6 completions per process
+and G = 4: the second group's completions are split over the two processes. Every rank writes
+what it saw (its completion ids and lengths, the rewards, its advantages, the trainers' metrics
+and the SAS statistics) to OUT/rank{r}.json; the test rebuilds the one-process answer from them.
 """
 import hashlib
 import json
@@ -19,8 +20,9 @@ def coin(completions, **kwargs):  # a reward from the text alone: different text
 
 
 def one_step(method: str, out_dir: Path) -> dict:
-    args = train_trl.Args(method=method, model="tiny", output_dir=str(out_dir / method), max_steps=1, seed=1,
-                          per_device_batch_size=6, num_generations=4, max_completion_length=16, train_size=8)
+    args = train_trl.Args(method=method, model="tiny", output_dir=str(out_dir / method),
+                          max_steps=1, seed=1, per_device_batch_size=6, num_generations=4,
+                          max_completion_length=16, train_size=8)
     trainer = train_trl.build_trainer(args, reward_funcs=[coin])
     seen = {}
     inner = trainer._generate_and_score_completions
@@ -37,7 +39,8 @@ def one_step(method: str, out_dir: Path) -> dict:
                        if k.startswith(("tempo/", "sas/", "rur"))}
     if method == "dcpo":
         seen["sas_state"] = trainer.prompt_stats.state_dict()
-    seen["rank"], seen["world"] = trainer.accelerator.process_index, trainer.accelerator.num_processes
+    acc = trainer.accelerator
+    seen["rank"], seen["world"] = acc.process_index, acc.num_processes
     return seen
 
 
