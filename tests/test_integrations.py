@@ -126,7 +126,8 @@ def test_tempo_trainer_hands_tempo_py_advantages_to_trls_loss_and_trains(tmp_pat
 
 
 def test_tempo_two_processes_equal_one_process(tmp_path):
-    """accelerate launch, 2 CPU processes (gloo), 6 completions each, G = 4: group 2 spans both."""
+    """accelerate launch, 2 CPU processes (gloo), 6 completions each, G = 4: group 2 spans both.
+    Also DCPO's statistics on both processes, and TokenDPOTrainer's gradients synchronised."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
            "2", str(ROOT / "tests" / "trl_two_process.py"), str(tmp_path)]
@@ -156,6 +157,11 @@ def test_tempo_two_processes_equal_one_process(tmp_path):
     stats.by_id.update(new)
     assert stats.state_dict() == d0["sas_state"]
     assert torch.equal(torch.tensor(d0["advantages"] + d1["advantages"]), adv)
+    # TokenDPOTrainer under DDP: different pairs on each process, the same weights after 2 steps
+    k0, k1 = ranks[0]["tdpo2"], ranks[1]["tdpo2"]
+    assert k0["batches"] != k1["batches"] and len(k0["batches"]) == 2
+    assert k0["before"] == k1["before"] and k0["after"] == k1["after"]
+    assert k0["after"] != k0["before"] and len(k0["kl_chosen"]) == 2
 
 
 # ----------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integrations"))
 import train_trl  # noqa: E402
 
 
-def coin(completions, **kwargs):  # a reward from the text alone: different texts, independent coins
+def coin(completions, **kwargs):  # a reward from the text alone: independent coins
     return [float(hashlib.sha1(c.encode()).digest()[0] % 2) for c in completions]
 
 
@@ -44,7 +44,45 @@ def one_step(method: str, out_dir: Path) -> dict:
     return seen
 
 
+def token_dpo_steps(out_dir: Path) -> dict:
+    """TDPO2, 2 steps, one different pair per process: DDP must leave the same weights on both."""
+    import torch
+    from datasets import Dataset
+    from trl import DPOConfig
+
+    import common
+    import trl_trainers
+
+    model, tok = common.load_model_and_tokenizer("tiny", torch.device("cpu"), torch.float32)
+    rows = [{"prompt": common.format_prompt(tok, ex["question"], "arith"), "chosen": ex["solution"],
+             "rejected": ex["solution"].rsplit(" ", 1)[0] + " 0"}
+            for ex in common.load_task("arith", "train")[:4]]
+    config = DPOConfig(output_dir=str(out_dir / "tdpo2"), max_steps=2,
+                       per_device_train_batch_size=1, learning_rate=5e-5, report_to="none",
+                       use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True,
+                       beta=0.1, bf16=False)
+
+    def fingerprint(m):
+        return [float(p.detach().double().sum()) for p in m.parameters()]
+
+    before = fingerprint(model)
+    trainer = trl_trainers.TokenDPOTrainer(model=model, args=config, processing_class=tok,
+                                           train_dataset=Dataset.from_list(rows), loss="tdpo2")
+    batches, loss = [], trainer._compute_loss
+
+    def record(model, inputs, return_outputs=False):  # which pairs this process trained on
+        batches.append(inputs["input_ids"].tolist())
+        return loss(model, inputs, return_outputs)
+
+    trainer._compute_loss = record
+    trainer.train()
+    return {"before": before, "after": fingerprint(trainer.accelerator.unwrap_model(trainer.model)),
+            "kl_chosen": [h["kl/chosen"] for h in trainer.state.log_history if "kl/chosen" in h],
+            "batches": batches}
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     result = {m: one_step(m, out) for m in ("tempo", "dcpo")}
+    result["tdpo2"] = token_dpo_steps(out)
     (out / f"rank{result['tempo']['rank']}.json").write_text(json.dumps(result))
