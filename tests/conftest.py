@@ -7,6 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# With TRL installed, `datasets` is importable: no test may reach the hub.
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ[_var] = "1"
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"

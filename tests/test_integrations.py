@@ -1,0 +1,391 @@
+"""integrations/: the TRL plug-ins give the scripts' numbers, train, keep checkpoints, scale out.
+
+Skipped without TRL (pip install -r integrations/requirements.txt). Everything runs on the CPU
+with the embedded tiny model, 1-4 optimizer steps each.
+"""
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+pytest.importorskip("trl", reason="needs: pip install -r integrations/requirements.txt")
+sys.path.insert(0, str(ROOT / "integrations"))
+import common  # noqa: E402
+import dcpo  # noqa: E402
+import tempo  # noqa: E402
+import token_dpo  # noqa: E402
+import train_trl  # noqa: E402
+import trl_trainers  # noqa: E402
+
+G = 4
+CPU = torch.device("cpu")
+
+
+def coin(completions, **kwargs):
+    """A reward from the text alone (different texts, independent coins): groups get a spread."""
+    return [float(hashlib.sha1(c.encode()).digest()[0] % 2) for c in completions]
+
+
+def right_padded(rows, pad_id):
+    ids = torch.full((len(rows), max(map(len, rows))), pad_id)
+    mask = torch.zeros(ids.shape)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1.0
+    return ids, mask
+
+
+def grpo_args(tmp_path, method, **kw):
+    base = dict(method=method, model="tiny", output_dir=str(tmp_path / method), max_steps=2,
+                seed=1, per_device_batch_size=8, num_generations=G, max_completion_length=16,
+                train_size=8)
+    return train_trl.Args(**{**base, **kw})
+
+
+def weights(trainer):
+    return [p.detach().clone() for p in trainer.model.parameters()]
+
+
+def changed(before, trainer):
+    return any(not torch.equal(a, b) for a, b in zip(before, weights(trainer)))
+
+
+def recorder(trainer, store):
+    """Record each _generate_and_score_completions output, and the advantages TRL's loss gets."""
+    gen, loss = trainer._generate_and_score_completions, trainer._compute_loss
+
+    def gen_wrap(inputs):
+        out = gen(inputs)
+        store.setdefault("gen", []).append(
+            {k: v.clone() if torch.is_tensor(v) else v for k, v in out.items()})
+        return out
+
+    def loss_wrap(model, inputs):
+        store.setdefault("loss_inputs", []).append(inputs["advantages"].clone())
+        return loss(model, inputs)
+
+    trainer._generate_and_score_completions, trainer._compute_loss = gen_wrap, loss_wrap
+
+
+# ----------------------------------------------------------------------------------------
+# TEMPO
+# ----------------------------------------------------------------------------------------
+
+
+def test_tempo_trainer_hands_tempo_py_advantages_to_trls_loss_and_trains(tmp_path, monkeypatch):
+    import trl
+
+    seen, flat, scored = {}, [], []
+
+    def reward(completions, completion_ids, **kw):  # what TRL scored, apart from the tap
+        scored.append((list(map(list, completion_ids)), coin(completions)))
+        return scored[-1][1]
+
+    trl_generate = trl.GRPOTrainer._generate_and_score_completions
+
+    def trl_flat(self, inputs):  # TRL's own flat advantages, before TEMPO replaces them
+        out = trl_generate(self, inputs)
+        flat.append(out["advantages"].clone())
+        return out
+
+    monkeypatch.setattr(trl.GRPOTrainer, "_generate_and_score_completions", trl_flat)
+    trainer = train_trl.build_trainer(grpo_args(tmp_path, "tempo"), reward_funcs=[reward])
+    recorder(trainer, seen)
+    before = weights(trainer)
+    trainer.train()
+
+    assert len(seen["gen"]) == len(scored) == 2
+    pad = trainer.processing_class.pad_token_id
+    for out, (ids, rewards), trl_adv in zip(seen["gen"], scored, flat):
+        ids_t, mask = right_padded(ids, pad)
+        r = torch.tensor(rewards)
+        ref, _ = tempo.compute_tempo_advantages(r, G, ids_t, mask)
+        assert torch.equal(out["completion_ids"], ids_t)
+        assert torch.equal(out["advantages"], ref)               # tempo.py's numbers, bit for bit
+        # td_coef = 0 is GRPO: tempo.py's baseline is TRL's flat advantage on every real token
+        grpo_like, _ = tempo.compute_tempo_advantages(r, G, ids_t, mask, td_coef=0.0)
+        assert torch.allclose(grpo_like, trl_adv[:, None] * mask, atol=1e-6)
+    # the TD term acted somewhere, so more than GRPO was compared
+    assert any((o["advantages"] != f[:, None] * (o["advantages"] != 0)).any()
+               for o, f in zip(seen["gen"], flat))
+    # TRL's loss received these [B, T] rows (after its shuffle)
+    for given, out in zip(seen["loss_inputs"], seen["gen"]):
+        assert given.shape == out["advantages"].shape
+        assert sorted(map(tuple, given.tolist())) == sorted(map(tuple, out["advantages"].tolist()))
+    assert changed(before, trainer)
+    logged = trainer.state.log_history[0]
+    for key in ("reward", "entropy", "clip_ratio/region_mean", "tempo/frac_tokens_td_nonzero",
+                "tempo/branch_nodes_per_group_mean"):
+        assert key in logged, key
+
+
+def test_tempo_two_processes_equal_one_process(tmp_path):
+    """accelerate launch, 2 CPU processes (gloo), 6 completions each, G = 4: group 2 spans both.
+    Also DCPO's statistics on both processes, and TokenDPOTrainer's gradients synchronised."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+           "2", str(ROOT / "tests" / "trl_two_process.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["tempo"]["rank"] for r in ranks] == [0, 1] and ranks[0]["tempo"]["world"] == 2
+
+    t0, t1 = ranks[0]["tempo"], ranks[1]["tempo"]
+    assert t0["rewards"] == t1["rewards"] and len(t0["rewards"]) == 12   # gathered: all 12
+    rows = [row[:n] for t in (t0, t1) for row, n in zip(t["ids"], t["lengths"])]
+    ids, mask = right_padded(rows, 0)
+    ref, metrics = tempo.compute_tempo_advantages(torch.tensor(t0["rewards"]), G, ids, mask)
+    # the split group (rows 4..7: two on each process) has a spread and a nonzero TD term
+    assert torch.tensor(t0["rewards"][4:8]).std() > 0 and (ref[4:8] != ref[4:8, :1]).any()
+    for rank, t in enumerate((t0, t1)):
+        got = torch.tensor(t["advantages"])
+        assert torch.equal(got, ref[6 * rank:6 * rank + 6, :got.size(1)]), f"rank {rank}"
+        assert t["metrics"] == metrics
+    # DCPO: the same SAS statistics on both processes, equal to one process's on the whole batch
+    d0, d1 = ranks[0]["dcpo"], ranks[1]["dcpo"]
+    assert d0["sas_state"] == d1["sas_state"] and d0["rewards"] == d1["rewards"]
+    stats = dcpo.PromptStats(G)
+    prompts = d0["sas_state"]["prompts"]
+    adv, new, _ = dcpo.sas_advantages(torch.tensor(d0["rewards"]), G, [p[0] for p in prompts],
+                                      stats, text_hashes=[p[4] for p in prompts])
+    stats.by_id.update(new)
+    assert stats.state_dict() == d0["sas_state"]
+    assert torch.equal(torch.tensor(d0["advantages"] + d1["advantages"]), adv)
+    # TokenDPOTrainer under DDP: different pairs on each process, the same weights after 2 steps
+    k0, k1 = ranks[0]["tdpo2"], ranks[1]["tdpo2"]
+    assert k0["batches"] != k1["batches"] and len(k0["batches"]) == 2
+    assert k0["before"] == k1["before"] and k0["after"] == k1["after"]
+    assert k0["after"] != k0["before"] and len(k0["kl_chosen"]) == 2
+
+
+# ----------------------------------------------------------------------------------------
+# DCPO
+# ----------------------------------------------------------------------------------------
+
+
+def test_dcpo_trainer_loss_equals_dcpo_py_on_identical_logps(tmp_path):
+    trainer = train_trl.build_trainer(grpo_args(tmp_path, "dcpo"), reward_funcs=[coin])
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    gen = torch.Generator().manual_seed(0)
+    b, T = 8, 6
+    mask = (torch.arange(T)[None] < torch.tensor([6, 5, 6, 2, 4, 6, 3, 1])[:, None]).long()
+    logps = (-torch.rand(b, T, generator=gen) * 3).requires_grad_(True)
+    old = logps.detach() + 0.6 * torch.randn(b, T, generator=gen)   # ratios far from 1: DAC acts
+    adv = torch.randn(b, generator=gen)
+    ones = torch.ones(b, 3, dtype=torch.long)
+    inputs = {"prompt_ids": ones, "prompt_mask": ones, "completion_mask": mask,
+              "completion_ids": torch.ones(b, T, dtype=torch.long), "advantages": adv,
+              "old_per_token_logps": old, "num_items_in_batch": mask.sum()}
+    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (logps, torch.ones(b, T), None)
+    trainer._metrics["train"].clear()
+
+    def ours(loss_type):
+        return dcpo.dcpo_loss(logps, old, adv, mask, eps_low=0.16, eps_high=0.20, ratio_max=10.0,
+                              loss_type=loss_type, num_sequences=b, num_tokens=float(mask.sum()),
+                              num_generations=G)
+
+    for loss_type in ("otm", "dapo"):
+        trainer.dcpo_loss_type = loss_type
+        got = trainer._compute_loss(trainer.model, inputs)
+        want, metrics = ours(loss_type)
+        assert torch.equal(got, want), loss_type
+        assert metrics["clip_ratio/dcpo"] > 0
+        logged = trainer._metrics["train"]["clip_ratio/dcpo"][-1]
+        assert logged == pytest.approx(metrics["clip_ratio/dcpo"])
+    (g1,) = torch.autograd.grad(trainer._compute_loss(trainer.model, inputs), logps)
+    (g2,) = torch.autograd.grad(ours("dapo")[0], logps)
+    assert torch.equal(g1, g2)
+
+
+def test_dcpo_trainer_trains_and_its_sas_statistics_survive_checkpoint_and_resume(tmp_path):
+    from transformers import TrainerCallback
+
+    snapshots = {}
+
+    class Snap(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            snapshots[state.global_step] = json.loads(json.dumps(trainer.prompt_stats.state_dict()))
+
+    # 2 prompts, so every generation visits both; num_iterations = 2: one generation per 2 steps
+    args = grpo_args(tmp_path, "dcpo", train_size=2, save_steps=1, num_iterations=2, max_steps=4)
+    trainer = train_trl.build_trainer(args, callbacks=[Snap()], reward_funcs=[coin])
+    before = weights(trainer)
+    trainer.train()
+    assert changed(before, trainer)
+    logged = [h for h in trainer.state.log_history if "reward" in h]
+    for key in ("reward", "entropy", "clip_ratio/dcpo", "clip_ratio/fixed_0.2", "sas/mean_visits",
+                "rur"):
+        assert key in logged[0], key
+    for step in (2, 4):
+        folder = tmp_path / "dcpo" / f"checkpoint-{step}"
+        saved = json.loads((folder / trl_trainers.SAS_STATE_FILE).read_text())
+        assert saved == snapshots[step]
+        assert [p[1] for p in saved["prompts"]] == [step // 2] * 2   # visits: 1 at step 2, 2 at 4
+
+    # resume at step 2: the statistics come back, and steps 3-4 end where the first run did
+    ckpt = tmp_path / "dcpo" / "checkpoint-2"
+    resumed = train_trl.build_trainer(args, reward_funcs=[coin])
+    assert resumed.prompt_stats.by_id == {}
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert resumed.prompt_stats.state_dict() == snapshots[4]      # floats compared exactly
+
+    # a checkpoint without the file is refused, not silently restarted from empty statistics
+    (ckpt / trl_trainers.SAS_STATE_FILE).unlink()
+    with pytest.raises(ValueError, match="dcpo_sas_state.json"):
+        train_trl.build_trainer(args, reward_funcs=[coin]).train(resume_from_checkpoint=str(ckpt))
+
+
+# ----------------------------------------------------------------------------------------
+# Token-level DPO
+# ----------------------------------------------------------------------------------------
+
+
+def pair_rows(tokenizer, n=4):
+    """Preference rows from the arithmetic task: the worked solution against a wrong answer."""
+    rows = []
+    for ex in common.load_task("arith", "train")[:n]:
+        wrong = ex["solution"].rsplit(" ", 1)[0] + " 0"
+        rows.append({"prompt": common.format_prompt(tokenizer, ex["question"], "arith"),
+                     "chosen": ex["solution"], "rejected": wrong})
+    return rows
+
+
+def tiny_tokenizer():
+    return common.load_model_and_tokenizer("tiny", CPU, torch.float32)[1]
+
+
+def dpo_trainer(tmp_path, loss, rows, **kw):
+    from datasets import Dataset
+    from trl import DPOConfig
+
+    model, tok = common.load_model_and_tokenizer("tiny", CPU, torch.float32)
+    config = DPOConfig(output_dir=str(tmp_path / loss), max_steps=2, per_device_train_batch_size=2,
+                       learning_rate=5e-5, report_to="none", use_cpu=True, save_strategy="no",
+                       logging_steps=1, disable_tqdm=True, beta=0.1, bf16=False, **kw)
+    extra = {}
+    if loss == "tgdpo":
+        guidance, _ = common.load_model_and_tokenizer("tiny", CPU, torch.float32)
+        with torch.no_grad():
+            for p in guidance.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        extra["guidance_model"] = guidance
+    return trl_trainers.TokenDPOTrainer(model=model, args=config, processing_class=tok,
+                                        train_dataset=Dataset.from_list(rows), loss=loss, **extra)
+
+
+@pytest.mark.parametrize("loss", ["tdpo1", "tdpo2", "tgdpo"])
+def test_token_dpo_trainer_loss_equals_token_dpo_py(tmp_path, loss):
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    tok = tiny_tokenizer()
+    rows = pair_rows(tok)
+    trainer = dpo_trainer(tmp_path, loss, rows)
+    torch.manual_seed(0)
+    with torch.no_grad():                  # move the policy away from the reference: loss != ln 2
+        for p in trainer.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+    def ids(text, eos=True):
+        out = tok(text, add_special_tokens=False)["input_ids"]
+        return out + [tok.eos_token_id] if eos else out
+
+    pairs = [{"prompt": ids(r["prompt"], eos=False), "chosen": ids(r["chosen"]),
+              "rejected": ids(r["rejected"])} for r in rows]
+    batch = DataCollatorForPreference(pad_token_id=tok.pad_token_id)(
+        [{"prompt_ids": p["prompt"], "chosen_ids": p["chosen"], "rejected_ids": p["rejected"]}
+         for p in pairs])
+    trainer.model.train()
+    got = trainer.compute_loss(trainer.model, batch)
+
+    # token_dpo.py's own path: left-padded prompts, its hidden states, its losses
+    model, ref = trainer.model, trainer.ref_model
+    p_ids, p_mask, c_ids, c_mask = token_dpo.collate_pairs(pairs, tok.pad_token_id, "cpu")
+    hidden = token_dpo.response_hidden_states(model, p_ids, p_mask, c_ids, c_mask)
+    with torch.no_grad():
+        ref_hidden = token_dpo.response_hidden_states(ref, p_ids, p_mask, c_ids, c_mask)
+    lp, rlp, kl = token_dpo.token_logps_and_kl(hidden, ref_hidden, c_ids, c_mask,
+                                               model.get_output_embeddings(),
+                                               ref.get_output_embeddings())
+    (pw, pl), (rw, rl), (mw, ml), (kw, kr) = (t.chunk(2) for t in (lp, rlp, c_mask, kl))
+    if loss == "tgdpo":
+        g_lp = common.per_token_logps(trainer.guidance_model, p_ids, p_mask, c_ids, c_mask, 1.0)[0]
+        gw, gl = g_lp.chunk(2)
+        want, _ = token_dpo.tgdpo_loss(pw, pl, rw, rl, gw, gl, mw, ml, 0.1, 0.5)
+    else:
+        want, _ = token_dpo.tdpo_loss(pw, pl, rw, rl, mw, ml, kw, kr, 0.1, 0.5,
+                                      version=int(loss[-1]))
+    assert abs(want.item() - math.log(2)) > 1e-3          # not the trivial start
+    assert got.item() == pytest.approx(want.item(), abs=1e-5)
+    assert trainer._metrics["train"]["kl/chosen"] and trainer._metrics["train"]["rewards/margins"]
+
+
+def test_token_dpo_trainer_trains_two_steps_and_logs_kl(tmp_path):
+    trainer = dpo_trainer(tmp_path, "tdpo2", pair_rows(tiny_tokenizer()))
+    before = weights(trainer)
+    trainer.train()
+    assert changed(before, trainer)
+    logged = trainer.state.log_history[0]
+    for key in ("loss", "rewards/margins", "rewards/accuracies", "kl/chosen", "kl/rejected",
+                "logps/chosen"):
+        assert key in logged, key
+
+
+def test_token_dpo_trainer_refuses_precomputed_reference_log_probs(tmp_path):
+    with pytest.raises(ValueError, match="precompute_ref_log_probs=False") as e:
+        dpo_trainer(tmp_path, "tdpo2", pair_rows(tiny_tokenizer()), precompute_ref_log_probs=True)
+    assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------
+# Without TRL (or verl): one line; the core scripts never import them
+# ----------------------------------------------------------------------------------------
+
+BLOCK = ("import sys\n"
+         "class Block:\n"
+         "    def find_spec(self, name, path=None, target=None):\n"
+         "        if name.split('.')[0] in ('trl', 'verl'):\n"
+         "            raise ImportError('No module named ' + repr(name))\n"
+         "sys.meta_path.insert(0, Block())\n")
+NEED_TRL = ("integrations/trl_trainers.py needs TRL 1.16: "
+            "pip install -r integrations/requirements.txt")
+
+
+def run_blocked(code):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "integrations"))
+    return subprocess.run([sys.executable, "-c", BLOCK + code], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env=env)
+
+
+def test_without_trl_or_verl_the_plugins_fail_with_one_line_and_the_scripts_still_import():
+    proc = run_blocked("import trl_trainers")
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == "ImportError: " + NEED_TRL
+    assert "During handling" not in proc.stderr                  # raised from None: no chain
+    proc = run_blocked("import runpy; sys.argv = ['train_trl.py', '--method', 'tempo']\n"
+                       "runpy.run_path('integrations/train_trl.py', run_name='__main__')")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: " + NEED_TRL]
+    proc = run_blocked("import verl_plugins")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: integrations/verl_plugins.py needs verl")
+    proc = run_blocked("import common, grpo, tempo, dcpo, spo, token_dpo\n"
+                       "assert 'trl' not in sys.modules")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_train_trl_refuses_bad_input_with_one_line(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for argv, needle in ((["--method", "ppo"], "invalid choice"),
+                         (["--num-generations", "1"], "--num-generations must be at least 2"),
+                         (["--resume-from-checkpoint", str(tmp_path / "nope")], "is not a folder")):
+        proc = subprocess.run([sys.executable, str(ROOT / "integrations" / "train_trl.py"), *argv],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+        assert proc.returncode == 2, (argv, proc.stderr)
+        assert needle in proc.stderr and "Traceback" not in proc.stderr
