@@ -884,3 +884,30 @@ def test_sigint_mid_round_then_resume_reproduces_the_metrics_without_retraining(
     )  # round 2 only: round 1's weights came from the checkpoint
     (straight_dir,) = list((tmp_path / "straight").iterdir())
     assert metric_rows(cut) == metric_rows(straight_dir)
+
+
+def test_sanity_on_the_embedded_task_after_one_round(tmp_path, warm_tiny_model_dir):
+    """Diagnostic bounds, not exact numbers: one round of 32 prompts x 8 from the warm start."""
+    common.run_main(
+        T.main,
+        T.Args,
+        [
+            "--loss",
+            "cdpo",
+            "--total-steps",
+            "1",
+            "--prompts-per-round",
+            "32",
+            "--eval-size",
+            "4",
+            "--output-dir",
+            str(tmp_path),
+        ],
+    )
+    (run_dir,) = list(tmp_path.iterdir())
+    row = [json.loads(line) for line in open(run_dir / "metrics.jsonl")][1]
+    assert row["pairs/built"] >= 5 and row["cdpo/neg_fallback"] == 0.0
+    assert row["cdpo/contrast_rejected"] < 0 < row["cdpo/contrast_chosen"]
+    # the first token that leaves the gold solution carries far more weight than the average token
+    assert row["cdpo/first_error_weight_mean"] > row["cdpo/weight_mean"] + 0.3
+    assert row["cdpo/argmax_at_first_error_frac"] > 5 * row["cdpo/first_error_chance"]
