@@ -424,6 +424,7 @@ def sft_loss(model, tokenizer, rows: list[tuple[list[int], list[int]]]) -> torch
         ids[i, : len(p) + len(t)] = torch.tensor(p + t)
         labels[i, len(p): len(p) + len(t)] = torch.tensor(t)
         attn[i, : len(p) + len(t)] = 1
+    ids, labels, attn = (t.to(next(model.parameters()).device) for t in (ids, labels, attn))
     logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]  # [N, W-1, V]
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1))
 

@@ -1,19 +1,25 @@
-"""Token-level DPO: DPO, TDPO1, TDPO2 and TGDPO on verified on-policy pairs (iterative DPO).
+"""Token-level DPO: DPO, TDPO1, TDPO2, TGDPO and cDPO on verified on-policy pairs (iterative DPO).
 
 Papers: Rafailov et al., "Direct Preference Optimization", arXiv 2305.18290 (NeurIPS 2023);
 Zeng et al., "Token-level Direct Preference Optimization", arXiv 2404.11999 (ICML 2024);
 Zhu et al., "TGDPO: Harnessing Token-Level Reward Guidance for Enhancing Direct Preference
-Optimization", arXiv 2506.14574 (ICML 2025); Rafailov et al., "From r to Q*", arXiv 2404.12358.
-Docs: docs/token_dpo.md (algorithm card: ../shared/algorithms/token_dpo.md).
+Optimization", arXiv 2506.14574 (ICML 2025); Rafailov et al., "From r to Q*", arXiv 2404.12358;
+Lin et al., "Critical Tokens Matter: Token-Level Contrastive Estimation Enhances LLM's Reasoning
+Capability", arXiv 2411.19943 (ICML 2025).
+Docs: docs/token_dpo.md (the math, the defaults and where each choice comes from).
 
 Each round samples G answers per prompt from the current policy, verifies them, and pairs a
 correct answer (chosen) with an incorrect one (rejected). The policy then trains a few epochs
 on that round's pairs with a logistic loss on how much more it prefers the chosen answer than
 the frozen reference does. TDPO adds each answer's full-vocabulary KL to the reference, token
-by token; TGDPO weights each token by a frozen guidance model's token reward.
+by token; TGDPO weights each token by a frozen guidance model's token reward. cDPO weights each
+token of the rejected answer by how "critical" it is: 1 - c_t, where c_t is the token's
+probability under the contrast of two models briefly fine-tuned each round, one on the round's
+correct answers and one on its incorrect ones.
 
     python token_dpo.py                               # CPU: embedded tiny model + arithmetic, TDPO2
-    python token_dpo.py --loss dpo                    # plain DPO (also: tdpo1, tgdpo)
+    python token_dpo.py --loss dpo                    # plain DPO (also: tdpo1, tgdpo, cdpo)
+    python token_dpo.py --loss cdpo --show-credit 1   # cDPO, printing one rejected answer's weights
     python token_dpo.py --pairs-file pairs.jsonl      # your own {"prompt", "chosen", "rejected"} lines
     python token_dpo.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k   # one GPU, a hub model
 
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +72,7 @@ class Args:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "weights dtype; auto = bfloat16 on a GPU that has it, else float32"})
     micro_batch_size: int = field(default=32, metadata={"help": "sequences per forward/backward, a pair being 2 (gradient accumulation; same result)"})
     log_completions_every: int = field(default=10, metadata={"help": "write the first group of every N-th round's samples to completions.jsonl"})
-    # --- shared base settings: identical in every script (card grpo.md, section 3.2) ---
+    # --- shared base settings: identical in every script (docs/grpo.md) ---
     num_generations: int = field(default=8, metadata={"help": "G, completions sampled per prompt to build pairs"})
     prompts_per_step: int = field(default=16, metadata={"help": "pairs per optimizer step"})
     learning_rate: Optional[float] = field(default=None, metadata={"help": f"AdamW lr; default {HUB_LEARNING_RATE} for hub models, {TINY_LEARNING_RATE} for the tiny model"})
@@ -77,7 +84,9 @@ class Args:
     top_k: int = field(default=0, metadata={"help": "top-k sampling for pair building, 0 = off"})
     max_completion_length: Optional[int] = field(default=None, metadata={"help": "max new tokens; default 48 for arith, 512 for gsm8k"})
     # --- token_dpo-specific ---
-    loss: Literal["dpo", "tdpo1", "tdpo2", "tgdpo"] = field(default="tdpo2", metadata={"help": "dpo; tdpo1/tdpo2: + sequential KL (Zeng et al.); tgdpo: guidance token weights (Zhu et al.)"})
+    loss: Literal["dpo", "tdpo1", "tdpo2", "tgdpo", "cdpo"] = field(default="tdpo2", metadata={
+        "help": "dpo; tdpo1/tdpo2: + sequential KL (Zeng et al.); tgdpo: guidance token weights "
+                "(Zhu et al.); cdpo: critical-token weights on the rejected answer (Lin et al.)"})
     beta: float = field(default=0.1, metadata={"help": "DPO's beta: scale of the log-ratios (not the RL scripts' KL coefficient)"})
     alpha: float = field(default=0.5, metadata={"help": "TDPO2: weight of the KL term; TGDPO: weight of the guidance token reward"})
     prompts_per_round: int = field(default=128, metadata={"help": "prompts sampled (G answers each, one generate call) to build one round's pairs"})
@@ -86,13 +95,27 @@ class Args:
     pairs_file: Optional[str] = field(default=None, metadata={"help": "JSONL of {prompt, chosen, rejected} to train on instead of sampling (prompt = the question)"})
     guidance_model: Optional[str] = field(default=None, metadata={"help": "TGDPO guidance model (same tokenizer); default: the policy after the first DPO round"})
     kl_chunk_size: int = field(default=256, metadata={"help": "response positions per chunk of the full-vocabulary log-softmax (memory vs speed)"})
+    ce_beta: float = field(default=1.0, metadata={
+        "help": "cDPO: lambda in log c = (1+lambda) log pi_pos - lambda log pi_neg - log Z (the "
+                "paper's beta); 0 = the positive model's own probability"})
+    ce_sft_steps: int = field(default=30, metadata={
+        "help": "cDPO: AdamW steps of each round's positive and negative fine-tune (each from a "
+                "fresh copy of the reference)"})
+    ce_sft_rows: int = field(default=32, metadata={
+        "help": "cDPO: rows per fine-tune step, drawn with replacement from the positive (or "
+                "negative) set"})
+    ce_sft_lr: float = field(default=3e-4, metadata={
+        "help": "cDPO: learning rate of the positive and negative fine-tunes (the paper's 3e-4)"})
+    show_credit: int = field(default=0, metadata={
+        "help": "cDPO: every N rounds print one rejected answer with each token's weight w_t "
+                "(colour on a terminal); 0 = off"})
 
 
 # ----------------------------------------------------------------------------------------
 # ALGO LOGIC: per-token log-probs and the full-vocabulary KL, one chunk of positions at a time
 # ----------------------------------------------------------------------------------------
 
-KL_MIN = -1e-6  # a KL is >= 0; fp32 rounding stays above this (card, section 4), a bug does not
+KL_MIN = -1e-6  # a KL is >= 0; fp32 rounding stays above this, a bug does not
 
 
 def _chunk_terms(h: torch.Tensor, h_ref: torch.Tensor, ids: torch.Tensor, head: Callable,
@@ -128,7 +151,7 @@ def token_logps_and_kl(hidden: torch.Tensor, ref_hidden: torch.Tensor, completio
     chunk runs under activation checkpointing, so backward keeps only the hidden-state chunk
     and recomputes the rest. The gathered log-probs come from the same chunk as the KL.
 
-    Example (card 5.3): pi_theta = (.5, .3, .2), pi_ref = (.4, .4, .2) gives
+    Example: pi_theta = (.5, .3, .2), pi_ref = (.4, .4, .2) gives
     KL = .4 ln(.4/.5) + .4 ln(.4/.3) + 0 = 0.0258154; (.1, .1, .8) vs (.2, .2, .6) gives 0.1046496.
     """
     identity = lambda x: x  # noqa: E731
@@ -202,7 +225,7 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     rewards/accuracies, not logps/chosen (a known behaviour, discussed in TRL's and the original
     DPO repository's issues).
 
-    Example (card 5.3): rho(y_w) = ln(.5/.4) + ln(.6/.5) = ln 1.5 = 0.4054651, rho(y_l) =
+    Example: rho(y_w) = ln(.5/.4) + ln(.6/.5) = ln 1.5 = 0.4054651, rho(y_l) =
     ln(.3/.4) + ln(.8/.6) = 0 -> z = 0.0405465, L = 0.6730794. At pi_theta = pi_ref, L = ln 2.
     """
     rho_w = masked_sum(policy_chosen_logps - ref_chosen_logps, chosen_mask)      # [N]
@@ -234,7 +257,7 @@ def tdpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
     Extra metrics: kl/chosen, kl/rejected, kl/margin, and the TDPO repository's reward
     rewards_tdpo/* = beta (rho + SeqKL).
 
-    Example (card 5.3): SeqKL(y_w) = 0.0462264, SeqKL(y_l) = 0.1304650. TDPO1: z = 0.0405465 -
+    Example: SeqKL(y_w) = 0.0462264, SeqKL(y_l) = 0.1304650. TDPO1: z = 0.0405465 -
     0.1 * 0.0842386 = 0.0321226, L = 0.6772148. TDPO2 (alpha 0.5): z = 0.0363346, L = 0.6751449.
     """
     rho_w = masked_sum(policy_chosen_logps - ref_chosen_logps, chosen_mask)      # [N]
@@ -280,7 +303,7 @@ def tgdpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.T
     of pairs), so here TGDPO re-weights tokens by what an earlier DPO round already learned
     rather than bringing in independent token-level knowledge. --guidance-model loads another.
 
-    Example (card 5.3): r_hat(y_w) = 0.1 (ln(.6/.4), ln(.5/.5)) = (0.0405465, 0), r_hat(y_l) =
+    Example: r_hat(y_w) = 0.1 (ln(.6/.4), ln(.5/.5)) = (0.0405465, 0), r_hat(y_l) =
     0.1 (ln(.2/.4), 0) = (-0.0693147, 0) -> z = 0.0419959, L = 0.6723697.
     """
     rho_t_w = torch.where(chosen_mask > 0, policy_chosen_logps - ref_chosen_logps, 0.0)        # [N, L]
@@ -299,6 +322,274 @@ def tgdpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.T
                     "tgdpo/rhat_rejected_mean": float(rhat_l.sum() / ml.sum().clamp(min=1)),
                     "tgdpo/negative_weight_frac": float(negative / (mw.sum() + ml.sum()).clamp(min=1))})
     return _reduce(losses, reduction), metrics
+
+
+# ----------------------------------------------------------------------------------------
+# ALGO LOGIC: cDPO, critical-token weights from contrastive estimation (docs/token_dpo.md)
+# ----------------------------------------------------------------------------------------
+
+CE_NEG_COVERAGE = 0.5  # the negative set's answer groups cover half of a prompt's wrong answers
+CE_SFT_MAX_GRAD_NORM = 1.0
+
+
+def _ce_chunk(hp: torch.Tensor, hn: torch.Tensor, ids: torch.Tensor, pos_head: Callable,
+              neg_head: Callable, lam: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log c_t, log pi_p(y_t), log pi_n(y_t) for c positions: [c, H] x 2, [c] -> [c] x 3.
+    At least fp32 (fp64 stays fp64)."""
+    up = lambda x: x.to(torch.promote_types(x.dtype, torch.float32))  # noqa: E731
+    lp = torch.log_softmax(up(pos_head(hp)), dim=-1)              # [c, V], this chunk only
+    ln = torch.log_softmax(up(neg_head(hn)), dim=-1)              # [c, V]
+    # log of P_p^(1+lam) * P_n^(-lam), unnormalised; never formed in probability space, where
+    # P_n underflows and the ratio overflows. lam = 0 skips P_n (0 * -inf would be NaN).
+    mix = lp if lam == 0 else (1.0 + lam) * lp - lam * ln
+    log_c = torch.log_softmax(mix, dim=-1)                        # minus log Z_t (full vocabulary)
+    pick = lambda x: x.gather(-1, ids[:, None]).squeeze(-1)       # noqa: E731
+    return pick(log_c), pick(lp), pick(ln)
+
+
+@torch.no_grad()
+def cdpo_weights(pos_logits: torch.Tensor, neg_logits: torch.Tensor, tokens: torch.Tensor,
+                 mask: torch.Tensor, lam: float = 1.0, pos_head: Optional[Callable] = None,
+                 neg_head: Optional[Callable] = None, chunk_size: int = 256,
+                 with_logps: bool = False):
+    """cDPO's per-token weights w_t = 1 - c_t from contrastive estimation (Lin et al., eq. 1).
+
+        log c_t = (1+lam) log pi_p(y_t|s_t) - lam log pi_n(y_t|s_t) - log Z_t
+        Z_t     = sum_{v in vocab} pi_p(v|s_t)^(1+lam) pi_n(v|s_t)^(-lam)
+        w_t     = (1 - c_t) * m_t  in [0, 1]       no gradient, no clipping, no normalisation
+
+    pi_p / pi_n: frozen models fine-tuned on correct / incorrect answers (the positive and
+    negative models). A token the positive model finds unlikely and the negative model likely
+    has a low c_t, so a weight near 1: it is "critical" and DPO's push on it is kept; tokens
+    with c_t near 1 are hardly pushed. The paper calls lam its beta and c_t its s_t.
+
+    pos_logits, neg_logits: [N, L, V] logits at the positions that predict tokens [N, L], or
+    [N, L, H] final hidden states when pos_head / neg_head (hidden -> logits) are given. mask
+    [N, L]: 1 on response tokens incl. EOS. The vocabulary is handled `chunk_size` response
+    positions at a time, in fp32 (fp64 inputs stay fp64): no [N, L, V] fp32 copy is built. A
+    per-position constant added to a model's logits cancels. Returns w [N, L] (0 where mask =
+    0); with with_logps also log pi_p(y_t) and log pi_n(y_t), each [N, L].
+
+    Example (lam = 1), rejected answer (b, c) of V = {a, b, c}:
+      position 1, y = b: pi_p = (.6, .2, .2), pi_n = (.3, .5, .2) -> P_p^2/P_n = (1.2, .08, .2),
+        Z = 1.48, c = .08/1.48 = 0.0540541, w = 0.9459459
+      position 2, y = c: pi_p = (.2, .2, .6), pi_n = (.1, .1, .8) -> (.4, .4, .45), Z = 1.25,
+        c = 0.36, w = 0.64.   lam = 0 gives c = pi_p(y) = (.2, .6); pi_p = pi_n gives c = pi_p(y).
+    """
+    identity = lambda x: x  # noqa: E731
+    pos_head, neg_head = pos_head or identity, neg_head or identity
+    keep = mask > 0                                                              # [N, L]
+    hp, hn, ids = pos_logits[keep], neg_logits[keep], tokens[keep]               # [T, .], [T]
+    parts = [_ce_chunk(hp[s:s + chunk_size], hn[s:s + chunk_size], ids[s:s + chunk_size],
+                       pos_head, neg_head, lam) for s in range(0, ids.numel(), chunk_size)]
+    if parts:
+        log_c, lp, ln = (torch.cat(x) for x in zip(*parts))                      # [T] each
+    else:
+        log_c = lp = ln = torch.zeros(0, device=tokens.device)
+    zeros = torch.zeros(keep.shape, dtype=log_c.dtype, device=tokens.device)    # [N, L]
+    w = 1.0 - log_c.exp()                                                        # [T]
+    if not torch.isfinite(w).all() or (w.numel() and (w.min() < 0 or w.max() > 1)):
+        raise FloatingPointError("non-finite or out-of-range cDPO weight: a -inf logit in the "
+                                 "negative model (a masked vocabulary) gives -lam * -inf = +inf; "
+                                 "use finite logits")
+    out = zeros.masked_scatter(keep, w)
+    if with_logps:
+        return out, zeros.masked_scatter(keep, lp), zeros.masked_scatter(keep, ln)
+    return out
+
+
+def cdpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+              ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
+              chosen_mask: torch.Tensor, rejected_mask: torch.Tensor,
+              rejected_weights: torch.Tensor, beta: float = 0.1,
+              chosen_kl: Optional[torch.Tensor] = None, rejected_kl: Optional[torch.Tensor] = None,
+              reduction: str = "mean") -> tuple[torch.Tensor, dict]:
+    """cDPO (Lin et al. 2025), the paper's form: one sigmoid per pair over weighted sums.
+
+        rho_t(y) = [log pi_theta(y_t|s_t) - log pi_ref(y_t|s_t)] * m_t
+        z = beta * [ sum_t rho_t(y_w)  -  sum_t w_t rho_t(y_l) ],   L = softplus(-z)
+
+    Only the rejected side is weighted (w_t = 1 - c_t from `cdpo_weights`, a constant: no
+    gradient reaches it); the chosen side is DPO's. w = 1 everywhere is DPO exactly. Args as
+    `dpo_loss`, plus rejected_weights [N, L] (garbage or NaN at masked positions is ignored).
+    Gradient: dL/d rho_t(y_w) = -beta sigma(-z); dL/d rho_t(y_l) = +beta w_t sigma(-z).
+
+    NOT the official code's loss: that one applies softplus(-beta [rho_j(y_w) - w_j rho_j(y_l)])
+    at every label position j of the right-padded batch (chosen token j against rejected token
+    j) and averages over all positions, prompt and padding included. docs/token_dpo.md compares
+    both on the example below. The weights are not normalised, so rewards/margins is not
+    comparable with DPO's; cdpo/weighted_rewards_rejected = beta sum_t w_t rho_t(y_l) is what
+    the loss sees (rewards/* stay unweighted, as TRL's).
+
+    Example: the hand example of `dpo_loss` (rho(y_w) = 0.4054651, rho_t(y_l) = (-0.2876821,
+    +0.2876821)) with w = (0.9459459, 0.64): sum_t w_t rho_t(y_l) = -0.0880152, z = 0.1 *
+    (0.4054651 + 0.0880152) = 0.0493480, L = 0.6687775 (DPO: z = 0.0405465, L = 0.6730794; the
+    official per-position form: 0.6809635).
+    """
+    rho_w = masked_sum(policy_chosen_logps - ref_chosen_logps, chosen_mask)                 # [N]
+    rho_t_l = torch.where(rejected_mask > 0, policy_rejected_logps - ref_rejected_logps, 0.0)
+    w = torch.where(rejected_mask > 0, rejected_weights, 0.0).detach()                     # [N, L]
+    weighted_l = (w * rho_t_l).sum(-1)                                                      # [N]
+    z = beta * (rho_w - weighted_l)
+    losses = F.softplus(-z)
+    kls = (None, None) if chosen_kl is None else (masked_sum(chosen_kl, chosen_mask),
+                                                  masked_sum(rejected_kl, rejected_mask))
+    metrics = _pair_metrics(z, losses, beta, rho_w, rho_t_l.sum(-1),
+                            masked_sum(policy_chosen_logps, chosen_mask),
+                            masked_sum(policy_rejected_logps, rejected_mask), *kls)
+    metrics["cdpo/weighted_rewards_rejected"] = float((beta * weighted_l).detach().mean())
+    return _reduce(losses, reduction), metrics
+
+
+def select_ce_rows(correct: list[bool], finished: list[bool], answers: list, num_generations: int,
+                   generator: torch.Generator,
+                   coverage: float = CE_NEG_COVERAGE) -> tuple[list[int], list[int], bool]:
+    """The rows that fine-tune cDPO's positive and negative models (the paper's selection rule).
+
+        per prompt (G rows): positive set <- one random correct row, if there is one
+          W = its incorrect rows that finished (EOS) with a parseable answer, grouped by answer;
+          largest group first (ties at random): one random row per group, until the groups
+          taken cover ceil(coverage * |W|) rows
+        fallback: if no prompt gave a negative row, every incorrect row of the batch
+
+    correct, finished: [B] flags; answers: [B] normalised final answers (None = none found).
+    Returns (positive rows, negative rows, fallback used).
+
+    Example (the paper's): 10 incorrect rows with answers a a a b b c d e f g -> need 5; group a
+    covers 3, then b brings 5: the negative set gets one row with a and one with b.
+    """
+    G, rand = num_generations, lambda n: int(torch.randint(n, (1,), generator=generator))
+    pos, neg = [], []
+    for g in range(len(correct) // G):
+        rows = range(g * G, (g + 1) * G)
+        right = [i for i in rows if correct[i]]
+        if right:
+            pos.append(right[rand(len(right))])
+        wrong = [i for i in rows if not correct[i] and finished[i] and answers[i] is not None]
+        groups: dict = {}
+        for i in wrong:
+            groups.setdefault(answers[i], []).append(i)
+        keys = list(groups)
+        keys = [keys[k] for k in torch.randperm(len(keys), generator=generator).tolist()]
+        keys.sort(key=lambda a: -len(groups[a]))  # stable: largest first, ties in random order
+        covered, need = 0, math.ceil(coverage * len(wrong))
+        for a in keys:
+            if covered >= need:
+                break
+            neg.append(groups[a][rand(len(groups[a]))])
+            covered += len(groups[a])
+    if not neg:
+        return pos, [i for i in range(len(correct)) if not correct[i]], True
+    return pos, neg, False
+
+
+def train_ce_model(ref_model, tokenizer, rows: list[tuple[list[int], list[int]]], steps: int,
+                   rows_per_step: int, lr: float, generator: torch.Generator):
+    """A positive or negative model: a deep copy of pi_ref, fine-tuned with common.sft_loss on
+    `rows` (prompt ids, answer ids), `steps` AdamW steps of rows drawn with replacement, then
+    frozen. Eval mode (no dropout); `generator` draws the rows, the global RNG is untouched.
+    Returns (model, last step's loss)."""
+    model = copy.deepcopy(ref_model).requires_grad_(True).eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    loss = float("nan")
+    for _ in range(steps):
+        pick = torch.randint(len(rows), (rows_per_step,), generator=generator).tolist()
+        out = common.sft_loss(model, tokenizer, [rows[i] for i in pick])
+        out.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CE_SFT_MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = out.item()
+    return model.requires_grad_(False), loss
+
+
+def add_cdpo_weights(pairs: list[dict], pos_rows: list, neg_rows: list, ref_model, tokenizer, args,
+                     round_no: int, device) -> dict:
+    """One round's contrastive estimation: fine-tune pi_p then pi_n from fresh copies of pi_ref,
+    score every pair's rejected answer once, store its weights in the pair as
+    p["rejected_weights"] (a list of floats, one per token: saved with the round's pairs, so a
+    resumed run never retrains), then free both models. Returns the round's cdpo/* metrics.
+
+    Each fine-tune draws its rows from its own generator, seeded from (seed, round, which).
+    The pairs are scored on exactly the collated ids and positions the policy sees; the chosen
+    half is scored only for cdpo/contrast_chosen. Peak memory: two extra model copies (plus one
+    AdamW state while fine-tuning); LoRA adapters on the reference, as the official code does,
+    would share the base weights, at the price of a `peft` dependency.
+    """
+    t0, seed = time.time(), args.seed * 100003 + round_no
+    def fit(rows, k):
+        gen = torch.Generator().manual_seed(seed + k * 1_000_000_007)
+        return train_ce_model(ref_model, tokenizer, rows, args.ce_sft_steps, args.ce_sft_rows,
+                              args.ce_sft_lr, gen)
+
+    pos_model, pos_loss = fit(pos_rows, 1)
+    neg_model, neg_loss = fit(neg_rows, 2)
+    heads = pos_model.get_output_embeddings(), neg_model.get_output_embeddings()
+    contrast = {"chosen": [0.0, 0.0], "rejected": [0.0, 0.0]}  # sum of log pi_p - log pi_n, tokens
+    n = max(1, args.micro_batch_size // 2)
+    with torch.no_grad():
+        for s in range(0, len(pairs), n):
+            mb = pairs[s:s + n]
+            batch = collate_pairs(mb, tokenizer.pad_token_id, device)
+            hp, hn = (response_hidden_states(m, *batch) for m in (pos_model, neg_model))
+            w, lp, ln = cdpo_weights(hp, hn, batch[2], batch[3], args.ce_beta, *heads,
+                                     chunk_size=args.kl_chunk_size, with_logps=True)   # [2n, L]
+            for half, d, m in zip(("chosen", "rejected"), (lp - ln).chunk(2), batch[3].chunk(2)):
+                contrast[half][0] += masked_sum(d, m).sum().item()
+                contrast[half][1] += m.sum().item()
+            for i, p in enumerate(mb):  # the chosen half's weights are not used
+                p["rejected_weights"] = w[len(mb) + i, :len(p["rejected"])].tolist()
+    del pos_model, neg_model, heads  # only the weights are kept
+    losses = {"cdpo/pos_sft_loss": pos_loss, "cdpo/neg_sft_loss": neg_loss}
+    losses = losses if args.ce_sft_steps else {}
+    return {"cdpo/pos_rows": len(pos_rows), "cdpo/neg_rows": len(neg_rows), **losses,
+            "cdpo/contrast_chosen": contrast["chosen"][0] / max(contrast["chosen"][1], 1.0),
+            "cdpo/contrast_rejected": contrast["rejected"][0] / max(contrast["rejected"][1], 1.0),
+            "cdpo/sft_seconds": time.time() - t0}
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    """Index of the first token where a and b differ (the shorter length if one is a prefix)."""
+    return next((t for t, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def cdpo_weight_stats(pairs: list[dict], eos_id: int, golds: Optional[list] = None) -> dict:
+    """Where cDPO's weights sit, over the round's rejected answers (docs/token_dpo.md lists them).
+
+    golds: per pair the gold solution's ids (arith), or None. Its first difference from the
+    rejected answer is the task's natural error token: cdpo/argmax_at_first_error_frac is how
+    often the top-weight token is that one (chance: cdpo/first_error_chance = mean 1/|y_l|),
+    cdpo/first_error_weight_mean its mean weight (against cdpo/weight_mean).
+    """
+    ws = [torch.tensor(p["rejected_weights"], dtype=torch.float64) for p in pairs]
+    if not ws:
+        return {}
+    every = torch.cat(ws)
+    argmax = [int(w.argmax()) for w in ws]
+    split = [first_difference(p["chosen"], p["rejected"]) for p in pairs]
+    prefix = torch.cat([w[:k] for w, k in zip(ws, split)])
+    eos = [float(w[-1]) for w, p in zip(ws, pairs) if p["rejected"][-1] == eos_id]
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    m = {"cdpo/weight_mean": float(every.mean()),
+         "cdpo/weight_sum": mean([float(w.sum()) for w in ws]),
+         "cdpo/weight_max": mean([float(w.max()) for w in ws]),
+         "cdpo/critical_frac": float((every > 0.5).double().mean()),  # c_t < 0.5 (our threshold)
+         "cdpo/argmax_pos": mean(argmax),
+         "cdpo/argmax_in_shared_prefix_frac": mean([float(a < k) for a, k in zip(argmax, split)]),
+         "cdpo/shared_prefix_weight_mean": float(prefix.mean()) if prefix.numel() else float("nan"),
+         "cdpo/eos_weight_mean": mean(eos)}
+    if golds is not None:
+        hits, weights, chance = [], [], []
+        for w, a, p, gold in zip(ws, argmax, pairs, golds):
+            t = first_difference(gold, p["rejected"])
+            if t < len(p["rejected"]):  # a rejected answer that is a prefix of the gold has none
+                hits.append(float(a == t))
+                weights.append(float(w[t]))
+                chance.append(1.0 / len(p["rejected"]))
+        m.update({"cdpo/argmax_at_first_error_frac": mean(hits),
+                  "cdpo/first_error_chance": mean(chance),
+                  "cdpo/first_error_weight_mean": mean(weights)})
+    return {k: v for k, v in m.items() if not math.isnan(v)}
 
 
 # ----------------------------------------------------------------------------------------
@@ -482,6 +773,54 @@ def fresh_sample_stats(model, ref_model, prompt_ids, prompt_mask, completion_ids
     return {"round/seq_kl_to_ref": torch.cat(seq_kl).mean().item(), "entropy": ent_sum / completion_mask.sum().item()}
 
 
+def check_cdpo_args(args) -> None:
+    """Refuse bad cDPO flags with one line that names the fix."""
+    if args.show_credit < 0:
+        raise UserError(f"--show-credit must be 0 (off) or a number of rounds, got "
+                        f"{args.show_credit}; pass e.g. --show-credit 1")
+    if args.loss != "cdpo":
+        return
+    common.check_positive(ce_sft_rows=args.ce_sft_rows, ce_sft_lr=args.ce_sft_lr)
+    if args.ce_sft_steps < 0:
+        raise UserError(f"--ce-sft-steps must be 0 or more, got {args.ce_sft_steps}; "
+                        "pass e.g. --ce-sft-steps 30")
+    if not (math.isfinite(args.ce_beta) and args.ce_beta >= 0):
+        raise UserError(f"--ce-beta must be a number >= 0, got {args.ce_beta}; "
+                        "pass e.g. --ce-beta 1")
+
+
+def cdpo_sets(texts: list[str], rewards: torch.Tensor, completion_ids: torch.Tensor, tokenizer,
+              idx: list[int], train: list[dict], train_prompt_ids: list, G: int, found: list,
+              args, round_no: int) -> tuple[tuple[list, list], Optional[list], dict]:
+    """A round's fine-tuning rows for cDPO's two models, (prompt ids, answer ids incl. its EOS),
+    chosen by `select_ce_rows` from all the round's samples; and per pair the gold solution's
+    ids (arith only), for the diagnostics. The selection has its own generator."""
+    eos, ids = tokenizer.eos_token_id, completion_ids.cpu()
+    lengths = common.completion_mask_from_ids(ids, eos).sum(1).long().tolist()
+    answers = [common.normalize_number(common.extract_answer(t)) for t in texts]
+    gen = torch.Generator().manual_seed(args.seed * 100003 + round_no + 3 * 1_000_000_007)
+    finished = (ids == eos).any(1).tolist()
+    pos, neg, fallback = select_ce_rows((rewards > 0.5).tolist(), finished, answers, G, gen)
+    row = lambda i: (train_prompt_ids[idx[i // G]], ids[i, :lengths[i]].tolist())  # noqa: E731
+    golds = None
+    if args.task == "arith":
+        golds = [tokenizer(train[idx[g]]["solution"], add_special_tokens=False)["input_ids"] + [eos]
+                 for g, _, _ in found]
+    rows = [row(i) for i in pos], [row(i) for i in neg]
+    return rows, golds, {"cdpo/neg_fallback": float(fallback)}
+
+
+def cdpo_credit_view(pair: dict, tokenizer, gold: Optional[list[int]] = None) -> str:
+    """One rejected answer, each token followed by its cDPO weight w_t (near 1 = critical)."""
+    w = torch.tensor([pair["rejected_weights"]])
+    head = "cDPO weight w_t = 1 - c_t of each token of one rejected answer (near 1: critical)"
+    if gold is not None:
+        head += f"; gold solution {tokenizer.decode(gold[:-1])!r}"
+    ids = torch.tensor([pair["rejected"]])
+    return head + ":\n" + common.credit_view(tokenizer, ids, w, torch.ones_like(w))
+
+
+
 # ----------------------------------------------------------------------------------------
 # Training loop
 # ----------------------------------------------------------------------------------------
@@ -496,6 +835,7 @@ def main(args: Args) -> dict:
     if args.num_generations < 2 and args.pairs_file is None:
         raise UserError(f"--num-generations must be at least 2 (got {args.num_generations}): a pair needs a "
                         "correct and an incorrect answer to the same prompt; pass --num-generations 2 or more")
+    check_cdpo_args(args)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype = common.resolve_dtype(args.dtype, device)
     max_len = args.max_completion_length or {"arith": 48, "gsm8k": 512}[args.task]
@@ -513,7 +853,7 @@ def main(args: Args) -> dict:
     check_plain_lm_head(model, device)
     train_prompt_ids = common.tokenize_prompts(tokenizer, train, args.task, common.context_length(model), max_len)
     file_pairs = None if file_rows is None else tokenize_pairs(file_rows, tokenizer, args.task, common.context_length(model))
-    # pi_ref is the warm-start model, frozen for every round (card, section 3: "reference across rounds: fixed")
+    # pi_ref is the warm-start model, frozen for every round (docs/token_dpo.md)
     ref_model = load_frozen(args.model, device, dtype)
     guidance = load_frozen(args.guidance_model, device, dtype) if args.loss == "tgdpo" and args.guidance_model else None
     head, ref_head = model.get_output_embeddings(), ref_model.get_output_embeddings()
@@ -544,9 +884,13 @@ def main(args: Args) -> dict:
                 tokenizer.save_pretrained(state["guidance_dir"])
             state["round"] += 1
             gen = torch.Generator().manual_seed(args.seed * 100003 + state["round"])
+            golds = ce_rows = None
             if file_pairs is not None:  # the user's pairs replace sampling; the same loss code runs
-                pairs = file_pairs
+                # cDPO: the file never changes, so round 1's weights (kept in state) are reused
+                pairs = state["pairs"] if args.loss == "cdpo" and state["pairs"] else file_pairs
                 metrics["pairs/built"] = len(pairs)
+                ce_rows = ([(p["prompt"], p["chosen"]) for p in pairs],
+                           [(p["prompt"], p["rejected"]) for p in pairs])
             else:  # ALGO LOGIC: G answers per prompt from the CURRENT policy, verified, then paired
                 idx = sampler.next(args.prompts_per_round)
                 prompt_ids, prompt_mask = common.left_pad([train_prompt_ids[i] for i in idx], tokenizer.pad_token_id, device)
@@ -554,7 +898,7 @@ def main(args: Args) -> dict:
                                                  args.temperature, args.top_p, args.top_k)
                 completion_mask = common.completion_mask_from_ids(completion_ids, tokenizer.eos_token_id)
                 texts = common.decode_completions(tokenizer, completion_ids)
-                # truncated = wrong (card section 2): a cut-off answer is never "chosen"
+                # truncated = wrong: a cut-off answer is never "chosen"
                 rewards = common.finished_rewards(texts, [train[i]["answer"] for i in idx for _ in range(G)],
                                                   completion_ids, tokenizer.eos_token_id)
                 found, counts = build_pairs(rewards, completion_ids.cpu(), completion_mask.cpu(), G,
@@ -568,6 +912,20 @@ def main(args: Args) -> dict:
                                                               completion_mask, args.micro_batch_size))
                 if (state["round"] - 1) % args.log_completions_every == 0:
                     run.logger.log_completions(step, [train[idx[0]]["question"]] * G, texts[:G], rewards[:G].tolist())
+                if args.loss == "cdpo" and pairs:  # ALGO LOGIC: cDPO's sets, the round's samples
+                    ce_rows, golds, fallback = cdpo_sets(texts, rewards, completion_ids, tokenizer,
+                                                         idx, train, train_prompt_ids, G, found,
+                                                         args, state["round"])
+                    metrics.update(fallback)
+            if args.loss == "cdpo" and pairs and "rejected_weights" not in pairs[0]:
+                metrics.update(add_cdpo_weights(pairs, *ce_rows, ref_model, tokenizer, args,
+                                                state["round"], device))
+                metrics.update(cdpo_weight_stats(pairs, tokenizer.eos_token_id, golds))
+                bar.write(f"step {step}: round {state['round']}: cDPO fine-tuned its positive and "
+                          f"negative models on {len(ce_rows[0])} and {len(ce_rows[1])} rows "
+                          f"({metrics['cdpo/sft_seconds']:.1f} s)")
+                if args.show_credit and (state["round"] - 1) % args.show_credit == 0:
+                    bar.write(cdpo_credit_view(pairs[0], tokenizer, golds[0] if golds else None))
             state["pairs"] = pairs
             for _ in range(args.epochs_per_round):
                 order = torch.randperm(len(pairs), generator=gen).tolist()
@@ -599,6 +957,12 @@ def main(args: Args) -> dict:
                 elif loss_name in ("tdpo1", "tdpo2"):
                     loss, m = tdpo_loss(pw, pl, rw, rl, mw, ml, kw, kr, args.beta, args.alpha,
                                         version=int(loss_name[-1]), reduction="sum")
+                elif loss_name == "cdpo":  # the stored weights, right-padded like y_l
+                    wl = torch.zeros_like(ml)
+                    for i, p in enumerate(mb):
+                        wl[i, :len(p["rejected"])] = torch.tensor(p["rejected_weights"])
+                    loss, m = cdpo_loss(pw, pl, rw, rl, mw, ml, wl, args.beta, kw, kr,
+                                        reduction="sum")
                 else:
                     with torch.no_grad():
                         g_logps, _ = common.per_token_logps(guidance, prompt_ids, prompt_mask, completion_ids,

@@ -1,7 +1,7 @@
 """Compare the methods on the embedded task: every script with its defaults, several seeds.
 
-    python benchmarks/compare.py                 # full: 9 methods x 3 seeds, 80 steps each (see README)
-    python benchmarks/compare.py --quick         # 9 methods x 1 seed x 6 steps: a few minutes on 2 CPU cores
+    python benchmarks/compare.py                 # full: 10 methods x 3 seeds, 80 steps each
+    python benchmarks/compare.py --quick         # 10 methods x 1 seed x 6 steps: a few minutes
     python benchmarks/compare.py --tables-only   # rebuild the tables and curves from finished runs
 
 Each run is `python {script}.py --seed S --output-dir OUT/runs/{method}/seed{S}` plus the
@@ -48,6 +48,7 @@ METHODS = {
     "tdpo1": ("token_dpo", ["--loss", "tdpo1"]),
     "tdpo2": ("token_dpo", ["--loss", "tdpo2"]),
     "tgdpo": ("token_dpo", ["--loss", "tgdpo"]),
+    "cdpo": ("token_dpo", ["--loss", "cdpo"]),
 }
 QUICK_FLAGS = ["--total-steps", "6", "--eval-every", "3", "--eval-size", "50"]
 
@@ -63,6 +64,7 @@ DIAGNOSTICS = {
     "tdpo1": ["rewards/accuracies", "rewards/margins", "kl/chosen"],
     "tdpo2": ["rewards/accuracies", "rewards/margins", "kl/chosen"],
     "tgdpo": ["rewards/accuracies", "rewards/margins", "kl/chosen"],
+    "cdpo": ["rewards/accuracies", "kl/chosen", "cdpo/weight_mean", "cdpo/sft_seconds"],
 }
 
 
