@@ -113,3 +113,19 @@ def test_bad_arith_ops_is_one_line_exit_2(script):
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "--arith-ops" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_a_script_trains_on_the_setting_it_is_given(random_tiny_model_dir, tmp_path):
+    """--arith-ops 6-8 reaches the prompts and the default max completion length (84)."""
+    r = run_script("grpo", "--model", str(random_tiny_model_dir), "--output-dir", str(tmp_path),
+                   "--arith-ops", "6-8", "--total-steps", "1", "--prompts-per-step", "2",
+                   "--num-generations", "2", "--eval-size", "2", "--log-completions-every", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run_dir,) = list(tmp_path.iterdir())
+    assert json.loads((run_dir / "config.json").read_text())["arith_ops"] == "6-8"
+    prompts = [json.loads(line)["prompt"] for line in open(run_dir / "completions.jsonl")]
+    assert prompts and all(6 <= len(re.findall(r"[+-]", p)) <= 8 for p in prompts)
+    step1 = [json.loads(line) for line in open(run_dir / "metrics.jsonl")][1]
+    assert step1["completions/max_length"] <= 84
+    # a random model rarely stops: some completion runs to the setting's limit, past 2-4's 48
+    assert step1["completions/max_length"] > 48
