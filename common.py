@@ -1116,9 +1116,49 @@ _GREENS = (151, 114, 77, 40, 46)    # 256-colour ANSI codes, weakest to stronges
 _REDS = (224, 210, 203, 196, 160)
 
 
+def pick_credit_group(rewards: torch.Tensor, num_generations: int) -> Optional[int]:
+    """The group to show in a credit view: one whose rewards differ, or None if none does.
+
+    Of the groups with a spread, the one whose mean reward is nearest 1/2 (the most even split
+    of right and wrong answers, so the most tokens get credit); ties go to the earliest.
+    rewards [B], group-contiguous. Example, G = 4: [0,0,0,0, 1,0,0,0, 1,1,0,0] -> 2; all equal: None.
+    """
+    r = rewards.detach().double().cpu().view(-1, num_generations)           # [groups, G]
+    spread = (r.max(1).values - r.min(1).values) > 1e-9
+    if not spread.any():
+        return None
+    distance = torch.where(spread, (r.mean(1) - 0.5).abs(), torch.full_like(r[:, 0], math.inf))
+    return int(torch.argmin(distance))  # argmin returns the first of equal minima
+
+
+def credit_marks(advantages: torch.Tensor, flat: torch.Tensor, completion_mask: torch.Tensor,
+                 tol: float = 1e-6) -> torch.Tensor:
+    """The tokens whose advantage differs from GRPO's flat one: |A_t - flat_i| > tol, on mask.
+
+    advantages [G, L], flat [G], completion_mask [G, L] -> bool [G, L]. For TEMPO these are the
+    tokens with a TD term: the branch points of the group's prefix tree.
+    """
+    a, f = advantages.detach().double().cpu(), flat.detach().double().cpu()[:, None]
+    return ((a - f).abs() > tol) & (completion_mask.detach().cpu() > 0)
+
+
+def credit_group_text(step: int, examples: list[dict], idx: list[int], rewards: torch.Tensor,
+                      num_generations: int, render: typing.Callable[[slice], str]) -> str:
+    """The credit view's text for one step: the picked group's header and `render(rows)`, or one
+    line saying that no group's rewards differ (every advantage of the step is then 0)."""
+    g = pick_credit_group(rewards, num_generations)
+    if g is None:
+        return (f"step {step}, credit view: in all {len(idx)} groups every completion has the same "
+                "reward, so every advantage is 0; nothing to show")
+    ex, rows = examples[idx[g]], slice(g * num_generations, (g + 1) * num_generations)
+    return (f"step {step}, credit view of {ex['question']!r} (gold {ex['answer']}), "
+            f"group {g + 1} of {len(idx)}; " + render(rows))
+
+
 def render_credit(tokens: typing.Sequence[typing.Sequence[str]], advantages: torch.Tensor,
                   completion_mask: torch.Tensor, color: bool = False, flat: Optional[torch.Tensor] = None,
-                  rewards: Optional[torch.Tensor] = None, decimals: int = 2) -> str:
+                  rewards: Optional[torch.Tensor] = None, decimals: int = 2,
+                  marks: Optional[torch.Tensor] = None) -> str:
     """One line per completion; each real token (mask > 0) followed by its advantage.
 
     plain: "o1 (r=1.00, GRPO +0.87): A[+1.15]B[+0.58]"  (sign always; tokens are not separated,
@@ -1127,6 +1167,8 @@ def render_credit(tokens: typing.Sequence[typing.Sequence[str]], advantages: tor
            A == 0 uncoloured; no numbers. Newlines and tabs show as \\n and \\t: one line each.
     tokens: G lists of token strings (at least |o_i| each); advantages [G, L] (or [G] for a
     sequence-level method), completion_mask [G, L]; flat, rewards: optional [G], shown in front.
+    marks: optional bool [G, L]; then only marked tokens get a number (or a colour), the others
+    are printed bare, e.g. "o1 (r=1.00, GRPO +0.87): AB[+1.15]C" (credit_marks: != GRPO).
     """
     m = completion_mask.detach().cpu() > 0                                   # [G, L]
     adv = advantages.detach().to(torch.float64).cpu()
@@ -1140,7 +1182,9 @@ def render_credit(tokens: typing.Sequence[typing.Sequence[str]], advantages: tor
         parts = []
         for t in range(n):
             s, a = toks[t].replace("\n", "\\n").replace("\t", "\\t"), float(adv[i, t])
-            if not color:
+            if marks is not None and not bool(marks[i, t]):
+                parts.append(s)
+            elif not color:
                 parts.append(f"{s}[{a:+.{decimals}f}]")
             elif a == 0.0 or scale == 0.0:
                 parts.append(s)
@@ -1155,9 +1199,11 @@ def render_credit(tokens: typing.Sequence[typing.Sequence[str]], advantages: tor
 
 def credit_view(tokenizer, completion_ids: torch.Tensor, advantages: torch.Tensor, completion_mask: torch.Tensor,
                 flat: Optional[torch.Tensor] = None, rewards: Optional[torch.Tensor] = None,
-                color: Optional[bool] = None) -> str:
-    """render_credit with each token decoded on its own; colour when stdout is a terminal."""
+                color: Optional[bool] = None, only_diff: bool = False) -> str:
+    """render_credit with each token decoded on its own; colour when stdout is a terminal.
+    only_diff: mark only the tokens whose advantage differs from `flat` (credit_marks)."""
     lengths = (completion_mask > 0).sum(1).tolist()
     tokens = [[tokenizer.decode([t]) for t in row[:n]] for row, n in zip(completion_ids.tolist(), lengths)]
+    marks = credit_marks(advantages, flat, completion_mask) if only_diff else None
     return render_credit(tokens, advantages, completion_mask, sys.stdout.isatty() if color is None else color,
-                         flat, rewards)
+                         flat, rewards, marks=marks)

@@ -686,13 +686,14 @@ def main(args: Args) -> dict:
                 "spo/seg_adv_zero_frac": (seg_abs == 0).float().mean().item() if seg_abs.numel() else 0.0}
             rollout = common.rollout_metrics(rewards, completion_ids, completion_mask, eos, G)
             log_texts, log_rewards, log_n = texts, rewards, G
-            if args.show_credit and step % args.show_credit == 0:  # the batch's first group, '|' = segment start
-                ex = train[idx[0]]
+            if args.show_credit and step % args.show_credit == 0:  # a group whose rewards differ
                 toks = [[("|" if t in row_starts else "") + tokenizer.decode([tok]) for t, tok in enumerate(ids)]
-                        for ids, row_starts in zip(completion_ids[:G].tolist(), starts[:G].tolist())]
-                bar.write(f"step {step}, credit view of {ex['question']!r} (gold {ex['answer']}); masked tokens "
-                          "carry 0:\n" + common.render_credit(toks, advantages[:G] * prob_mask[:G], completion_mask[:G],
-                                                              sys.stdout.isatty(), rewards=rewards[:G]))
+                        for ids, row_starts in zip(completion_ids.tolist(), starts.tolist())]
+                bar.write(common.credit_group_text(step, train, idx, rewards, G, lambda g: (
+                    "'|' starts a segment; only the tokens SPO trains (p < rho) are marked:\n"
+                    + common.render_credit(toks[g], advantages[g], completion_mask[g],
+                                           color=sys.stdout.isatty(), rewards=rewards[g],
+                                           marks=prob_mask[g] > 0))))
         else:
             # ---- 1. rollout: one tree per prompt, grown level by level (one batched call per level) ----
             trees, mc_tokens = grow_trees(model, tokenizer, prompts, answers, branching, M, max_len, **sample_kw)

@@ -431,12 +431,12 @@ def main(args: Args) -> dict:
         advantages, algo_metrics = compute_tempo_advantages(rewards, G, completion_ids.cpu(), completion_mask.cpu(),
                                                             args.td_coef, args.scale_rewards)
         advantages = advantages.to(device)                                           # [B, L]
-        if args.show_credit and step % args.show_credit == 0:  # the batch's first group, token by token
-            ex = train[idx[0]]
-            bar.write(f"step {step}, credit view of {ex['question']!r} (gold {ex['answer']}); GRPO's flat "
-                      "advantage in ( ):\n" + common.credit_view(
-                          tokenizer, completion_ids[:G], advantages[:G], completion_mask[:G],
-                          flat=compute_advantages(rewards[:G], G, args.scale_rewards), rewards=rewards[:G]))
+        if args.show_credit and step % args.show_credit == 0:  # a group whose rewards differ
+            flat = compute_advantages(rewards, G, args.scale_rewards)  # GRPO's, [B]
+            bar.write(common.credit_group_text(step, train, idx, rewards, G, lambda g: (
+                "GRPO's flat advantage in ( ); only tokens whose advantage differs are marked:\n"
+                + common.credit_view(tokenizer, completion_ids[g], advantages[g],
+                                     completion_mask[g], flat[g], rewards[g], only_diff=True))))
 
         # ---- 3. ALGO LOGIC: optimisation passes against the sampling weights ----
         loss_mask = completion_mask
