@@ -26,7 +26,8 @@ one core, plus about 1 min of evaluations; 3 seeds on 2 cores: about 27 min. At 
 costs about twice as much (completions twice as long; generation and training scale with the
 length), so about 54 min: 81 minutes for the 30 runs, plus building the 6-8 warm start once
 (see docs/study.md for its measured time). --quick: 10 runs of 3 steps and 50 held-out
-problems, about 3 minutes once the warm starts are cached.
+problems. Measured with --lengths 2-4 only (5 runs) while four other jobs shared the 2 cores:
+8 minutes of wall time, 1.6 minutes of CPU time; on idle cores, a few minutes for all 10.
 
 Writes to OUT (default runs/study, --quick: runs/study-quick):
     study.csv   one row per run: setting, method, seed, start/final accuracy, gain, the diagnostics
