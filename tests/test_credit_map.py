@@ -168,3 +168,26 @@ def test_a_folder_that_is_no_run_is_one_line_exit_2(tmp_path):
         and out.stderr.strip().count("\n") == 0
         and "not a run folder" in out.stderr
     )
+
+
+def test_sample_group_picks_a_group_whose_rewards_differ(models, monkeypatch):
+    policy, _, tok = models
+    train = common.arith_dataset("train")[:16]
+    assert (
+        credit_map.sample_group(policy, tok, train, "arith", 4, 8, seed=0, tries=2) is None
+    )  # all 0
+    # rows 0..3 (group 0) all right, rows 4..7 (group 1) half right: group 1 is picked
+    fake = lambda texts, answers, ids, eos: torch.tensor(  # noqa: E731
+        [1.0] * 4 + [1.0, 0.0, 1.0, 0.0] + [0.0] * (len(texts) - 8)
+    )
+    monkeypatch.setattr(common, "finished_rewards", fake)
+    g = credit_map.sample_group(policy, tok, train, "arith", 4, 8, seed=0)
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(0)).tolist()
+    assert g["example"] == train[order[1]] and g["rewards"].tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert (
+        g["completion_ids"].shape == g["completion_mask"].shape and g["completion_ids"].size(0) == 4
+    )
+    prompt = tok(
+        common.format_prompt(tok, g["example"]["question"], "arith"), add_special_tokens=False
+    )["input_ids"]
+    assert g["prompt_row"] == prompt and g["prompt_mask"].sum(1).tolist() == [len(prompt)] * 4
