@@ -334,7 +334,6 @@ def main(argv=None) -> None:
 
 
 def _main(a) -> None:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     config = {}
     if a.run:
         ckpt = common.latest_checkpoint(Path(a.run))
