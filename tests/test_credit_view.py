@@ -58,3 +58,17 @@ def test_tempo_view_marks_exactly_the_td_tokens():
     out = common.credit_view(tok, ids, adv, mask, flat, rewards, color=False, only_diff=True)
     first = out.split("\n")[0]
     assert first.startswith("o1 (r=1.00, GRPO +0.87): 1+2=3[+") and first.count("[") == 1
+
+
+def test_spo_show_credit_end_to_end(random_tiny_model_dir, tmp_path):
+    """spo.py --show-credit on the random model (rewards 0, 1 by position: every group differs)."""
+    from conftest import run_script
+    out = run_script("spo", "--model", str(random_tiny_model_dir), "--output-dir", str(tmp_path),
+                     "--total-steps", "1", "--prompts-per-step", "2", "--num-generations", "2",
+                     "--eval-size", "2", "--max-completion-length", "8", "--show-credit", "1",
+                     fake_reward=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "step 1, credit view of " in out.stdout and ", group 1 of 2; " in out.stdout
+    assert "only the tokens SPO trains (p < rho) are marked" in out.stdout
+    rows = [line for line in out.stdout.splitlines() if line.startswith(("o1 (r=", "o2 (r="))]
+    assert [r[:10] for r in rows] == ["o1 (r=0.00", "o2 (r=1.00"]
