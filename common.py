@@ -112,17 +112,45 @@ SYSTEM_PROMPT = ("Solve the problem step by step. "
                  "End your answer with a line of the form '#### <number>'.")
 
 
-def arith_problem(rng: random.Random) -> tuple[str, str, str]:
+ARITH_OPS = (2, 4)  # operations per problem: the default length of the embedded task
+ARITH_MAX_OPS = 32  # the longest setting --arith-ops accepts
+
+
+def parse_arith_ops(text: str) -> tuple[int, int]:
+    """'2-4' -> (2, 4); '6' -> (6, 6). Refuses anything else with a UserError naming the fix.
+
+    LO >= 2: one operation gives fewer distinct problems than the three splits need.
+    """
+    m = re.fullmatch(r"\s*(\d{1,3})\s*(?:-\s*(\d{1,3})\s*)?", str(text))
+    lo, hi = (int(m.group(1)), int(m.group(2) or m.group(1))) if m else (0, -1)
+    if not 2 <= lo <= hi <= ARITH_MAX_OPS:
+        raise UserError(f"--arith-ops {text!r} is not a range of operations LO-HI with "
+                        f"2 <= LO <= HI <= {ARITH_MAX_OPS}; pass e.g. --arith-ops 2-4 or 6-8")
+    return lo, hi
+
+
+def arith_completion_length(ops: tuple[int, int]) -> int:
+    """The default max completion length of a setting: 9 * HI + 12 tokens (48 for 2-4, 84 for 6-8).
+
+    A step is at most 9 characters with its space ('99-30=69 '), the answer ' #### 69' and EOS
+    8 more (the last step has no space), so the longest solution of HI steps is 9 * HI + 7 + 1
+    tokens; the rule adds 4 of slack. The tiny model reads one token per character.
+    """
+    return 9 * ops[1] + 12
+
+
+def arith_problem(rng: random.Random, ops: tuple[int, int] = ARITH_OPS) -> tuple[str, str, str]:
     """One multi-step integer arithmetic problem with its chain-of-thought solution.
 
-    2 to 4 additions/subtractions of numbers in 1..30, every intermediate result in 0..99.
-    Each step of the solution can go wrong on its own (a carry, a borrow, a copied number),
-    so there is room for credit assignment.
+    ops[0] to ops[1] additions/subtractions (2 to 4 by default) of numbers in 1..30, every
+    intermediate result in 0..99. Each step of the solution can go wrong on its own (a carry,
+    a borrow, a copied number), so there is room for credit assignment; more operations mean
+    a longer chain of steps before the answer.
 
     >>> arith_problem(random.Random(0))
-    ('25+2-13+28', '25+2=27 27-13=14 14+28=42 #### 42', '42')
+    ('25+29-2-17', '25+29=54 54-2=52 52-17=35 #### 35', '35')
     """
-    n_steps = rng.randint(2, 4)
+    n_steps = rng.randint(*ops)
     cur = rng.randint(1, 30)
     question, steps = str(cur), []
     for _ in range(n_steps):
@@ -139,17 +167,18 @@ def arith_problem(rng: random.Random) -> tuple[str, str, str]:
     return question, " ".join(steps) + f" #### {cur}", str(cur)
 
 
-def arith_dataset(split: str, seed: int = 1234) -> list[dict]:
+def arith_dataset(split: str, seed: int = 1234, ops: tuple[int, int] = ARITH_OPS) -> list[dict]:
     """The embedded task: a fixed list of problems per split ("test", "train", "sft").
 
     The splits are disjoint by question text, so no held-out question is ever trained on.
     `seed` is the task's own seed (not the run's): every run and machine sees the same sets.
+    `ops` is the length setting (see arith_problem); the default gives the original sets.
     """
     sizes = {"test": ARITH_TEST_SIZE, "train": ARITH_TRAIN_SIZE, "sft": ARITH_SFT_SIZE}
     rng = random.Random(seed)
     seen: dict[str, dict] = {}
     while len(seen) < sum(sizes.values()):
-        q, solution, ans = arith_problem(rng)
+        q, solution, ans = arith_problem(rng, ops)
         if q not in seen:
             seen[q] = {"question": q, "solution": solution, "answer": ans}
     items, start = list(seen.values()), 0
@@ -206,12 +235,18 @@ def read_gsm8k_jsonl(path: Path) -> list[dict]:
     return out
 
 
-def load_task(task: str, split: str, data_dir: Optional[str] = None) -> list[dict]:
+def load_task(task: str, split: str, data_dir: Optional[str] = None,
+              arith_ops: str = "2-4") -> list[dict]:
     if task == "arith":
-        return arith_dataset(split)
+        return arith_dataset(split, ops=parse_arith_ops(arith_ops))
     if task == "gsm8k":
         return load_gsm8k(split, data_dir)
     raise UserError(f"unknown --task {task!r}; use arith or gsm8k")
+
+
+def default_max_len(task: str, arith_ops: str = "2-4") -> int:
+    """--max-completion-length when it is not given: arith_completion_length, or 512 for gsm8k."""
+    return arith_completion_length(parse_arith_ops(arith_ops)) if task == "arith" else 512
 
 
 def format_prompt(tokenizer, question: str, task: str) -> str:
@@ -322,13 +357,23 @@ def build_char_tokenizer(vocab_size: Optional[int] = None):
                                    unk_token="<unk>", padding_side="left")
 
 
-def build_tiny_model(vocab_size: int, pad_id: int, eos_id: int):
+def tiny_context(ops: tuple[int, int] = ARITH_OPS) -> int:
+    """The tiny model's context for a length setting: 256, or the power of two that holds the
+    longest prompt ('Q:' + 3 * HI + 2 characters + '\\nA:') plus arith_completion_length.
+
+    256 up to 19 operations (12 * HI + 19 tokens at most); 512 from 20 to 32.
+    """
+    need = 3 * ops[1] + 7 + arith_completion_length(ops)
+    return max(256, 1 << (need - 1).bit_length())
+
+
+def build_tiny_model(vocab_size: int, pad_id: int, eos_id: int, context: int = 256):
     """A ~1.8M-parameter Llama built from a transformers config (no dropout anywhere)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=192, intermediate_size=512,
                          num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=6,
-                         max_position_embeddings=256, tie_word_embeddings=True,
+                         max_position_embeddings=context, tie_word_embeddings=True,
                          pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=None,
                          attention_dropout=0.0)
     return LlamaForCausalLM(config)
@@ -343,7 +388,7 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def ensure_tiny_model(seed: int = 0, quiet: bool = False) -> Path:
+def ensure_tiny_model(seed: int = 0, quiet: bool = False, ops: tuple[int, int] = ARITH_OPS) -> Path:
     """Return the folder of the warm-started tiny model, building it first if it is not cached.
 
     The warm start is a short supervised fine-tune on the arithmetic task's training split
@@ -351,17 +396,24 @@ def ensure_tiny_model(seed: int = 0, quiet: bool = False) -> Path:
     greedy accuracy reaches TINY_STOP_ACC (it must then lie in TINY_TARGET_ACC), so
     reinforcement learning has room to improve it. It is deterministic for a seed on one
     machine, and the folder loads with AutoModelForCausalLM.from_pretrained.
+
+    Each length setting `ops` (see arith_problem) has its own warm start, on its own problems,
+    under the same rule, with the context of tiny_context(ops). The default's folder name
+    carries no setting, so the cache built before the setting existed is still used.
     """
     from tqdm import tqdm
 
-    path = cache_root() / f"tiny-arith-{TINY_VERSION}-seed{seed}"
+    tag = "" if tuple(ops) == ARITH_OPS else f"-ops{ops[0]}-{ops[1]}"
+    path = cache_root() / f"tiny-arith-{TINY_VERSION}{tag}-seed{seed}"
     if (path / "warm_start.json").exists():
         return path
     seed_everything(seed)
     tokenizer = build_char_tokenizer()
-    model = build_tiny_model(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
-    test = arith_dataset("test")[:200]
-    rows = sft_rows(tokenizer, arith_dataset("sft"))
+    model = build_tiny_model(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id,
+                             tiny_context(ops))
+    test = arith_dataset("test", ops=ops)[:200]
+    rows = sft_rows(tokenizer, arith_dataset("sft", ops=ops))
+    eval_tokens = max(64, arith_completion_length(ops))  # 64 for the default setting, as before
     # On a CPU with bf16 instructions the SFT runs its matmuls in bf16 (autocast: the weights and
     # the optimizer stay fp32) with plain attention, whose bf16 backward is much faster than SDPA's
     # at these shapes: 0.16 s per step instead of 0.35 s on 2 cores. Elsewhere it runs in fp32.
@@ -385,7 +437,7 @@ def ensure_tiny_model(seed: int = 0, quiet: bool = False) -> Path:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if step % eval_every == 0:
-            acc = evaluate(model, tokenizer, test, "arith", max_new_tokens=64, batch_size=200)
+            acc = evaluate(model, tokenizer, test, "arith", eval_tokens, batch_size=200)
             bar.set_postfix(loss=f"{loss.item():.3f}", heldout_acc=f"{acc:.2f}")
             if acc >= TINY_STOP_ACC:
                 break
@@ -397,6 +449,7 @@ def ensure_tiny_model(seed: int = 0, quiet: bool = False) -> Path:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     info = dict(seed=seed, sft_steps=step, heldout_accuracy=acc, seconds=round(time.time() - t0, 1),
+                arith_ops=f"{ops[0]}-{ops[1]}",
                 sft_matmuls="bf16 autocast" if bf16 else "fp32",
                 parameters=sum(p.numel() for p in model.parameters()))
     (tmp / "warm_start.json").write_text(json.dumps(info, indent=2))
@@ -435,16 +488,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_model_and_tokenizer(name: str, device: torch.device, dtype: torch.dtype):
+def load_model_and_tokenizer(name: str, device: torch.device, dtype: torch.dtype,
+                             arith_ops: str = "2-4"):
     """Load any causal LM the same way: AutoModelForCausalLM.from_pretrained(path).
 
-    `name == "tiny"` warm-starts (or loads from cache) the embedded model first. Tokenizers
+    `name == "tiny"` warm-starts (or loads from cache) the embedded model first, for the length
+    setting `arith_ops` (each setting has its own warm start). Tokenizers
     pad on the left for generation; a tokenizer with no pad token pads with EOS.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name == TINY:
-        name = str(ensure_tiny_model(seed=0))
+        name = str(ensure_tiny_model(seed=0, ops=parse_arith_ops(arith_ops)))
     elif name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
         raise UserError(f"model folder {name} does not exist; pass --model with a Hugging Face id "
                         "or a folder made by save_pretrained (or --model tiny for the embedded model)")
@@ -1062,9 +1117,49 @@ _GREENS = (151, 114, 77, 40, 46)    # 256-colour ANSI codes, weakest to stronges
 _REDS = (224, 210, 203, 196, 160)
 
 
+def pick_credit_group(rewards: torch.Tensor, num_generations: int) -> Optional[int]:
+    """The group to show in a credit view: one whose rewards differ, or None if none does.
+
+    Of the groups with a spread, the one whose mean reward is nearest 1/2 (the most even split
+    of right and wrong answers, so the most tokens get credit); ties go to the earliest.
+    rewards [B], group-contiguous. Example, G = 4: [0,0,0,0, 1,0,0,0, 1,1,0,0] -> 2; all equal: None.
+    """
+    r = rewards.detach().double().cpu().view(-1, num_generations)           # [groups, G]
+    spread = (r.max(1).values - r.min(1).values) > 1e-9
+    if not spread.any():
+        return None
+    distance = torch.where(spread, (r.mean(1) - 0.5).abs(), torch.full_like(r[:, 0], math.inf))
+    return int(torch.argmin(distance))  # argmin returns the first of equal minima
+
+
+def credit_marks(advantages: torch.Tensor, flat: torch.Tensor, completion_mask: torch.Tensor,
+                 tol: float = 1e-6) -> torch.Tensor:
+    """The tokens whose advantage differs from GRPO's flat one: |A_t - flat_i| > tol, on mask.
+
+    advantages [G, L], flat [G], completion_mask [G, L] -> bool [G, L]. For TEMPO these are the
+    tokens with a TD term: the branch points of the group's prefix tree.
+    """
+    a, f = advantages.detach().double().cpu(), flat.detach().double().cpu()[:, None]
+    return ((a - f).abs() > tol) & (completion_mask.detach().cpu() > 0)
+
+
+def credit_group_text(step: int, examples: list[dict], idx: list[int], rewards: torch.Tensor,
+                      num_generations: int, render: typing.Callable[[slice], str]) -> str:
+    """The credit view's text for one step: the picked group's header and `render(rows)`, or one
+    line saying that no group's rewards differ (every advantage of the step is then 0)."""
+    g = pick_credit_group(rewards, num_generations)
+    if g is None:
+        return (f"step {step}, credit view: in all {len(idx)} groups every completion has the same "
+                "reward, so every advantage is 0; nothing to show")
+    ex, rows = examples[idx[g]], slice(g * num_generations, (g + 1) * num_generations)
+    return (f"step {step}, credit view of {ex['question']!r} (gold {ex['answer']}), "
+            f"group {g + 1} of {len(idx)}; " + render(rows))
+
+
 def render_credit(tokens: typing.Sequence[typing.Sequence[str]], advantages: torch.Tensor,
                   completion_mask: torch.Tensor, color: bool = False, flat: Optional[torch.Tensor] = None,
-                  rewards: Optional[torch.Tensor] = None, decimals: int = 2) -> str:
+                  rewards: Optional[torch.Tensor] = None, decimals: int = 2,
+                  marks: Optional[torch.Tensor] = None) -> str:
     """One line per completion; each real token (mask > 0) followed by its advantage.
 
     plain: "o1 (r=1.00, GRPO +0.87): A[+1.15]B[+0.58]"  (sign always; tokens are not separated,
@@ -1073,6 +1168,8 @@ def render_credit(tokens: typing.Sequence[typing.Sequence[str]], advantages: tor
            A == 0 uncoloured; no numbers. Newlines and tabs show as \\n and \\t: one line each.
     tokens: G lists of token strings (at least |o_i| each); advantages [G, L] (or [G] for a
     sequence-level method), completion_mask [G, L]; flat, rewards: optional [G], shown in front.
+    marks: optional bool [G, L]; then only marked tokens get a number (or a colour), the others
+    are printed bare, e.g. "o1 (r=1.00, GRPO +0.87): AB[+1.15]C" (credit_marks: != GRPO).
     """
     m = completion_mask.detach().cpu() > 0                                   # [G, L]
     adv = advantages.detach().to(torch.float64).cpu()
@@ -1086,7 +1183,9 @@ def render_credit(tokens: typing.Sequence[typing.Sequence[str]], advantages: tor
         parts = []
         for t in range(n):
             s, a = toks[t].replace("\n", "\\n").replace("\t", "\\t"), float(adv[i, t])
-            if not color:
+            if marks is not None and not bool(marks[i, t]):
+                parts.append(s)
+            elif not color:
                 parts.append(f"{s}[{a:+.{decimals}f}]")
             elif a == 0.0 or scale == 0.0:
                 parts.append(s)
@@ -1101,9 +1200,11 @@ def render_credit(tokens: typing.Sequence[typing.Sequence[str]], advantages: tor
 
 def credit_view(tokenizer, completion_ids: torch.Tensor, advantages: torch.Tensor, completion_mask: torch.Tensor,
                 flat: Optional[torch.Tensor] = None, rewards: Optional[torch.Tensor] = None,
-                color: Optional[bool] = None) -> str:
-    """render_credit with each token decoded on its own; colour when stdout is a terminal."""
+                color: Optional[bool] = None, only_diff: bool = False) -> str:
+    """render_credit with each token decoded on its own; colour when stdout is a terminal.
+    only_diff: mark only the tokens whose advantage differs from `flat` (credit_marks)."""
     lengths = (completion_mask > 0).sum(1).tolist()
     tokens = [[tokenizer.decode([t]) for t in row[:n]] for row, n in zip(completion_ids.tolist(), lengths)]
+    marks = credit_marks(advantages, flat, completion_mask) if only_diff else None
     return render_credit(tokens, advantages, completion_mask, sys.stdout.isatty() if color is None else color,
-                         flat, rewards)
+                         flat, rewards, marks=marks)

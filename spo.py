@@ -63,6 +63,7 @@ class Args:
     seed: int = field(default=0, metadata={"help": "random seed (python, numpy, torch, prompt order)"})
     model: str = field(default="tiny", metadata={"help": "'tiny' (embedded, warm-started on first use), a hub id or a save_pretrained folder"})
     task: Literal["arith", "gsm8k"] = field(default="arith", metadata={"help": "arith: embedded multi-step arithmetic; gsm8k: grade-school math"})
+    arith_ops: str = field(default="2-4", metadata={"help": "arith: operations per problem, LO-HI"})
     data_dir: Optional[str] = field(default=None, metadata={"help": "folder with GSM8K train.jsonl/test.jsonl (default: ../shared/data/gsm8k)"})
     total_steps: int = field(default=80, metadata={"help": "rollout batches to train on (each gives num_iterations optimizer steps)"})
     eval_every: int = field(default=20, metadata={"help": "greedy held-out evaluation every N steps"})
@@ -604,21 +605,21 @@ def main(args: Args) -> dict:
         raise UserError(f"--rho is a probability threshold in [0, 1], got {args.rho}; pass e.g. --rho 0.9")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype = common.resolve_dtype(args.dtype, device)
-    max_len = args.max_completion_length or {"arith": 48, "gsm8k": 512}[args.task]
+    max_len = args.max_completion_length or common.default_max_len(args.task, args.arith_ops)
     lr = args.learning_rate or (TINY_LEARNING_RATE if args.model == common.TINY else HUB_LEARNING_RATE)
     G, P = args.num_generations, args.prompts_per_step
     B = G * P
 
-    train = common.load_task(args.task, "train", args.data_dir)
-    heldout = common.load_task(args.task, "test", args.data_dir)[: args.eval_size]
+    train = common.load_task(args.task, "train", args.data_dir, args.arith_ops)
+    heldout = common.load_task(args.task, "test", args.data_dir, args.arith_ops)[: args.eval_size]
     common.seed_everything(args.seed)
-    model, tokenizer = common.load_model_and_tokenizer(args.model, device, dtype)
+    model, tokenizer = common.load_model_and_tokenizer(args.model, device, dtype, args.arith_ops)
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
     train_prompt_ids = common.tokenize_prompts(tokenizer, train, args.task, common.context_length(model), max_len)
     ref_model = None  # with beta == 0, no reference model is ever built
     if args.beta > 0.0:
-        ref_model, _ = common.load_model_and_tokenizer(args.model, device, dtype)
+        ref_model, _ = common.load_model_and_tokenizer(args.model, device, dtype, args.arith_ops)
         ref_model.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     sampler = common.PromptSampler(len(train), args.seed)
@@ -685,13 +686,14 @@ def main(args: Args) -> dict:
                 "spo/seg_adv_zero_frac": (seg_abs == 0).float().mean().item() if seg_abs.numel() else 0.0}
             rollout = common.rollout_metrics(rewards, completion_ids, completion_mask, eos, G)
             log_texts, log_rewards, log_n = texts, rewards, G
-            if args.show_credit and step % args.show_credit == 0:  # the batch's first group, '|' = segment start
-                ex = train[idx[0]]
+            if args.show_credit and step % args.show_credit == 0:  # a group whose rewards differ
                 toks = [[("|" if t in row_starts else "") + tokenizer.decode([tok]) for t, tok in enumerate(ids)]
-                        for ids, row_starts in zip(completion_ids[:G].tolist(), starts[:G].tolist())]
-                bar.write(f"step {step}, credit view of {ex['question']!r} (gold {ex['answer']}); masked tokens "
-                          "carry 0:\n" + common.render_credit(toks, advantages[:G] * prob_mask[:G], completion_mask[:G],
-                                                              sys.stdout.isatty(), rewards=rewards[:G]))
+                        for ids, row_starts in zip(completion_ids.tolist(), starts.tolist())]
+                bar.write(common.credit_group_text(step, train, idx, rewards, G, lambda g: (
+                    "'|' starts a segment; only the tokens SPO trains (p < rho) are marked:\n"
+                    + common.render_credit(toks[g], advantages[g], completion_mask[g],
+                                           color=sys.stdout.isatty(), rewards=rewards[g],
+                                           marks=prob_mask[g] > 0))))
         else:
             # ---- 1. rollout: one tree per prompt, grown level by level (one batched call per level) ----
             trees, mc_tokens = grow_trees(model, tokenizer, prompts, answers, branching, M, max_len, **sample_kw)

@@ -49,6 +49,7 @@ class Args:
     seed: int = field(default=0, metadata={"help": "random seed (python, numpy, torch, prompt order)"})
     model: str = field(default="tiny", metadata={"help": "'tiny' (embedded, warm-started on first use), a hub id or a save_pretrained folder"})
     task: Literal["arith", "gsm8k"] = field(default="arith", metadata={"help": "arith: embedded multi-step arithmetic; gsm8k: grade-school math"})
+    arith_ops: str = field(default="2-4", metadata={"help": "arith: operations per problem, LO-HI"})
     data_dir: Optional[str] = field(default=None, metadata={"help": "folder with GSM8K train.jsonl/test.jsonl (default: ../shared/data/gsm8k)"})
     total_steps: int = field(default=80, metadata={"help": "rollout batches to train on (each gives num_iterations optimizer steps)"})
     eval_every: int = field(default=20, metadata={"help": "greedy held-out evaluation every N steps"})
@@ -387,21 +388,21 @@ def main(args: Args) -> dict:
                         "of one has no spread to compare against; pass --num-generations 2 or more")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype = common.resolve_dtype(args.dtype, device)
-    max_len = args.max_completion_length or {"arith": 48, "gsm8k": 512}[args.task]
+    max_len = args.max_completion_length or common.default_max_len(args.task, args.arith_ops)
     lr = args.learning_rate or (TINY_LEARNING_RATE if args.model == common.TINY else HUB_LEARNING_RATE)
     G, P = args.num_generations, args.prompts_per_step
     B = G * P
 
-    train = common.load_task(args.task, "train", args.data_dir)
-    heldout = common.load_task(args.task, "test", args.data_dir)[: args.eval_size]
+    train = common.load_task(args.task, "train", args.data_dir, args.arith_ops)
+    heldout = common.load_task(args.task, "test", args.data_dir, args.arith_ops)[: args.eval_size]
     common.seed_everything(args.seed)
-    model, tokenizer = common.load_model_and_tokenizer(args.model, device, dtype)
+    model, tokenizer = common.load_model_and_tokenizer(args.model, device, dtype, args.arith_ops)
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
     train_prompt_ids = common.tokenize_prompts(tokenizer, train, args.task, common.context_length(model), max_len)
     ref_model = None  # with beta == 0, no reference model is ever built
     if args.beta > 0.0:
-        ref_model, _ = common.load_model_and_tokenizer(args.model, device, dtype)
+        ref_model, _ = common.load_model_and_tokenizer(args.model, device, dtype, args.arith_ops)
         ref_model.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     sampler = common.PromptSampler(len(train), args.seed)
@@ -432,12 +433,12 @@ def main(args: Args) -> dict:
         advantages, algo_metrics = compute_tempo_advantages(rewards, G, completion_ids.cpu(), completion_mask.cpu(),
                                                             args.td_coef, args.scale_rewards)
         advantages = advantages.to(device)                                           # [B, L]
-        if args.show_credit and step % args.show_credit == 0:  # the batch's first group, token by token
-            ex = train[idx[0]]
-            bar.write(f"step {step}, credit view of {ex['question']!r} (gold {ex['answer']}); GRPO's flat "
-                      "advantage in ( ):\n" + common.credit_view(
-                          tokenizer, completion_ids[:G], advantages[:G], completion_mask[:G],
-                          flat=compute_advantages(rewards[:G], G, args.scale_rewards), rewards=rewards[:G]))
+        if args.show_credit and step % args.show_credit == 0:  # a group whose rewards differ
+            flat = compute_advantages(rewards, G, args.scale_rewards)  # GRPO's, [B]
+            bar.write(common.credit_group_text(step, train, idx, rewards, G, lambda g: (
+                "GRPO's flat advantage in ( ); only tokens whose advantage differs are marked:\n"
+                + common.credit_view(tokenizer, completion_ids[g], advantages[g],
+                                     completion_mask[g], flat[g], rewards[g], only_diff=True))))
 
         # ---- 3. ALGO LOGIC: optimisation passes against the sampling weights ----
         loss_mask = completion_mask

@@ -61,6 +61,7 @@ class Args:
     seed: int = field(default=0, metadata={"help": "random seed (python, numpy, torch, prompt order)"})
     model: str = field(default="tiny", metadata={"help": "'tiny' (embedded, warm-started on first use), a hub id or a save_pretrained folder"})
     task: Literal["arith", "gsm8k"] = field(default="arith", metadata={"help": "arith: embedded multi-step arithmetic; gsm8k: grade-school math"})
+    arith_ops: str = field(default="2-4", metadata={"help": "arith: operations per problem, LO-HI"})
     data_dir: Optional[str] = field(default=None, metadata={"help": "folder with GSM8K train.jsonl/test.jsonl (default: ../shared/data/gsm8k)"})
     total_steps: int = field(default=80, metadata={"help": "optimizer steps, each on a batch of prompts_per_step pairs (a round with no pairs uses one step)"})
     eval_every: int = field(default=20, metadata={"help": "greedy held-out evaluation every N steps"})
@@ -751,8 +752,8 @@ def check_plain_lm_head(model, device) -> None:
                         "token_dpo.py does not reproduce; pass --model with a plain causal LM (Llama, Qwen, ...)")
 
 
-def load_frozen(name: str, device, dtype):
-    m, _ = common.load_model_and_tokenizer(name, device, dtype)
+def load_frozen(name: str, device, dtype, arith_ops: str = "2-4"):
+    m, _ = common.load_model_and_tokenizer(name, device, dtype, arith_ops)
     return m.requires_grad_(False)
 
 
@@ -838,23 +839,23 @@ def main(args: Args) -> dict:
     check_cdpo_args(args)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype = common.resolve_dtype(args.dtype, device)
-    max_len = args.max_completion_length or {"arith": 48, "gsm8k": 512}[args.task]
+    max_len = args.max_completion_length or common.default_max_len(args.task, args.arith_ops)
     lr = args.learning_rate or (TINY_LEARNING_RATE if args.model == common.TINY else HUB_LEARNING_RATE)
     G, P = args.num_generations, args.prompts_per_step
     pairs_per_micro = max(1, args.micro_batch_size // 2)
 
-    train = common.load_task(args.task, "train", args.data_dir)
-    heldout = common.load_task(args.task, "test", args.data_dir)[: args.eval_size]
+    train = common.load_task(args.task, "train", args.data_dir, args.arith_ops)
+    heldout = common.load_task(args.task, "test", args.data_dir, args.arith_ops)[: args.eval_size]
     file_rows = read_preference_jsonl(args.pairs_file) if args.pairs_file else None
     common.seed_everything(args.seed)
-    model, tokenizer = common.load_model_and_tokenizer(args.model, device, dtype)
+    model, tokenizer = common.load_model_and_tokenizer(args.model, device, dtype, args.arith_ops)
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
     check_plain_lm_head(model, device)
     train_prompt_ids = common.tokenize_prompts(tokenizer, train, args.task, common.context_length(model), max_len)
     file_pairs = None if file_rows is None else tokenize_pairs(file_rows, tokenizer, args.task, common.context_length(model))
     # pi_ref is the warm-start model, frozen for every round (docs/token_dpo.md)
-    ref_model = load_frozen(args.model, device, dtype)
+    ref_model = load_frozen(args.model, device, dtype, args.arith_ops)
     guidance = load_frozen(args.guidance_model, device, dtype) if args.loss == "tgdpo" and args.guidance_model else None
     head, ref_head = model.get_output_embeddings(), ref_model.get_output_embeddings()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)

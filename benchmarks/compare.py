@@ -72,12 +72,13 @@ DIAGNOSTICS = {
 # Reading runs back: pure functions on metrics.jsonl (tested on a fixture)
 # ----------------------------------------------------------------------------------------
 
-def read_run(run_dir: Path, method: str, seed: int, target: float) -> dict:
+def read_run(run_dir: Path, method: str, seed: int, target: float, diagnostics=None) -> dict:
     """One run's record from its metrics.jsonl (one JSON object per step).
 
     curve: [(step, seconds since step 0, eval/accuracy)] for every evaluated step.
     steps_to_target: the first evaluated step with accuracy >= target (None if never).
     sec_per_step: mean of the logged step_time over training steps.
+    diagnostics: the metric names to average over training steps (default DIAGNOSTICS[method]).
     """
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if line.strip()]
     if not rows:
@@ -96,7 +97,7 @@ def read_run(run_dir: Path, method: str, seed: int, target: float) -> dict:
         "sec_per_step": statistics.mean(step_times) if step_times else float("nan"),
         "wall_s": curve[-1][1], "curve": curve,
     }
-    for key in DIAGNOSTICS.get(method, []):
+    for key in DIAGNOSTICS.get(method, []) if diagnostics is None else diagnostics:
         values = [r[key] for r in train_rows if isinstance(r.get(key), (int, float))]
         record[key] = statistics.mean(values) if values else float("nan")
     return record
@@ -212,6 +213,53 @@ def build_outputs(out: Path, target: float) -> list[dict]:
 # Running
 # ----------------------------------------------------------------------------------------
 
+def plan_runs(out: Path, methods: list[str], seeds: list[int], extra: list[str]) -> list[tuple]:
+    """The runs still to do: (method, seed, seed_dir, command); finished ones are skipped.
+
+    Each run is `python {script}.py --seed S --output-dir out/runs/{method}/seed{S}` plus the
+    method's flags (METHODS) and `extra`.
+    """
+    todo = []
+    for seed in seeds:
+        for method in methods:
+            seed_dir = out / "runs" / method / f"seed{seed}"
+            if seed_dir.exists() and any((d / "summary.json").exists() for d in seed_dir.iterdir()):
+                continue  # finished earlier
+            script, flags = METHODS[method]
+            cmd = [sys.executable, str(ROOT / f"{script}.py"), "--seed", str(seed),
+                   "--output-dir", str(seed_dir), *flags, *extra]
+            todo.append((method, seed, seed_dir, cmd))
+    return todo
+
+
+def launch(todo: list[tuple], jobs: int, logs: Path, label: str = "") -> None:
+    """Run plan_runs' commands `jobs` at a time, CPU cores / jobs threads each, a log per run."""
+    threads = max(1, (os.cpu_count() or 2) // jobs)
+    print(f"{len(todo)} runs to do, {jobs} at a time, {threads} thread(s) each; logs in {logs}",
+          flush=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    todo, running = list(todo), []
+    t_start = time.time()
+    while todo or running:
+        while todo and len(running) < jobs:
+            method, seed, seed_dir, cmd = todo.pop(0)
+            shutil.rmtree(seed_dir, ignore_errors=True)  # an unfinished run is started again
+            log = open(logs / f"{method}-seed{seed}.log", "w")
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            running.append((method, seed, proc, time.time(), log))
+        time.sleep(1.0)
+        for job in list(running):
+            method, seed, proc, t0, log = job
+            if proc.poll() is not None:
+                running.remove(job)
+                log.close()
+                code = proc.returncode
+                status = "ok" if code == 0 else f"FAILED (exit {code}, see logs)"
+                print(f"[{time.time() - t_start:6.0f}s] {label}{method} seed {seed}: {status} in "
+                      f"{time.time() - t0:.0f}s", flush=True)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="1 seed, 6 steps, 50 held-out problems: a smoke run of the whole benchmark")
@@ -231,37 +279,9 @@ def main(argv=None) -> None:
         import common
         common.ensure_tiny_model(seed=0)  # once, before any job: jobs must not build it side by side
         threads = max(1, (os.cpu_count() or 2) // args.jobs)
-        todo = []
-        for seed in seeds:
-            for method in args.methods:
-                seed_dir = out / "runs" / method / f"seed{seed}"
-                if seed_dir.exists() and any((d / "summary.json").exists() for d in seed_dir.iterdir()):
-                    continue  # finished earlier
-                script, flags = METHODS[method]
-                cmd = [sys.executable, str(ROOT / f"{script}.py"), "--seed", str(seed), "--output-dir", str(seed_dir),
-                       *flags, *(QUICK_FLAGS if args.quick else [])]
-                todo.append((method, seed, seed_dir, cmd))
-        print(f"{len(todo)} runs to do, {args.jobs} at a time, {threads} thread(s) each; logs in {out}/logs", flush=True)
-        (out / "logs").mkdir(exist_ok=True)
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        running: list = []
+        todo = plan_runs(out, args.methods, seeds, QUICK_FLAGS if args.quick else [])
         t_start = time.time()
-        while todo or running:
-            while todo and len(running) < args.jobs:
-                method, seed, seed_dir, cmd = todo.pop(0)
-                shutil.rmtree(seed_dir, ignore_errors=True)  # an unfinished run is started again
-                log = open(out / "logs" / f"{method}-seed{seed}.log", "w")
-                running.append((method, seed, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                               cwd=ROOT), time.time(), log))
-            time.sleep(1.0)
-            for job in list(running):
-                method, seed, proc, t0, log = job
-                if proc.poll() is not None:
-                    running.remove(job)
-                    log.close()
-                    status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see logs)"
-                    print(f"[{time.time() - t_start:6.0f}s] {method} seed {seed}: {status} in {time.time() - t0:.0f}s",
-                          flush=True)
+        launch(todo, args.jobs, out / "logs")
         (out / "benchmark.json").write_text(json.dumps(dict(
             command=" ".join(["python", "benchmarks/compare.py", *(argv if argv is not None else sys.argv[1:])]),
             jobs=args.jobs, threads_per_job=threads, seeds=seeds, quick=args.quick, date=time.strftime("%Y-%m-%d"),
