@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import typing
+import zipfile
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Optional
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 
 
 class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but its own errors (`--dtype fp8`, `--total-steps two`) are one line, not the usage."""
+    """argparse, but its own errors (`--dtype fp8`, `--total-steps two`) are one line, no usage."""
 
     def error(self, message: str) -> typing.NoReturn:
         fail(f"{message}; see {self.prog} --help")
@@ -57,7 +58,8 @@ def _parser(args_cls, suppress_defaults: bool = False) -> argparse.ArgumentParse
         prog = Path(inspect.getfile(args_cls)).name  # grpo.py, also when called from a test
     except (TypeError, OSError):
         prog = None
-    parser = _OneLineParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = _OneLineParser(prog=prog, description=doc,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
                             argument_default=argparse.SUPPRESS if suppress_defaults else None)
     hints = typing.get_type_hints(args_cls)
     for f in dataclasses.fields(args_cls):
@@ -151,12 +153,14 @@ def _in_range(value: float, rng: str) -> bool:
     m = _INTERVAL.fullmatch(rng)
     if m:
         lo, hi = _bound(m[2]), _bound(m[3])
-        return ((lo <= value) if m[1] == "[" else (lo < value)) and ((value <= hi) if m[4] == "]" else (value < hi))
+        above = (lo <= value) if m[1] == "[" else (lo < value)
+        return above and ((value <= hi) if m[4] == "]" else (value < hi))
     m = _BOUND.fullmatch(rng)
     if not m:
         raise ValueError(f"unknown range {rng!r}")
     bound = _bound(m[2])
-    return {">=": value >= bound, ">": value > bound, "<=": value <= bound, "<": value < bound}[m[1]]
+    ops = {">=": value >= bound, ">": value > bound, "<=": value <= bound, "<": value < bound}
+    return ops[m[1]]
 
 
 def _bound(text: str) -> float:
@@ -188,20 +192,22 @@ def check_device(name: str) -> None:
         raise UserError(f"{flag} {name!r} is not a device; pass {flag} auto, cpu, cuda or cuda:N")
     if name == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise UserError(f"{flag} mps: no Apple GPU is available here; pass {flag} cpu (or auto)")
+            raise UserError(f"{flag} mps: no Apple GPU is available; pass {flag} cpu (or auto)")
         return
     if not torch.cuda.is_available():
-        raise UserError(f"{flag} {name}: no CUDA GPU is visible on this machine; pass {flag} cpu (or auto)")
+        raise UserError(f"{flag} {name}: no CUDA GPU is visible on this machine; "
+                        f"pass {flag} cpu (or auto)")
     if m[1] is not None and int(m[1]) >= torch.cuda.device_count():
         raise UserError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
                         f"numbered from 0; pass {flag} cuda:0")
 
 
 def check_output_dir(path: str, flag: str = "--output-dir") -> None:
-    """The folder exists or can be made, and a run folder can be written in it (probed, then removed)."""
+    """The folder exists or can be made, and a run folder can be written in it (probed, removed)."""
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
-        raise UserError(f"{flag} {path} is a file, not a folder; pass {flag} a folder (it is created if missing)")
+        raise UserError(f"{flag} {path} is a file, not a folder; pass {flag} a folder "
+                        "(it is created if missing)")
     anchor = p
     while not anchor.exists():
         anchor = anchor.parent
@@ -211,12 +217,19 @@ def check_output_dir(path: str, flag: str = "--output-dir") -> None:
         probe = tempfile.mkdtemp(prefix=".write-probe-", dir=anchor)
         os.rmdir(probe)
     except OSError as e:
-        raise UserError(f"{flag} {path}: cannot write in {anchor} ({e.strerror}); pass {flag} a folder "
-                        "you can write to") from None
+        raise UserError(f"{flag} {path}: cannot write in {anchor} ({e.strerror}); "
+                        f"pass {flag} a folder you can write to") from None
 
 
 def check_weights_file(path: Path) -> Optional[str]:
-    """Why a .safetensors file is not whole (its header promises more bytes than it has), or None."""
+    """Why a weights file is not whole, or None. A .safetensors header promises a size; a torch
+    .bin (a zip since torch 1.6) ends with the zip's directory."""
+    if path.suffix == ".bin":
+        with open(path, "rb") as fh:
+            is_zip = fh.read(4) == b"PK\x03\x04"
+        if is_zip and not zipfile.is_zipfile(path):
+            return f"{path.name} is truncated ({path.stat().st_size} bytes, no zip directory)"
+        return None
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
@@ -224,7 +237,8 @@ def check_weights_file(path: Path) -> Optional[str]:
             if size < 8 or n > size - 8:
                 return f"{path.name} is truncated ({size} bytes)"
             header = json.loads(fh.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        end = max(ends, default=0)
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
         return f"{path.name} is unreadable ({type(e).__name__})"
     if size < 8 + n + end:
@@ -239,9 +253,10 @@ def check_model(name: Optional[str], flag: str = "--model") -> None:
     p = Path(name).expanduser()
     if name.startswith((".", "/", "~")) and not p.exists():
         raise UserError(f"model folder {name} does not exist; pass {flag} with a Hugging Face id "
-                        "or a folder made by save_pretrained (or --model tiny for the embedded model)")
+                        "or a folder made by save_pretrained "
+                        "(or --model tiny for the embedded model)")
     if p.is_dir():
-        for weights in sorted(p.glob("*.safetensors")):
+        for weights in sorted([*p.glob("*.safetensors"), *p.glob("*.bin")]):
             problem = check_weights_file(weights)
             if problem:
                 raise UserError(f"{flag} {name}: {problem}; copy or save the model again "
@@ -249,7 +264,7 @@ def check_model(name: Optional[str], flag: str = "--model") -> None:
 
 
 def check_data_dir(data_dir: Optional[str], task: str) -> None:
-    """--data-dir hub has `datasets`; a folder exists (its files are read, and checked, by load_gsm8k)."""
+    """--data-dir hub has `datasets`; a folder exists (load_gsm8k reads and checks its files)."""
     if task != "gsm8k":
         return
     if data_dir == HUB:
@@ -277,9 +292,11 @@ def check_args(args, algo: str) -> None:
             continue
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if isinstance(value, float) and not math.isfinite(value):
-                raise UserError(f"{flag} must be a finite number, got {value}; {_fix(flag, rng, f.default)}")
+                raise UserError(f"{flag} must be a finite number, got {value}; "
+                                f"{_fix(flag, rng, f.default)}")
             if not _in_range(value, rng):
-                raise UserError(f"{_range_words(rng, flag)}, got {value}; {_fix(flag, rng, f.default)}")
+                raise UserError(f"{_range_words(rng, flag)}, got {value}; "
+                                f"{_fix(flag, rng, f.default)}")
         elif rng == "device":
             check_device(value)
         elif rng == "model":
@@ -293,14 +310,16 @@ def check_args(args, algo: str) -> None:
             check_run_dir(value, algo)
         elif rng == "file":
             if not Path(value).is_file():
-                raise UserError(f"{flag} {value} does not exist (or is not a file); pass an existing file")
+                raise UserError(f"{flag} {value} does not exist (or is not a file); "
+                                "pass an existing file")
         elif rng == "int_list>0":
             parts = value.split(",")
             if not all(re.fullmatch(r"\s*[0-9]+\s*", b) and int(b) > 0 for b in parts):
-                raise UserError(f"{flag} must be positive integers separated by commas, got {value!r}; "
-                                f"pass e.g. {flag} {f.default}")
+                raise UserError(f"{flag} must be positive integers separated by commas, "
+                                f"got {value!r}; pass e.g. {flag} {f.default}")
         else:
-            raise ValueError(f"field {f.name} of {type(args).__name__}: unknown range {rng!r} ({hints[f.name]})")
+            raise ValueError(f"field {f.name} of {type(args).__name__}: unknown range {rng!r} "
+                             f"({hints[f.name]})")
 
 
 # ----------------------------------------------------------------------------------------
@@ -368,12 +387,14 @@ HUB_NEEDS_DATASETS = ("--data-dir hub needs the `datasets` package; `pip install
 
 
 def gsm8k_dir(data_dir: Optional[str]) -> Path:
-    return Path(data_dir) if data_dir else Path(__file__).resolve().parent.parent / "shared/data/gsm8k"
+    default = Path(__file__).resolve().parent.parent / "shared/data/gsm8k"
+    return Path(data_dir) if data_dir else default
 
 
 def gsm8k_missing(path: Path) -> str:
     return (f"GSM8K file {path} not found; pass --data-dir DIR holding {path.name} (from "
-            "github.com/openai/grade-school-math), or --data-dir hub to download GSM8K with `datasets`")
+            "github.com/openai/grade-school-math), or --data-dir hub to download GSM8K "
+            "with `datasets`")
 
 
 def load_gsm8k(split: str, data_dir: Optional[str]) -> list[dict]:
@@ -388,8 +409,9 @@ def load_gsm8k(split: str, data_dir: Optional[str]) -> list[dict]:
         except ImportError:
             raise UserError(HUB_NEEDS_DATASETS) from None
         ds = datasets.load_dataset("openai/gsm8k", "main", split=split)
-        return [dict(id=i, question=r["question"], answer=gsm8k_gold(r["answer"], f"hub gsm8k {split}:{i + 1}"),
-                     solution=r["answer"]) for i, r in enumerate(ds)]
+        return [dict(id=i, question=r["question"], solution=r["answer"],
+                     answer=gsm8k_gold(r["answer"], f"hub gsm8k {split}:{i + 1}"))
+                for i, r in enumerate(ds)]
     path = gsm8k_dir(data_dir) / f"{split}.jsonl"
     if not path.is_file():
         raise UserError(gsm8k_missing(path))
@@ -404,8 +426,9 @@ def gsm8k_gold(answer_field: str, where: str) -> str:
     """The gold number after '####', or UserError naming the record if it is not a plain number."""
     gold = gold_from_gsm8k(answer_field)
     if normalize_number(gold) is None:
-        raise UserError(f"{where}: the gold answer after '####' is {gold[:40]!r}, not a number; fix the "
-                        "record (e.g. '#### 42'), drop the line, or pass --data-dir another folder")
+        raise UserError(f"{where}: the gold answer after '####' is {gold[:40]!r}, not a number; "
+                        "fix the record (e.g. '#### 42'), drop the line, "
+                        "or pass --data-dir another folder")
     return gold
 
 
@@ -413,12 +436,12 @@ _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes
 
 
 def check_utf8(line: str, where: str, flag: str) -> None:
-    """UserError naming file:line if `line` (read with errors="surrogateescape") had invalid UTF-8."""
+    """UserError naming file:line if `line` (read with errors="surrogateescape") had bad UTF-8."""
     bad = _NOT_UTF8.search(line)
     if bad:
         byte = ord(bad.group()) - 0xDC00
-        raise UserError(f"{where} is not valid UTF-8 (byte {byte:#04x} at column {bad.start() + 1}); "
-                        f"save the file as UTF-8, or pass {flag} another")
+        raise UserError(f"{where} is not valid UTF-8 (byte {byte:#04x} at column "
+                        f"{bad.start() + 1}); save the file as UTF-8, or pass {flag} another")
 
 
 def read_gsm8k_jsonl(path: Path) -> list[dict]:
@@ -434,8 +457,10 @@ def read_gsm8k_jsonl(path: Path) -> list[dict]:
                 raise ValueError
         except (ValueError, KeyError, TypeError):
             raise UserError(f"{path}:{lineno} is not a GSM8K record; each line must be JSON "
-                            'like {"question": "...", "answer": "... #### 42"}') from None
-        out.append(dict(id=len(out), question=q, answer=gsm8k_gold(a, f"{path}:{lineno}"), solution=a))
+                            'like {"question": "...", "answer": "... #### 42"} '
+                            "(or pass --data-dir another folder)") from None
+        gold = gsm8k_gold(a, f"{path}:{lineno}")
+        out.append(dict(id=len(out), question=q, answer=gold, solution=a))
     if not out:
         raise UserError(f"{path} holds no examples; point --data-dir at a folder with a non-empty {path.name}")
     return out
@@ -537,8 +562,8 @@ def reward_fn(completions: list[str], answers: list[str]) -> list[float]:
     the golds are ours, so a gold that is not a string, or lists of different lengths, raise.
     """
     if len(completions) != len(answers):
-        raise ValueError(f"reward_fn: {len(completions)} completions but {len(answers)} gold answers; "
-                         "pass one gold answer per completion")
+        raise ValueError(f"reward_fn: {len(completions)} completions but {len(answers)} gold "
+                         "answers; pass one gold answer per completion")
     for i, a in enumerate(answers):
         if not isinstance(a, str):
             raise TypeError(f"reward_fn: gold answer {i} is {type(a).__name__} {a!r}, not a str; "
@@ -1156,7 +1181,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
 
 
 def _remove_checkpoint(ckpt: Path) -> None:
-    """Rename, then delete: a kill in between leaves a hidden folder, never a half-deleted step-N."""
+    """Rename, then delete: a kill in between leaves a hidden folder, not a half-deleted step-N."""
     gone = ckpt.with_name(f".old-{ckpt.name}-{os.getpid()}")
     os.replace(ckpt, gone)
     shutil.rmtree(gone, ignore_errors=True)
@@ -1202,7 +1227,7 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 
 
 def trim_jsonl(path: Path, step: int) -> None:
-    """Keep the lines of a log whose step is <= `step`; a half-written (unparsable) line is dropped."""
+    """Keep the lines of a log whose step is <= `step`; drop a half-written (unparsable) line."""
     if not path.exists():
         return
     keep = []
@@ -1219,21 +1244,23 @@ def trim_jsonl(path: Path, step: int) -> None:
 # Flags that a resumed run may change (how long, how often it logs, where it runs); every other
 # flag is the run's own, read from its config.json, and giving it again with another value is
 # refused. Each resume is recorded in config.json under "resumed", with what changed.
-RESUME_MAY_CHANGE = ("total_steps", "eval_every", "save_every", "log_completions_every", "output_dir",
-                     "resume", "device", "max_bad_steps", "show_credit", "gradient_checkpointing")
+RESUME_MAY_CHANGE = ("total_steps", "eval_every", "save_every", "log_completions_every",
+                     "output_dir", "resume", "device", "max_bad_steps", "show_credit",
+                     "gradient_checkpointing")
 
 
 def check_run_dir(path: str, algo: str) -> dict:
     """The config.json of a run folder made by `algo`, or UserError."""
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
-        raise UserError(f"{path} is not a run folder (no config.json); pass --resume a folder under runs/")
+        raise UserError(f"{path} is not a run folder (no config.json); "
+                        "pass --resume a folder under runs/")
     try:
         config = json.loads(config_path.read_text())
         assert isinstance(config, dict)
     except (OSError, ValueError, AssertionError):
-        raise UserError(f"--resume {path}: its config.json is unreadable; pass --resume a run folder "
-                        "made by this script, or start a new run") from None
+        raise UserError(f"--resume {path}: its config.json is unreadable; pass --resume a run "
+                        "folder made by this script, or start a new run") from None
     if config.get("algo") != algo:
         raise UserError(f"--resume {path} is a run of {config.get('algo')}.py, not {algo}.py; "
                         f"resume it with {config.get('algo')}.py")
@@ -1257,8 +1284,9 @@ def resume_args(args, algo: str):
             continue
         flag = "--" + name.replace("_", "-")
         if name not in RESUME_MAY_CHANGE:
-            raise UserError(f"--resume {args.resume}: {flag} {new} differs from the run's {values[name]} "
-                            f"(its config.json), and would change the run; drop {flag}, or start a new run")
+            raise UserError(f"--resume {args.resume}: {flag} {new} differs from the run's "
+                            f"{values[name]} (its config.json), and would change the run; "
+                            f"drop {flag}, or start a new run")
         changed[name] = [values[name], new]
         values[name] = new
     values["resume"] = args.resume
@@ -1368,35 +1396,39 @@ class Run:
 
         name = signal.Signals(signum).name
         if self.stop_requested:  # a second signal: stop now; checkpoints are written atomically
-            raise Interrupted(signum, f"second {name}: stopped at once. The last complete checkpoint under "
-                              f"{self.run_dir / 'checkpoints'} is intact; --resume {self.run_dir} continues")
+            raise Interrupted(signum, f"second {name}: stopped at once. The last complete "
+                              f"checkpoint under {self.run_dir / 'checkpoints'} is intact; "
+                              f"--resume {self.run_dir} continues")
         print(f"\n{name}: finishing this step, checkpointing, then stopping", file=sys.stderr)
         self.stop_requested, self.stop_signal = True, signum
 
     def _resume(self) -> Path:
         """Load the newest checkpoint that verifies and loads; fall back past corrupt ones."""
         if not (self.run_dir / "config.json").exists():
-            raise UserError(f"{self.run_dir} is not a run folder (no config.json); pass --resume a folder under runs/")
+            raise UserError(f"{self.run_dir} is not a run folder (no config.json); "
+                            "pass --resume a folder under runs/")
         for ckpt in checkpoints_newest_first(self.run_dir):
             problem = verify_checkpoint(ckpt) or self._load(ckpt)
             if problem is None:
                 break
-            print(f"note: checkpoint {ckpt.name} is not usable ({problem}); falling back to the one before it",
-                  file=sys.stderr)
+            print(f"note: checkpoint {ckpt.name} is not usable ({problem}); "
+                  "falling back to the one before it", file=sys.stderr)
         else:
-            raise UserError(f"{self.run_dir} has no complete checkpoint to resume from; start a new run without --resume")
+            raise UserError(f"{self.run_dir} has no complete checkpoint to resume from; "
+                            "start a new run without --resume")
         step = self.state["step"]
-        for log in ("metrics.jsonl", "completions.jsonl"):  # drop lines of steps the checkpoint lacks
+        for log in ("metrics.jsonl", "completions.jsonl"):  # drop the steps the checkpoint lacks
             trim_jsonl(self.run_dir / log, step)
         (self.run_dir / "summary.json").unlink(missing_ok=True)  # written again when it ends
         config = json.loads((self.run_dir / "config.json").read_text())
-        config.setdefault("resumed", []).append({"from_step": step, "checkpoint": ckpt.name, "time": round(time.time()),
-                                                 "changed": getattr(self.args, "resume_changes", {})})
+        record = {"from_step": step, "checkpoint": ckpt.name, "time": round(time.time()),
+                  "changed": getattr(self.args, "resume_changes", {})}
+        config.setdefault("resumed", []).append(record)
         write_atomic(self.run_dir / "config.json", json.dumps(config, indent=2, default=str))
         return ckpt
 
     def _load(self, ckpt: Path) -> Optional[str]:
-        """Load a checkpoint into the model, optimizer, sampler and RNGs; or say why it cannot be."""
+        """Load a checkpoint into the model, optimizer, sampler and RNGs, or say why it can't be."""
         from transformers import AutoModelForCausalLM
 
         try:
@@ -1446,7 +1478,7 @@ class Run:
                                         rewards[:num_generations].tolist())
 
     def finish(self, final_accuracy: float, wall_time: float) -> dict:
-        """Write summary.json: "status" is "finished", or "interrupted" (and the signal) after a SIGINT/SIGTERM."""
+        """Write summary.json; its "status" is "finished", or "interrupted" (with the signal)."""
         import signal
 
         start = self.state["start_accuracy"]
@@ -1493,7 +1525,8 @@ def run_main(main, args_cls, argv: Optional[list[str]] = None):
         print(f"stopped: {e.args[1]}", file=sys.stderr, flush=True)
         sys.exit(128 + e.args[0])
     except KeyboardInterrupt:  # before the run had its signal handlers: no checkpoint was written
-        print("stopped: SIGINT before training started; nothing to resume", file=sys.stderr, flush=True)
+        print("stopped: SIGINT before training started; nothing to resume", file=sys.stderr,
+              flush=True)
         sys.exit(128 + signal.SIGINT)
     if isinstance(result, dict) and result.get("status") == "interrupted":
         sys.exit(128 + signal.Signals[result["signal"]])

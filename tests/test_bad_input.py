@@ -1,4 +1,4 @@
-"""Every kind of bad input, against every script: exit code 2, one line naming the flag, no run left.
+"""Every kind of bad input, against every script: exit 2, one line naming the flag, no run left.
 
 One table (CASES) of bad inputs, grouped by kind. For each script, the first case of each kind
 runs as a subprocess, exactly as a user types it; the other cases of the kind run the same
@@ -39,9 +39,18 @@ def ctx(tmp_path_factory, random_tiny_model_dir):
     weights = trunc / "model.safetensors"
     os.truncate(weights, weights.stat().st_size // 2)
     c["truncated"] = trunc
+    trunc_bin = root / "truncated_bin_model"  # the older format: pytorch_model.bin, a zip
+    shutil.copytree(random_tiny_model_dir, trunc_bin,
+                    ignore=shutil.ignore_patterns("*.safetensors"))
+    from safetensors.torch import load_file
+    bin_file = trunc_bin / "pytorch_model.bin"
+    torch.save(load_file(Path(random_tiny_model_dir) / "model.safetensors"), bin_file)
+    os.truncate(bin_file, bin_file.stat().st_size // 2)
+    c["truncated_bin"] = trunc_bin
     good = json.dumps({"question": "1+1", "answer": "1+1=2 #### 2"})
-    for name, bad in {"utf8": b'{"question": "1+1\xff", "answer": "#### 2"}',
-                      "gold": json.dumps({"question": "3/4?", "answer": "so #### 3/4"}).encode()}.items():
+    bad_lines = {"utf8": b'{"question": "1+1\xff", "answer": "#### 2"}', "broken": b"{not json",
+                 "gold": json.dumps({"question": "3/4?", "answer": "so #### 3/4"}).encode()}
+    for name, bad in bad_lines.items():
         (root / name).mkdir()
         (root / name / "train.jsonl").write_bytes(good.encode() + b"\n" + bad + b"\n")
         (root / name / "test.jsonl").write_text(good + "\n")
@@ -77,57 +86,64 @@ def other(script):
     return SCRIPTS[(SCRIPTS.index(script) + 1) % len(SCRIPTS)]
 
 
-# (kind, argv builder, words in the one line, the flag it must name). The flag None: named by argv.
+def A(*argv):
+    return lambda c, s: list(argv)
+
+
+def gsm8k(folder):
+    return lambda c, s: ["--task", "gsm8k", "--data-dir", str(c["root"] / folder)]
+
+
+# (kind, argv builder, words in the one line[, the flag it must name: default, the first of argv])
 CASES = [
-    ("argparse", lambda c, s: ["--dtype", "fp8"], "invalid choice: 'fp8'", "--dtype"),
-    ("argparse", lambda c, s: ["--total-steps", "two"], "invalid int value: 'two'", "--total-steps"),
-    ("argparse", lambda c, s: ["--learning-rate", "fast"], "invalid float value", "--learning-rate"),
-    ("argparse", lambda c, s: ["--no-such-flag", "1"], "unrecognized arguments", "--no-such-flag"),
-    ("range", lambda c, s: ["--temperature", "0"], "must be positive, got 0.0", "--temperature"),
-    ("range", lambda c, s: ["--seed", "-1"], "is outside [0, 4294967295], got -1", "--seed"),
-    ("range", lambda c, s: ["--seed", str(2**32)], "is outside", "--seed"),
-    ("range", lambda c, s: ["--eval-every", "0"], "must be positive", "--eval-every"),
-    ("range", lambda c, s: ["--save-every", "0"], "must be positive", "--save-every"),
-    ("range", lambda c, s: ["--log-completions-every", "0"], "must be positive", "--log-completions-every"),
-    ("range", lambda c, s: ["--max-completion-length", "-4"], "must be positive", "--max-completion-length"),
-    ("range", lambda c, s: ["--max-completion-length", "0"], "must be positive", "--max-completion-length"),
-    ("range", lambda c, s: ["--learning-rate", "0"], "must be positive, got 0.0", "--learning-rate"),
-    ("range", lambda c, s: ["--learning-rate", "-1"], "must be positive", "--learning-rate"),
-    ("range", lambda c, s: ["--learning-rate", "nan"], "must be a finite number", "--learning-rate"),
-    ("range", lambda c, s: ["--max-grad-norm", "inf"], "must be a finite number", "--max-grad-norm"),
-    ("range", lambda c, s: ["--top-p", "1.5"], "is outside (0, 1]", "--top-p"),
-    ("range", lambda c, s: ["--eval-size", "0"], "must be positive", "--eval-size"),
-    ("range", lambda c, s: ["--num-generations", "0"], "must be at least", "--num-generations"),
-    ("device", lambda c, s: ["--device", "gpu0"], "is not a device", "--device"),
-    ("device", lambda c, s: ["--device", "cuda"], "no CUDA GPU is visible", "--device"),
-    ("device", lambda c, s: ["--device", "cuda:0"], "no CUDA GPU is visible", "--device"),
-    ("output", lambda c, s: ["--output-dir", str(c["file"])], "is a file, not a folder", "--output-dir"),
-    ("output", lambda c, s: ["--output-dir", str(c["file"] / "runs")], "is a file, not a folder",
-     "--output-dir"),
-    ("output", lambda c, s: ["--output-dir", c["ro"]], "cannot write in", "--output-dir"),
-    ("model", lambda c, s: ["--model", str(c["truncated"])], "model.safetensors is truncated", "--model"),
-    ("model", lambda c, s: ["--model", "./no/such/model"], "does not exist", "--model"),
-    ("data", lambda c, s: ["--task", "gsm8k", "--data-dir", str(c["root"] / "utf8")],
-     "train.jsonl:2 is not valid UTF-8 (byte 0xff at column 18)", "--data-dir"),
-    ("data", lambda c, s: ["--task", "gsm8k", "--data-dir", str(c["root"] / "gold")],
-     "train.jsonl:2: the gold answer after '####' is '3/4', not a number", "--data-dir"),
-    ("data", lambda c, s: ["--task", "gsm8k", "--data-dir", str(c["root"] / "missing")],
-     "not found", "--data-dir"),
-    ("data", lambda c, s: ["--task", "gsm8k", "--data-dir", "hub"], "needs the `datasets` package",
+    ("argparse", A("--dtype", "fp8"), "invalid choice: 'fp8'"),
+    ("argparse", A("--total-steps", "two"), "invalid int value: 'two'"),
+    ("argparse", A("--learning-rate", "fast"), "invalid float value"),
+    ("argparse", A("--no-such-flag", "1"), "unrecognized arguments"),
+    ("range", A("--temperature", "0"), "must be positive, got 0.0"),
+    ("range", A("--seed", "-1"), "is outside [0, 4294967295], got -1"),
+    ("range", A("--seed", str(2**32)), "is outside"),
+    ("range", A("--eval-every", "0"), "must be positive"),
+    ("range", A("--save-every", "0"), "must be positive"),
+    ("range", A("--log-completions-every", "0"), "must be positive"),
+    ("range", A("--max-completion-length", "-4"), "must be positive"),
+    ("range", A("--max-completion-length", "0"), "must be positive"),
+    ("range", A("--learning-rate", "0"), "must be positive, got 0.0"),
+    ("range", A("--learning-rate", "-1"), "must be positive"),
+    ("range", A("--learning-rate", "nan"), "must be a finite number"),
+    ("range", A("--max-grad-norm", "inf"), "must be a finite number"),
+    ("range", A("--top-p", "1.5"), "is outside (0, 1]"),
+    ("range", A("--eval-size", "0"), "must be positive"),
+    ("range", A("--num-generations", "0"), "must be at least"),
+    ("device", A("--device", "gpu0"), "is not a device"),
+    ("device", A("--device", "cuda"), "no CUDA GPU is visible"),
+    ("device", A("--device", "cuda:0"), "no CUDA GPU is visible"),
+    ("output", lambda c, s: ["--output-dir", str(c["file"])], "is a file, not a folder"),
+    ("output", lambda c, s: ["--output-dir", str(c["file"] / "runs")], "is a file, not a folder"),
+    ("output", lambda c, s: ["--output-dir", c["ro"]], "cannot write in"),
+    ("model", lambda c, s: ["--model", str(c["truncated"])], "model.safetensors is truncated"),
+    ("model", A("--model", "./no/such/model"), "does not exist"),
+    ("model", lambda c, s: ["--model", str(c["truncated_bin"])], "pytorch_model.bin is truncated"),
+    ("data", gsm8k("utf8"), "train.jsonl:2 is not valid UTF-8 (byte 0xff at column 18)",
+     "--data-dir"),
+    ("data", gsm8k("gold"), "train.jsonl:2: the gold answer after '####' is '3/4', not a number",
+     "--data-dir"),
+    ("data", gsm8k("missing"), "not found", "--data-dir"),
+    ("data", gsm8k("broken"), "train.jsonl:2 is not a GSM8K record", "--data-dir"),
+    ("data", A("--task", "gsm8k", "--data-dir", "hub"), "needs the `datasets` package",
      "--data-dir"),
     ("resume", lambda c, s: ["--resume", str(c[f"run_{s}"]), "--prompts-per-step", "3"],
      "--prompts-per-step 3 differs from the run's 2", "--prompts-per-step"),
     ("resume", lambda c, s: ["--resume", str(c[f"run_{s}"]), "--seed", "1", "--total-steps", "9"],
      "--seed 1 differs from the run's 0", "--seed"),
-    ("resume", lambda c, s: ["--resume", str(c[f"run_{other(s)}"])], f"is a run of", "--resume"),
-    ("resume", lambda c, s: ["--resume", str(c["root"] / "not_a_run")], "is not a run folder", "--resume"),
+    ("resume", lambda c, s: ["--resume", str(c[f"run_{other(s)}"])], "is a run of"),
+    ("resume", lambda c, s: ["--resume", str(c["root"] / "not_a_run")], "is not a run folder"),
     ("pairs", lambda c, s: ["--pairs-file", str(c["pairs_utf8"])],
-     "pairs.jsonl:1 is not valid UTF-8 (byte 0xc3 at column 48)", "--pairs-file"),
-    ("pairs", lambda c, s: ["--pairs-file", str(c["root"] / "no_pairs.jsonl")], "does not exist",
-     "--pairs-file"),
+     "pairs.jsonl:1 is not valid UTF-8 (byte 0xc3 at column 48)"),
+    ("pairs", lambda c, s: ["--pairs-file", str(c["root"] / "no_pairs.jsonl")], "does not exist"),
 ]
 ONLY = {"pairs": ["token_dpo"]}  # kinds that only some scripts have
-FIRST_OF_KIND = {k: i for i, (k, *_) in reversed(list(enumerate(CASES)))}
+FIRST_OF_KIND = {case[0]: i for i, case in reversed(list(enumerate(CASES)))}
 
 
 def tree_hash(path: Path) -> str:
@@ -139,7 +155,7 @@ def tree_hash(path: Path) -> str:
 
 def table():
     for script in SCRIPTS:
-        for i, (kind, argv, words, flag) in enumerate(CASES):
+        for i, (kind, *_) in enumerate(CASES):
             if kind in ONLY and script not in ONLY[kind]:
                 continue
             how = "subprocess" if FIRST_OF_KIND[kind] == i else "in-process"
@@ -148,23 +164,24 @@ def table():
 
 @pytest.mark.parametrize("script,i,how", list(table()))
 def test_bad_input(script, i, how, ctx, tmp_path, capsys, monkeypatch):
-    kind, make_argv, words, flag = CASES[i]
+    kind, make_argv, words, *flag = CASES[i]
     if kind == "device" and "cuda" in words and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     if kind == "output" and words == "cannot write in" and ctx["ro"] is None:
         pytest.skip("no folder here is read-only for this user")
     out = tmp_path / "out"
     argv = make_argv(ctx, script)
+    flag = flag[0] if flag else argv[0]
     if kind != "resume":  # (a resume takes the run's own --model and --output-dir)
         argv = ["--model", ctx["model"], "--output-dir", str(out), "--total-steps", "1", *argv]
     runs = {s: tree_hash(ctx[f"run_{s}"]) for s in SCRIPTS}
     if how == "subprocess":
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        res = subprocess.run([sys.executable, str(ROOT / f"{script}.py"), *argv], capture_output=True,
-                             text=True, timeout=120, cwd=ROOT, env=env)
+        res = subprocess.run([sys.executable, str(ROOT / f"{script}.py"), *argv],
+                             capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
         code, err = res.returncode, res.stderr
     else:
-        monkeypatch.setitem(sys.modules, "datasets", None)  # --data-dir hub never reaches the network
+        monkeypatch.setitem(sys.modules, "datasets", None)  # --data-dir hub: never the network
         with pytest.raises(SystemExit) as e:
             common.run_main(MODULES[script].main, MODULES[script].Args, argv)
         code, err = e.value.code, capsys.readouterr().err
@@ -176,7 +193,8 @@ def test_bad_input(script, i, how, ctx, tmp_path, capsys, monkeypatch):
     if kind == "argparse":
         assert line.endswith(f"see {script}.py --help"), line
     assert not out.exists(), "a run folder was left behind"
-    assert {s: tree_hash(ctx[f"run_{s}"]) for s in SCRIPTS} == runs, "a refused --resume changed the run"
+    after = {s: tree_hash(ctx[f"run_{s}"]) for s in SCRIPTS}
+    assert after == runs, "a refused --resume changed the run"
 
 
 # ---------------------------------------------------------------- every field of every script
@@ -227,7 +245,8 @@ def test_every_field_has_a_range_and_out_of_range_values_are_refused(script):
 
 def test_shared_flags_mean_the_same_in_every_script():
     """A flag two scripts share has one range everywhere, except where the card says otherwise."""
-    differs = {("token_dpo", "beta"), ("token_dpo", "num_generations")}  # DPO's beta; pairs-file runs
+    differs = {("token_dpo", "beta"),  # DPO's beta, not a KL coefficient
+               ("token_dpo", "num_generations")}  # 1 is fine with --pairs-file
     ranges = {}
     for script in SCRIPTS:
         for f in dataclasses.fields(MODULES[script].Args):
@@ -237,8 +256,9 @@ def test_shared_flags_mean_the_same_in_every_script():
 
 
 def test_zero_is_honoured_or_refused_never_replaced():
-    """`--max-bad-steps 0` and `--top-k 0` mean 0 (off); a 0 outside a range is refused, not defaulted."""
-    args = common.parse_args(MODULES["grpo"].Args, ["--max-bad-steps", "0", "--top-k", "0", "--beta", "0"])
+    """`--max-bad-steps 0`, `--top-k 0` mean 0 (off); a 0 out of range is refused, not defaulted."""
+    argv = ["--max-bad-steps", "0", "--top-k", "0", "--beta", "0"]
+    args = common.parse_args(MODULES["grpo"].Args, argv)
     common.check_args(args, "grpo")
     assert (args.max_bad_steps, args.top_k, args.beta) == (0, 0, 0.0)
     assert args.given == {"max_bad_steps", "top_k", "beta"}

@@ -59,8 +59,9 @@ def test_sigint_then_resume_is_exact(script, random_tiny_model_dir, tmp_path):
 
 # ---------------------------------------------------------------- each resume case, one test each
 # In-process runs of grpo.py (common.run_main, as the CLI does) with the alternating fake reward.
-SMALL = ["--prompts-per-step", "2", "--num-generations", "2", "--eval-size", "4", "--max-completion-length", "8",
-         "--eval-every", "1", "--save-every", "1", "--log-completions-every", "1"]
+SMALL = ["--prompts-per-step", "2", "--num-generations", "2", "--eval-size", "4",
+         "--max-completion-length", "8", "--eval-every", "1", "--save-every", "1",
+         "--log-completions-every", "1"]
 
 
 def grpo_run(argv, capsys=None):
@@ -84,12 +85,13 @@ def straight_and_cut(random_tiny_model_dir, tmp_path, fake_reward):
     grpo_run(base + ["--total-steps", "3", "--output-dir", str(tmp_path / "cut")])
     (straight,) = list((tmp_path / "straight").iterdir())
     (cut,) = list((tmp_path / "cut").iterdir())
-    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
+    kept = sorted(p.name for p in (cut / "checkpoints").iterdir())
+    assert kept == ["step-0000002", "step-0000003"]
     return straight, cut
 
 
 def resume_bare(cut, capsys, *extra):
-    """`--resume RUN --total-steps 4` and nothing else: every other setting comes from config.json."""
+    """`--resume RUN --total-steps 4` and nothing else: the other settings come from config.json."""
     return grpo_run(["--resume", str(cut), "--total-steps", "4", *extra], capsys)
 
 
@@ -109,7 +111,7 @@ def truncate(path):
 
 
 def nan_weights(ckpt):
-    """NaN weights whose sha256 matches (written into COMPLETE): only the load-time check catches them."""
+    """NaN weights, their sha256 written into COMPLETE: only the load-time check sees them."""
     import common
     from safetensors.torch import load_file, save_file
     weights = load_file(ckpt / "model.safetensors")
@@ -126,12 +128,14 @@ def nan_weights(ckpt):
     (nan_weights, "non-finite weights"),
     (lambda c: (c / "COMPLETE").unlink(), "partial: no COMPLETE marker"),
 ])
-def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(straight_and_cut, capsys, damage, why):
+def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(straight_and_cut, capsys, damage,
+                                                                 why):
     straight, cut = straight_and_cut
     damage(cut / "checkpoints" / "step-0000003")
     _, err = resume_bare(cut, capsys)
     notes = [l for l in err.splitlines() if l.startswith("note:")]
-    assert len(notes) == 1 and "step-0000003" in notes[0] and why in notes[0] and "falling back" in notes[0]
+    assert len(notes) == 1 and "step-0000003" in notes[0] and why in notes[0]
+    assert "falling back" in notes[0]
     assert "resumed" in err and "from step-0000002" in err
     assert rows(cut) == rows(straight)  # steps 3 and 4 run again, exactly
     assert json.loads((cut / "config.json").read_text())["resumed"][0]["from_step"] == 2
@@ -163,9 +167,10 @@ def signalled_run(tmp_path, random_tiny_model_dir, prelude, sig=None):
     """A grpo.py subprocess (fake reward); `sig` is sent once step 2 is logged."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     code = prelude + FAKE_REWARD
-    cmd = [sys.executable, "-c", code, str(ROOT / "grpo.py"), "--model", str(random_tiny_model_dir), *SMALL,
-           "--total-steps", "50", "--output-dir", str(tmp_path)]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "-c", code, str(ROOT / "grpo.py"), "--model", str(random_tiny_model_dir),
+           *SMALL, "--total-steps", "50", "--output-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     if sig is not None:
         deadline = time.time() + 240
         while time.time() < deadline:
@@ -184,7 +189,8 @@ def test_sigterm_exits_143_and_the_summary_says_interrupted(tmp_path, random_tin
     summary = json.loads((run / "summary.json").read_text())
     assert code == 143, err[-2000:]
     assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
-    assert 2 <= summary["steps"] < 50 and (run / "checkpoints" / f"step-{summary['steps']:07d}" / "COMPLETE").exists()
+    assert 2 <= summary["steps"] < 50
+    assert (run / "checkpoints" / f"step-{summary['steps']:07d}" / "COMPLETE").exists()
     assert "Traceback" not in err and f"interrupted by SIGTERM at step {summary['steps']}" in out
 
 
@@ -194,18 +200,21 @@ SECOND_SIGINT = ("import os, signal, torch\n"
                  "_save = torch.save\n"
                  "def save(obj, path, *a, **k):\n"
                  "    if 'step-0000003' in str(path):\n"
-                 "        os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGINT)\n"
+                 "        os.kill(os.getpid(), signal.SIGINT)\n"
+                 "        os.kill(os.getpid(), signal.SIGINT)\n"
                  "    return _save(obj, path, *a, **k)\n"
                  "torch.save = save\n")
 
 
-def test_second_sigint_during_the_checkpoint_write_keeps_the_last_good_one(tmp_path, random_tiny_model_dir):
+def test_second_sigint_during_the_checkpoint_write_keeps_the_last_good_one(tmp_path,
+                                                                           random_tiny_model_dir):
     import common
     code, out, err, run = signalled_run(tmp_path, random_tiny_model_dir, SECOND_SIGINT)
     assert code == 130, err[-2000:]
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("stopped: second SIGINT: stopped at once") and f"--resume {run}" in last
-    assert [c.name for c in common.checkpoints_newest_first(run)] == ["step-0000002", "step-0000001"]
+    kept = [c.name for c in common.checkpoints_newest_first(run)]
+    assert kept == ["step-0000002", "step-0000001"]
     assert common.verify_checkpoint(run / "checkpoints" / "step-0000002") is None
     assert not (run / "summary.json").exists()

@@ -55,18 +55,20 @@ def test_megabyte_strings_are_fast():
     assert worst < 0.5
 
 
-# ---------------------------------------------------------------- numbers are read whole or not at all
+# ---------------------------------------------------------- numbers are read whole or not at all
 
 @pytest.mark.parametrize("text,gold,ok", [
-    ("#### 3/4", "3", False), ("#### 3/4", "4", False), ("#### 1e999999", "1", False), ("#### 1e5", "100000", False),
-    ("#### .5", "5", False), ("#### .5", "0.5", False), ("#### 1,2", "12", False), ("#### 1,2", "1", False),
-    ("#### 12,34", "1234", False), ("#### 1,2345", "12345", False), ("#### \u22125", "5", False),
-    ("#### \u22125", "-5", False), ("#### \u20135", "5", False), ("#### \uff15", "5", False), ("#### 1.2.3", "1.2", False),
+    ("#### 3/4", "3", False), ("#### 3/4", "4", False), ("#### 1e999999", "1", False),
+    ("#### 1e5", "100000", False), ("#### .5", "5", False), ("#### .5", "0.5", False),
+    ("#### 1,2", "12", False), ("#### 1,2", "1", False), ("#### 12,34", "1234", False),
+    ("#### 1,2345", "12345", False), ("#### \u22125", "5", False), ("#### \u22125", "-5", False),
+    ("#### \u20135", "5", False), ("#### \uff15", "5", False), ("#### 1.2.3", "1.2", False),
     ("#### 2^10", "10", False), ("\\boxed{3/4}", "3", False), ("The answer is 3/4.", "4", False),
     ("so 7 apples, then 3/4", "7", False), ("the answer is \u22125", "5", False),
-    ("#### 1,000", "1000", True), ("#### $1,000.50", "1000.5", True), ("#### 1,234,567", "1234567", True),
-    ("#### -5", "-5", True), ("#### 42.", "42", True), ("The answer is 5, since", "5", True),
-    ("The answer is: **42**", "42", True), ("\\boxed{ 7 }", "7", True), ("12+7=19 19-5=14 #### 14", "14", True),
+    ("#### 1,000", "1000", True), ("#### $1,000.50", "1000.5", True),
+    ("#### 1,234,567", "1234567", True), ("#### -5", "-5", True), ("#### 42.", "42", True),
+    ("The answer is 5, since", "5", True), ("The answer is: **42**", "42", True),
+    ("\\boxed{ 7 }", "7", True), ("12+7=19 19-5=14 #### 14", "14", True),
     ("I have 5eggs", "5", True), ("#### 0.50", "0.5", True),
 ])
 def test_numbers_are_read_whole_or_not_at_all(text, gold, ok):
@@ -88,7 +90,8 @@ def test_reward_fn_refuses_mismatched_lists_and_non_string_golds():
         common.reward_fn(["#### 1", "#### 2"], ["1"])
     with pytest.raises(TypeError, match="gold answer 0 is int 1, not a str"):
         common.reward_fn(["#### 1"], [1])
-    assert common.reward_fn([None, b"#### 1", 1.0], ["1", "1", "1"]) == [0.0, 0.0, 0.0]  # output: anything
+    outputs = [None, b"#### 1", 1.0]  # model output can be anything: it scores 0
+    assert common.reward_fn(outputs, ["1", "1", "1"]) == [0.0, 0.0, 0.0]
 
 
 # ---------------------------------------------------------------- linear time, measured by a ratio
@@ -129,8 +132,9 @@ def test_every_pattern_is_linear_on_adversarial_shapes(name, data):
     repeat_prefix = data.draw(st.booleans(), label="prefix before every unit")
 
     def make(n):
-        body = (prefix + unit) * (n // len(prefix + unit)) if repeat_prefix else prefix + unit * (n // len(unit))
-        return body + end
+        if repeat_prefix:
+            return (prefix + unit) * (n // len(prefix + unit)) + end
+        return prefix + unit * (n // len(unit)) + end
 
     assert ratio(make, 900) < 8.0
 
