@@ -409,7 +409,7 @@ def read_preference_jsonl(path: str) -> list[dict]:
     rows = []
     with open(path, encoding="utf-8", errors="surrogateescape") as fh:
         for lineno, line in enumerate(fh, 1):
-            common.check_utf8(line, f"{path}:{lineno}", "--pairs-file")  # one line, never a traceback
+            common.check_utf8(line, f"{path}:{lineno}", "--pairs-file")  # one line, no traceback
             if not line.strip():
                 continue
             try:
