@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import inspect
 import json
 import math
 import os
@@ -26,8 +28,10 @@ import random
 import re
 import shutil
 import sys
+import tempfile
 import time
 import typing
+import zipfile
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Optional
@@ -41,16 +45,22 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------------------
 
 
-def parse_args(args_cls, argv: Optional[list[str]] = None):
-    """Build an argparse parser from a dataclass and parse argv into an instance of it.
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but its own errors (`--dtype fp8`, `--total-steps two`) are one line, no usage."""
 
-    Each field becomes a kebab-case flag (`num_generations` -> `--num-generations`). Its help
-    line is the field's `metadata["help"]`, followed by the default. `bool` fields get
-    `--flag/--no-flag`; `Literal[...]` fields get `choices`, so an unknown value is refused
-    by argparse with exit code 2.
-    """
+    def error(self, message: str) -> typing.NoReturn:
+        fail(f"{message}; see {self.prog} --help")
+
+
+def _parser(args_cls, suppress_defaults: bool = False) -> argparse.ArgumentParser:
     doc = (args_cls.__doc__ or "").strip()
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    try:
+        prog = Path(inspect.getfile(args_cls)).name  # grpo.py, also when called from a test
+    except (TypeError, OSError):
+        prog = None
+    parser = _OneLineParser(prog=prog, description=doc,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            argument_default=argparse.SUPPRESS if suppress_defaults else None)
     hints = typing.get_type_hints(args_cls)
     for f in dataclasses.fields(args_cls):
         if not f.init:
@@ -58,7 +68,11 @@ def parse_args(args_cls, argv: Optional[list[str]] = None):
         flag = "--" + f.name.replace("_", "-")
         tp = hints[f.name]
         help_text = f.metadata.get("help", "")
-        kwargs: dict[str, Any] = dict(default=f.default, help=f"{help_text} (default: {f.default})")
+        rng = f.metadata.get("range")
+        rng = f"; {rng}" if rng and rng[0] in "<>[(" else ""
+        kwargs: dict[str, Any] = dict(help=f"{help_text} (default: {f.default}{rng})")
+        if not suppress_defaults:
+            kwargs["default"] = f.default
         origin = typing.get_origin(tp)
         if origin is typing.Union:  # Optional[X]
             inner = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -72,8 +86,25 @@ def parse_args(args_cls, argv: Optional[list[str]] = None):
         else:
             kwargs["type"] = tp
         parser.add_argument(flag, dest=f.name, **kwargs)
-    ns = parser.parse_args(argv)
-    return args_cls(**vars(ns))
+    return parser
+
+
+def parse_args(args_cls, argv: Optional[list[str]] = None):
+    """Build an argparse parser from a dataclass and parse argv into an instance of it.
+
+    Each field becomes a kebab-case flag (`num_generations` -> `--num-generations`). Its help
+    line is the field's `metadata["help"]`, followed by the default and its range. `bool`
+    fields get `--flag/--no-flag`; `Literal[...]` fields get `choices`. Every argparse error
+    (an unknown choice, `--total-steps two`) is one line and exit code 2.
+
+    The instance also carries `given`: the names of the fields given on the command line, so
+    that `--resume` can tell a flag given again from a default.
+    """
+    ns = _parser(args_cls).parse_args(argv)
+    given = set(vars(_parser(args_cls, suppress_defaults=True).parse_args(argv)))
+    args = args_cls(**vars(ns))
+    args.given = frozenset(given)  # not a field: config.json and dataclasses.asdict never see it
+    return args
 
 
 # ----------------------------------------------------------------------------------------
@@ -89,6 +120,14 @@ class TrainingDiverged(Exception):
     """Too many steps in a row with a non-finite loss or gradient. Exit code 3, one line."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM: stop at once. The last complete checkpoint stays as it was.
+
+    args: (signal number, the one line to print). A KeyboardInterrupt, so no `except Exception`
+    on the way up can swallow it.
+    """
+
+
 def fail(message: str) -> typing.NoReturn:
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
@@ -99,6 +138,191 @@ def check_positive(**values: float) -> None:
         if value is None or value <= 0:
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag} must be positive, got {value}; pass e.g. {flag} 1")
+
+
+# The range of a field is its metadata["range"], beside its help text. Numbers: ">0", ">=0",
+# ">=2", "[0, 1]", "(0, 1]" (a None default means "computed", and is not checked). Other
+# fields name the check of what they hold: "device", "model", "output_dir", "data_dir",
+# "run_dir", "file", "arith_ops" ("LO-HI"), "int_list>0" (comma-separated positive integers)
+# or "any".
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
+_INTERVAL = re.compile(r"([\[(])\s*(\S+?)\s*,\s*(\S+?)\s*([\])])")
+_BOUND = re.compile(r"(>=|>|<=|<)\s*(\S+)")
+
+
+def _in_range(value: float, rng: str) -> bool:
+    m = _INTERVAL.fullmatch(rng)
+    if m:
+        lo, hi = _bound(m[2]), _bound(m[3])
+        above = (lo <= value) if m[1] == "[" else (lo < value)
+        return above and ((value <= hi) if m[4] == "]" else (value < hi))
+    m = _BOUND.fullmatch(rng)
+    if not m:
+        raise ValueError(f"unknown range {rng!r}")
+    bound = _bound(m[2])
+    ops = {">=": value >= bound, ">": value > bound, "<=": value <= bound, "<": value < bound}
+    return ops[m[1]]
+
+
+def _bound(text: str) -> float:
+    """A bound of a range: a number, "inf", or "SEED_MAX"."""
+    return float(SEED_MAX) if text == "SEED_MAX" else float(text)
+
+
+def _range_words(rng: str, flag: str) -> str:
+    if rng == ">0":
+        return f"{flag} must be positive"
+    m = _BOUND.fullmatch(rng)
+    if m:
+        words = {">=": "at least", ">": "greater than", "<=": "at most", "<": "less than"}[m[1]]
+        return f"{flag} must be {words} {m[2]}"
+    return f"{flag} is outside {rng.replace('SEED_MAX', str(SEED_MAX))}"
+
+
+def _fix(flag: str, rng: str, default) -> str:
+    """What to pass instead: the default, or (a computed default) leaving the flag out."""
+    return f"pass e.g. {flag} {default}" if default is not None else f"drop {flag} for its default"
+
+
+def check_device(name: str) -> None:
+    flag = "--device"
+    if name in ("auto", "cpu"):
+        return
+    m = re.fullmatch(r"cuda(?::(\d+))?|mps", name)
+    if not m:
+        raise UserError(f"{flag} {name!r} is not a device; pass {flag} auto, cpu, cuda or cuda:N")
+    if name == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UserError(f"{flag} mps: no Apple GPU is available; pass {flag} cpu (or auto)")
+        return
+    if not torch.cuda.is_available():
+        raise UserError(f"{flag} {name}: no CUDA GPU is visible on this machine; "
+                        f"pass {flag} cpu (or auto)")
+    if m[1] is not None and int(m[1]) >= torch.cuda.device_count():
+        raise UserError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                        f"numbered from 0; pass {flag} cuda:0")
+
+
+def check_output_dir(path: str, flag: str = "--output-dir") -> None:
+    """The folder exists or can be made, and a run folder can be written in it (probed, removed)."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder; pass {flag} a folder "
+                        "(it is created if missing)")
+    anchor = p
+    while not anchor.exists():
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise UserError(f"{flag} {path}: {anchor} is a file, not a folder; pass {flag} a folder")
+    try:
+        probe = tempfile.mkdtemp(prefix=".write-probe-", dir=anchor)
+        os.rmdir(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write in {anchor} ({e.strerror}); "
+                        f"pass {flag} a folder you can write to") from None
+
+
+def check_weights_file(path: Path) -> Optional[str]:
+    """Why a weights file is not whole, or None. A .safetensors header promises a size; a torch
+    .bin (a zip since torch 1.6) ends with the zip's directory."""
+    if path.suffix == ".bin":
+        with open(path, "rb") as fh:
+            is_zip = fh.read(4) == b"PK\x03\x04"
+        if is_zip and not zipfile.is_zipfile(path):
+            return f"{path.name} is truncated ({path.stat().st_size} bytes, no zip directory)"
+        return None
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or n > size - 8:
+                return f"{path.name} is truncated ({size} bytes)"
+            header = json.loads(fh.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        end = max(ends, default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        return f"{path.name} is unreadable ({type(e).__name__})"
+    if size < 8 + n + end:
+        return f"{path.name} is truncated ({size} of {8 + n + end} bytes)"
+    return None
+
+
+def check_model(name: Optional[str], flag: str = "--model") -> None:
+    """A local model folder exists and its safetensors weights are whole (before any load)."""
+    if name is None or name == TINY:
+        return
+    p = Path(name).expanduser()
+    if name.startswith((".", "/", "~")) and not p.exists():
+        raise UserError(f"model folder {name} does not exist; pass {flag} with a Hugging Face id "
+                        "or a folder made by save_pretrained "
+                        "(or --model tiny for the embedded model)")
+    if p.is_dir():
+        for weights in sorted([*p.glob("*.safetensors"), *p.glob("*.bin")]):
+            problem = check_weights_file(weights)
+            if problem:
+                raise UserError(f"{flag} {name}: {problem}; copy or save the model again "
+                                "(save_pretrained), or pass another folder")
+
+
+def check_data_dir(data_dir: Optional[str], task: str) -> None:
+    """--data-dir hub has `datasets`; a folder exists (load_gsm8k reads and checks its files)."""
+    if task != "gsm8k":
+        return
+    if data_dir == HUB:
+        try:
+            import datasets  # noqa: F401  (optional dependency)
+        except ImportError:
+            raise UserError(HUB_NEEDS_DATASETS) from None
+        return
+    d = gsm8k_dir(data_dir)
+    if not d.is_dir():
+        raise UserError(f"GSM8K folder {d} not found; pass --data-dir DIR holding train.jsonl and "
+                        "test.jsonl (from github.com/openai/grade-school-math), or --data-dir hub")
+
+
+def check_args(args, algo: str) -> None:
+    """Every field of `args` against its range (metadata["range"]), before any work.
+
+    Raises UserError with one line naming the flag and a value that works.
+    """
+    hints = typing.get_type_hints(type(args))
+    for f in dataclasses.fields(args):
+        value, rng = getattr(args, f.name), f.metadata.get("range")
+        flag = "--" + f.name.replace("_", "-")
+        if rng is None or value is None or rng == "any":
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{flag} must be a finite number, got {value}; "
+                                f"{_fix(flag, rng, f.default)}")
+            if not _in_range(value, rng):
+                raise UserError(f"{_range_words(rng, flag)}, got {value}; "
+                                f"{_fix(flag, rng, f.default)}")
+        elif rng == "device":
+            check_device(value)
+        elif rng == "model":
+            check_model(value, flag)
+        elif rng == "output_dir":
+            if not getattr(args, "resume", None):
+                check_output_dir(value, flag)
+        elif rng == "data_dir":
+            check_data_dir(value, getattr(args, "task", "gsm8k"))
+        elif rng == "run_dir":
+            check_run_dir(value, algo)
+        elif rng == "file":
+            if not Path(value).is_file():
+                raise UserError(f"{flag} {value} does not exist (or is not a file); "
+                                "pass an existing file")
+        elif rng == "arith_ops":
+            parse_arith_ops(value)
+        elif rng == "int_list>0":
+            parts = value.split(",")
+            if not all(re.fullmatch(r"\s*[0-9]+\s*", b) and int(b) > 0 for b in parts):
+                raise UserError(f"{flag} must be positive integers separated by commas, "
+                                f"got {value!r}; pass e.g. {flag} {f.default}")
+        else:
+            raise ValueError(f"field {f.name} of {type(args).__name__}: unknown range {rng!r} "
+                             f"({hints[f.name]})")
 
 
 # ----------------------------------------------------------------------------------------
@@ -189,47 +413,86 @@ def arith_dataset(split: str, seed: int = 1234, ops: tuple[int, int] = ARITH_OPS
     raise ValueError(f"unknown split {split!r}")
 
 
+HUB = "hub"  # --data-dir hub: GSM8K from the Hugging Face hub, through the optional `datasets`
+HUB_NEEDS_DATASETS = ("--data-dir hub needs the `datasets` package; `pip install datasets`, "
+                      "or pass --data-dir DIR holding train.jsonl and test.jsonl")
+
+
+def gsm8k_dir(data_dir: Optional[str]) -> Path:
+    default = Path(__file__).resolve().parent.parent / "shared/data/gsm8k"
+    return Path(data_dir) if data_dir else default
+
+
+def gsm8k_missing(path: Path) -> str:
+    return (f"GSM8K file {path} not found; pass --data-dir DIR holding {path.name} (from "
+            "github.com/openai/grade-school-math), or --data-dir hub to download GSM8K "
+            "with `datasets`")
+
+
 def load_gsm8k(split: str, data_dir: Optional[str]) -> list[dict]:
     """GSM8K in the official JSONL format ({"question", "answer": "...#### 42"}).
 
-    Looks in `data_dir` (default: ../shared/data/gsm8k beside the project), else in the hub
-    through the optional `datasets` package.
+    Reads `data_dir`/{split}.jsonl (default: ../shared/data/gsm8k beside the project). The hub
+    is used only when asked for, with `--data-dir hub` (needs the optional `datasets` package).
     """
-    candidates = [Path(data_dir)] if data_dir else [Path(__file__).resolve().parent.parent / "shared/data/gsm8k"]
-    for d in candidates:
-        path = d / f"{split}.jsonl"
-        if path.exists():
-            return read_gsm8k_jsonl(path)
-    try:
-        import datasets  # optional dependency
-    except ImportError:
-        where = candidates[0] / f"{split}.jsonl"
-        raise UserError(f"GSM8K file {where} not found; pass --data-dir DIR holding {split}.jsonl "
-                        "(from github.com/openai/grade-school-math) or `pip install datasets` to use the hub")
-    ds = datasets.load_dataset("openai/gsm8k", "main", split=split)
-    return [dict(id=i, question=r["question"], answer=gold_from_gsm8k(r["answer"]), solution=r["answer"])
-            for i, r in enumerate(ds)]
+    if data_dir == HUB:
+        try:
+            import datasets  # optional dependency
+        except ImportError:
+            raise UserError(HUB_NEEDS_DATASETS) from None
+        ds = datasets.load_dataset("openai/gsm8k", "main", split=split)
+        return [dict(id=i, question=r["question"], solution=r["answer"],
+                     answer=gsm8k_gold(r["answer"], f"hub gsm8k {split}:{i + 1}"))
+                for i, r in enumerate(ds)]
+    path = gsm8k_dir(data_dir) / f"{split}.jsonl"
+    if not path.is_file():
+        raise UserError(gsm8k_missing(path))
+    return read_gsm8k_jsonl(path)
 
 
 def gold_from_gsm8k(answer_field: str) -> str:
     return answer_field.split("####")[-1].strip().replace(",", "")
 
 
+def gsm8k_gold(answer_field: str, where: str) -> str:
+    """The gold number after '####', or UserError naming the record if it is not a plain number."""
+    gold = gold_from_gsm8k(answer_field)
+    if normalize_number(gold) is None:
+        raise UserError(f"{where}: the gold answer after '####' is {gold[:40]!r}, not a number; "
+                        "fix the record (e.g. '#### 42'), drop the line, "
+                        "or pass --data-dir another folder")
+    return gold
+
+
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a bad byte
+
+
+def check_utf8(line: str, where: str, flag: str) -> None:
+    """UserError naming file:line if `line` (read with errors="surrogateescape") had bad UTF-8."""
+    bad = _NOT_UTF8.search(line)
+    if bad:
+        byte = ord(bad.group()) - 0xDC00
+        raise UserError(f"{where} is not valid UTF-8 (byte {byte:#04x} at column "
+                        f"{bad.start() + 1}); save the file as UTF-8, or pass {flag} another")
+
+
 def read_gsm8k_jsonl(path: Path) -> list[dict]:
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                q, a = row["question"], row["answer"]
-                if not isinstance(q, str) or not isinstance(a, str) or "####" not in a:
-                    raise ValueError
-            except (ValueError, KeyError, TypeError):
-                raise UserError(f"{path}:{lineno} is not a GSM8K record; each line must be JSON "
-                                'like {"question": "...", "answer": "... #### 42"}')
-            out.append(dict(id=len(out), question=q, answer=gold_from_gsm8k(a), solution=a))
+    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+        lines = [(n, line) for n, line in enumerate(fh, 1) if line.strip()]
+    for lineno, line in lines:
+        check_utf8(line, f"{path}:{lineno}", "--data-dir")
+        try:
+            row = json.loads(line)
+            q, a = row["question"], row["answer"]
+            if not isinstance(q, str) or not isinstance(a, str) or "####" not in a:
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path}:{lineno} is not a GSM8K record; each line must be JSON "
+                            'like {"question": "...", "answer": "... #### 42"} '
+                            "(or pass --data-dir another folder)") from None
+        gold = gsm8k_gold(a, f"{path}:{lineno}")
+        out.append(dict(id=len(out), question=q, answer=gold, solution=a))
     if not out:
         raise UserError(f"{path} holds no examples; point --data-dir at a folder with a non-empty {path.name}")
     return out
@@ -265,38 +528,64 @@ def format_prompt(tokenizer, question: str, task: str) -> str:
 
 MAX_VERIFY_CHARS = 4096   # only the tail of a completion is read; the answer comes last
 MAX_NUMBER_CHARS = 40     # longer digit strings are not numbers we compare
-_NUM = r"-?(?:\$\s?)?\d[\d,]*(?:\.\d+)?"
-_BOXED = re.compile(r"\\boxed\{\s*(" + _NUM + r")\s*\}")
-_HASHES = re.compile(r"####\s*(" + _NUM + r")")
-_ANSWER_IS = re.compile(r"answer is[:\s]*\**\s*(" + _NUM + r")", re.IGNORECASE)
-_ANY_NUM = re.compile(_NUM)
+# A number-like token is a maximal run of the characters numbers are written with: digits (any
+# script), . , / ^ $ and every minus or dash sign, and e/E between digits ("1e5"). The run is
+# read whole or not at all (normalize_number): "3/4", "1e5", ".5", "1,2", "1.2.3" and "−5"
+# (U+2212) are not plain numbers, so they never score as 3, 1, 5, 12, 1 or 5.
+_MINUS = "\\-\u2010-\u2015\u2212\ufe58\ufe63\uff0d"
+_CHARS = rf"[\d.,/^$+{_MINUS}]"
+_RUN = rf"(?:{_CHARS}|(?<=\d)[eE](?=[+{_MINUS}]?\d))++"   # possessive: never backtracks
+# Every quantifier below is possessive (*+, ++): a run is taken whole and never given back, so
+# each pattern costs time linear in the window, whatever the text.
+_BOXED = re.compile(r"\\boxed\{\s*+(" + _RUN + ")")
+_HASHES = re.compile(r"####\s*+(" + _RUN + ")")
+_ANSWER_IS = re.compile(r"answer is[:\s*]*+(" + _RUN + ")", re.IGNORECASE)
+_ANY_NUM = re.compile(_RUN)
+_LEADING_RUN = re.compile(_RUN)
+# A plain number: ASCII digits, an optional leading '-' and '$', commas only between groups of
+# exactly three digits, an optional decimal part. "1,000", "$1,000.50", "-3", "0.5" are plain.
+_PLAIN = re.compile(r"-?\$?(?:[0-9]{1,3}(?:,[0-9]{3})++|[0-9]++)(?:\.[0-9]++)?+")
+
+
+def _has_digit(token: str) -> bool:
+    return any(c.isdigit() for c in token)
 
 
 def extract_answer(text: str) -> Optional[str]:
-    """The final answer of a completion, as a string, or None.
+    """The final answer of a completion, as a number-like token, or None.
 
-    Order: \\boxed{n}, then '#### n', then 'the answer is n', then the last number. Only the
-    last MAX_VERIFY_CHARS characters are read, so a megabyte of output costs microseconds.
+    Order: \\boxed{n}, then '#### n', then 'the answer is n', then the last number-like token
+    (see _RUN above); the last match of the first kind found wins. A trailing '.' or ','
+    (the end of a sentence) is dropped. Only the last MAX_VERIFY_CHARS characters are read,
+    so a megabyte of output costs microseconds; a number cut by that window's left edge is
+    dropped, never read in part.
     """
     if not isinstance(text, str):
         return None
-    tail = text[-MAX_VERIFY_CHARS:]
-    for pattern in (_BOXED, _HASHES, _ANSWER_IS):
-        found = pattern.findall(tail)
+    start = max(0, len(text) - MAX_VERIFY_CHARS)
+    tail = text[start:]
+    if start > 0 and _LEADING_RUN.fullmatch(text[start - 1:start + 1]):  # a run across the edge
+        tail = tail[_LEADING_RUN.match(tail).end():]
+    for pattern in (_BOXED, _HASHES, _ANSWER_IS, _ANY_NUM):
+        found = [t for t in pattern.findall(tail) if _has_digit(t)]
         if found:
-            return found[-1]
-    found = _ANY_NUM.findall(tail)
-    return found[-1] if found else None
+            return found[-1].rstrip(".,") or None
+    return None
 
 
 def normalize_number(s: Optional[str]) -> Optional[Fraction]:
-    """'$1,234.50' -> Fraction(2469, 2); '18.0' -> 18. None if it is not a plain number."""
-    if s is None:
+    """'$1,234.50' -> Fraction(2469, 2); '18.0' -> 18; '18.' -> 18. None unless a plain number.
+
+    Plain (see _PLAIN): ASCII digits, commas between groups of three, an optional decimal part,
+    an optional leading '-' and '$'. Not plain, so None: '3/4', '1e5', '.5', '1,2', '−5'.
+    """
+    if not isinstance(s, str):
         return None
-    s = s.replace(",", "").replace("$", "").replace(" ", "").strip().rstrip(".")
-    if not s or len(s) > MAX_NUMBER_CHARS or not re.fullmatch(r"-?\d+(?:\.\d+)?", s):
+    s = s.strip()
+    s = s[:-1] if s.endswith(".") else s
+    if not s or len(s) > MAX_NUMBER_CHARS or not _PLAIN.fullmatch(s):
         return None
-    return Fraction(s)  # exact decimal, no float rounding, no exponent parsing
+    return Fraction(s.replace(",", "").replace("$", ""))  # exact decimal, no float rounding
 
 
 def is_correct(completion: str, gold: str) -> bool:
@@ -305,7 +594,18 @@ def is_correct(completion: str, gold: str) -> bool:
 
 
 def reward_fn(completions: list[str], answers: list[str]) -> list[float]:
-    """1.0 if the final number equals the gold answer, else 0.0 (TRL's reward signature)."""
+    """1.0 if the final number equals the gold answer, else 0.0 (TRL's reward signature).
+
+    A completion is model output (anything: it scores 0.0 unless it ends in the right number);
+    the golds are ours, so a gold that is not a string, or lists of different lengths, raise.
+    """
+    if len(completions) != len(answers):
+        raise ValueError(f"reward_fn: {len(completions)} completions but {len(answers)} gold "
+                         "answers; pass one gold answer per completion")
+    for i, a in enumerate(answers):
+        if not isinstance(a, str):
+            raise TypeError(f"reward_fn: gold answer {i} is {type(a).__name__} {a!r}, not a str; "
+                            "pass golds as strings like '42'")
     return [1.0 if is_correct(c, a) else 0.0 for c, a in zip(completions, answers)]
 
 
@@ -896,12 +1196,29 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file through a temporary one and a rename: a reader never sees half of it."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict, keep: int = 2) -> Path:
     """Write run_dir/checkpoints/step-N atomically: a temporary folder, then one rename.
 
     The folder loads with AutoModelForCausalLM.from_pretrained. trainer_state.pt holds the
     optimizer, RNG states, the step, the prompt position and the method's own state. A
     checkpoint containing a non-finite parameter is refused, so a NaN never replaces a good one.
+    COMPLETE, written last, holds the step and the sha256 of every file: a file truncated or
+    changed later is caught on --resume (verify_checkpoint), and the run falls back a checkpoint.
     """
     if any(not torch.isfinite(p).all() for p in model.parameters()):
         raise RuntimeError("refusing to checkpoint a model with non-finite parameters")
@@ -912,25 +1229,129 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     torch.save(dict(trainer_state, step=step, rng=rng_state()), tmp / "trainer_state.pt")
-    (tmp / "COMPLETE").write_text(str(step))  # written last: a folder without it is partial
+    hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    (tmp / "COMPLETE").write_text(json.dumps({"step": step, "sha256": hashes}, indent=1))
     if final.exists():
-        shutil.rmtree(final)
+        _remove_checkpoint(final)
     os.replace(tmp, final)
     for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_checkpoint(old)
     return final
 
 
+def _remove_checkpoint(ckpt: Path) -> None:
+    """Rename, then delete: a kill in between leaves a hidden folder, not a half-deleted step-N."""
+    gone = ckpt.with_name(f".old-{ckpt.name}-{os.getpid()}")
+    os.replace(ckpt, gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def verify_checkpoint(ckpt: Path) -> Optional[str]:
+    """Why a checkpoint folder cannot be resumed from (partial, truncated, changed), or None."""
+    try:
+        marker = json.loads((ckpt / "COMPLETE").read_text())
+    except FileNotFoundError:
+        return "partial: no COMPLETE marker"
+    except (OSError, ValueError):
+        return "its COMPLETE marker is unreadable"
+    if not (ckpt / "trainer_state.pt").is_file():
+        return "no trainer_state.pt"
+    hashes = marker.get("sha256", {}) if isinstance(marker, dict) else {}  # older checkpoints: none
+    for name, digest in hashes.items():
+        if not (ckpt / name).is_file():
+            return f"{name} is missing"
+        if sha256_file(ckpt / name) != digest:
+            return f"{name} does not match the sha256 written at save time (truncated or changed)"
+    for weights in sorted(ckpt.glob("*.safetensors")):
+        problem = check_weights_file(weights)
+        if problem:
+            return problem
+    return None
+
+
+def checkpoints_newest_first(run_dir: Path) -> list[Path]:
+    return sorted((Path(run_dir) / "checkpoints").glob("step-*"), reverse=True)
+
+
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The newest complete checkpoint of a run, skipping partial or unreadable ones (with a note)."""
-    root = Path(run_dir) / "checkpoints"
+    """The newest checkpoint of a run that verifies, skipping the others (with a note each)."""
     if not (Path(run_dir) / "config.json").exists():
         raise UserError(f"{run_dir} is not a run folder (no config.json); pass --resume a folder under runs/")
-    for ckpt in sorted(root.glob("step-*"), reverse=True):
-        if (ckpt / "COMPLETE").exists() and (ckpt / "trainer_state.pt").exists():
+    for ckpt in checkpoints_newest_first(run_dir):
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
             return ckpt
-        print(f"note: skipping partial checkpoint {ckpt}", file=sys.stderr)
+        print(f"note: skipping checkpoint {ckpt} ({problem})", file=sys.stderr)
     return None
+
+
+def trim_jsonl(path: Path, step: int) -> None:
+    """Keep the lines of a log whose step is <= `step`; drop a half-written (unparsable) line."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # cut off by a kill: the step it belonged to is run again
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            keep.append(line)
+    write_atomic(path, "".join(l + "\n" for l in keep))
+
+
+# Flags that a resumed run may change (how long, how often it logs, where it runs); every other
+# flag is the run's own, read from its config.json, and giving it again with another value is
+# refused. Each resume is recorded in config.json under "resumed", with what changed.
+RESUME_MAY_CHANGE = ("total_steps", "eval_every", "save_every", "log_completions_every",
+                     "output_dir", "resume", "device", "max_bad_steps", "show_credit",
+                     "gradient_checkpointing")
+
+
+def check_run_dir(path: str, algo: str) -> dict:
+    """The config.json of a run folder made by `algo`, or UserError."""
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{path} is not a run folder (no config.json); "
+                        "pass --resume a folder under runs/")
+    try:
+        config = json.loads(config_path.read_text())
+        assert isinstance(config, dict)
+    except (OSError, ValueError, AssertionError):
+        raise UserError(f"--resume {path}: its config.json is unreadable; pass --resume a run "
+                        "folder made by this script, or start a new run") from None
+    if config.get("algo") != algo:
+        raise UserError(f"--resume {path} is a run of {config.get('algo')}.py, not {algo}.py; "
+                        f"resume it with {config.get('algo')}.py")
+    return config
+
+
+def resume_args(args, algo: str):
+    """The Args of the run being resumed: its config.json, plus the flags that may change.
+
+    A flag given on the command line (args.given) with a value other than the run's is refused
+    unless it is in RESUME_MAY_CHANGE; those are kept in args.resume_changes as {name: [old, new]}.
+    """
+    config = check_run_dir(args.resume, algo)
+    names = [f.name for f in dataclasses.fields(args) if f.init]
+    values = {n: config[n] for n in names if n in config}
+    changed = {}
+    for name in sorted(getattr(args, "given", ())):
+        new = getattr(args, name)
+        if name == "resume" or values.get(name, new) == new:
+            values.setdefault(name, new)
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name not in RESUME_MAY_CHANGE:
+            raise UserError(f"--resume {args.resume}: {flag} {new} differs from the run's "
+                            f"{values[name]} (its config.json), and would change the run; "
+                            f"drop {flag}, or start a new run")
+        changed[name] = [values[name], new]
+        values[name] = new
+    values["resume"] = args.resume
+    out = type(args)(**values)
+    out.given, out.resume_changes = getattr(args, "given", frozenset()), changed
+    return out
 
 
 class MetricAverager:
@@ -1004,6 +1425,9 @@ class Run:
     completions.jsonl. With --resume DIR: loads the last good checkpoint of DIR into the model,
     optimizer, prompt sampler and RNGs, drops metric lines written after it, and appends.
     SIGINT/SIGTERM set `stop_requested`; the loop then checkpoints and stops cleanly.
+    A checkpoint that does not verify or load (truncated, changed, non-finite) is skipped,
+    with one note, for the one before it; metrics.jsonl and completions.jsonl are trimmed to
+    the checkpoint's step, and config.json records the resume under "resumed".
     """
 
     def __init__(self, args, algo: str, model, tokenizer, optimizer, sampler: PromptSampler):
@@ -1014,12 +1438,10 @@ class Run:
         self.state: dict = {"step": 0}
         self.stop_requested = False
         self.bad_steps = 0  # steps in a row whose every update was skipped (non-finite loss or gradient)
+        self.stop_signal: Optional[int] = None
         if args.resume:
             self.run_dir = Path(args.resume)
-            ckpt = latest_checkpoint(self.run_dir)
-            if ckpt is None:
-                raise UserError(f"{self.run_dir} has no complete checkpoint to resume from; start a new run without --resume")
-            self._load(ckpt)
+            ckpt = self._resume()
             self.logger = RunLogger(self.run_dir, {}, append=True)
             print(f"resumed {self.run_dir} from {ckpt.name}", file=sys.stderr)
         else:
@@ -1029,30 +1451,59 @@ class Run:
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame):
-        if self.stop_requested:  # a second signal: stop now
-            raise KeyboardInterrupt
-        print(f"\nsignal {signum}: finishing this step, checkpointing, then stopping", file=sys.stderr)
-        self.stop_requested = True
+        import signal
 
-    def _load(self, ckpt: Path) -> None:
+        name = signal.Signals(signum).name
+        if self.stop_requested:  # a second signal: stop now; checkpoints are written atomically
+            raise Interrupted(signum, f"second {name}: stopped at once. The last complete "
+                              f"checkpoint under {self.run_dir / 'checkpoints'} is intact; "
+                              f"--resume {self.run_dir} continues")
+        print(f"\n{name}: finishing this step, checkpointing, then stopping", file=sys.stderr)
+        self.stop_requested, self.stop_signal = True, signum
+
+    def _resume(self) -> Path:
+        """Load the newest checkpoint that verifies and loads; fall back past corrupt ones."""
+        if not (self.run_dir / "config.json").exists():
+            raise UserError(f"{self.run_dir} is not a run folder (no config.json); "
+                            "pass --resume a folder under runs/")
+        for ckpt in checkpoints_newest_first(self.run_dir):
+            problem = verify_checkpoint(ckpt) or self._load(ckpt)
+            if problem is None:
+                break
+            print(f"note: checkpoint {ckpt.name} is not usable ({problem}); "
+                  "falling back to the one before it", file=sys.stderr)
+        else:
+            raise UserError(f"{self.run_dir} has no complete checkpoint to resume from; "
+                            "start a new run without --resume")
+        step = self.state["step"]
+        for log in ("metrics.jsonl", "completions.jsonl"):  # drop the steps the checkpoint lacks
+            trim_jsonl(self.run_dir / log, step)
+        (self.run_dir / "summary.json").unlink(missing_ok=True)  # written again when it ends
+        config = json.loads((self.run_dir / "config.json").read_text())
+        record = {"from_step": step, "checkpoint": ckpt.name, "time": round(time.time()),
+                  "changed": getattr(self.args, "resume_changes", {})}
+        config.setdefault("resumed", []).append(record)
+        write_atomic(self.run_dir / "config.json", json.dumps(config, indent=2, default=str))
+        return ckpt
+
+    def _load(self, ckpt: Path) -> Optional[str]:
+        """Load a checkpoint into the model, optimizer, sampler and RNGs, or say why it can't be."""
         from transformers import AutoModelForCausalLM
 
         try:
             saved = AutoModelForCausalLM.from_pretrained(ckpt, dtype=next(self.model.parameters()).dtype)
             trainer = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-        except Exception as e:  # a corrupt checkpoint: say which, so the user can delete it
-            raise UserError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}); delete that folder to resume "
-                            "from the one before it") from None
-        self.model.load_state_dict(saved.state_dict())
+            weights = saved.state_dict()
+            if any(w.is_floating_point() and not torch.isfinite(w).all() for w in weights.values()):
+                return "non-finite weights"
+            self.model.load_state_dict(weights)
+        except Exception as e:  # noqa: BLE001  (whatever a damaged file raises)
+            return f"unreadable: {type(e).__name__}"
         self.optimizer.load_state_dict(trainer["optimizer"])
         self.sampler.load_state_dict(trainer["sampler"])
         self.state = trainer["state"]
         set_rng_state(trainer["rng"])
-        step = self.state["step"]
-        metrics = self.run_dir / "metrics.jsonl"  # drop lines of steps the checkpoint does not hold
-        if metrics.exists():
-            keep = [l for l in metrics.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-            metrics.write_text("".join(l + "\n" for l in keep))
+        return None
 
     def save(self, step: int) -> Path:
         trainer = {"optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(), "state": self.state}
@@ -1086,11 +1537,21 @@ class Run:
                                         rewards[:num_generations].tolist())
 
     def finish(self, final_accuracy: float, wall_time: float) -> dict:
+        """Write summary.json; its "status" is "finished", or "interrupted" (with the signal)."""
+        import signal
+
         start = self.state["start_accuracy"]
         summary = dict(algo=self.algo, start_accuracy=start, final_accuracy=final_accuracy,
                        steps=self.state["step"], wall_time_s=round(wall_time, 1), run_dir=str(self.run_dir))
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary["status"] = "finished" if self.stop_signal is None else "interrupted"
+        if self.stop_signal is not None:
+            summary["signal"] = signal.Signals(self.stop_signal).name
+        write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         self.logger.close()
+        if self.stop_signal is not None:
+            print(f"{self.algo}: interrupted by {summary['signal']} at step {summary['steps']} of "
+                  f"{self.args.total_steps}; --resume {self.run_dir} continues", flush=True)
+            return summary
         print(f"{self.algo}: held-out greedy accuracy {start:.3f} -> {final_accuracy:.3f} "
               f"({100 * (final_accuracy - start):+.1f} pts) in {summary['steps']} steps, "
               f"{wall_time:.0f}s; saved to {self.run_dir}", flush=True)
@@ -1098,15 +1559,37 @@ class Run:
 
 
 def run_main(main, args_cls, argv: Optional[list[str]] = None):
-    """Parse the CLI, run `main`, and turn a UserError into one line and exit code 2."""
+    """Parse and check the CLI, run `main`; every error a user can fix is one line.
+
+    Before any work: argparse (one line), the run's own config.json on --resume (resume_args),
+    then every field against its range (check_args). Exit codes: 2 bad input, 3 diverged,
+    128 + the signal (130 SIGINT, 143 SIGTERM) for an interrupted run, whose summary.json
+    says "status": "interrupted".
+    """
+    import signal
+
     args = parse_args(args_cls, argv)
+    algo = Path(inspect.getfile(main)).stem
     try:
-        return main(args)
+        if args.resume:
+            args = resume_args(args, algo)
+        check_args(args, algo)
+        result = main(args)
     except UserError as e:
         fail(str(e))
     except TrainingDiverged as e:
         print(f"stopped: {e}", file=sys.stderr, flush=True)
         sys.exit(3)
+    except Interrupted as e:
+        print(f"stopped: {e.args[1]}", file=sys.stderr, flush=True)
+        sys.exit(128 + e.args[0])
+    except KeyboardInterrupt:  # before the run had its signal handlers: no checkpoint was written
+        print("stopped: SIGINT before training started; nothing to resume", file=sys.stderr,
+              flush=True)
+        sys.exit(128 + signal.SIGINT)
+    if isinstance(result, dict) and result.get("status") == "interrupted":
+        sys.exit(128 + signal.Signals[result["signal"]])
+    return result
 
 
 # ----------------------------------------------------------------------------------------

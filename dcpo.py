@@ -49,41 +49,73 @@ HUB_LEARNING_RATE = 1e-6
 class Args:
     """DCPO: dynamic-adaptive clipping, smooth advantage standardisation, only-token-mean loss."""
     # --- run ---
-    seed: int = field(default=0, metadata={"help": "random seed (python, numpy, torch, prompt order)"})
-    model: str = field(default="tiny", metadata={"help": "'tiny' (embedded, warm-started on first use), a hub id or a save_pretrained folder"})
+    seed: int = field(default=0, metadata={"range": "[0, SEED_MAX]", "help":
+        "random seed (python, numpy, torch, prompt order)"})
+    model: str = field(default="tiny", metadata={"range": "model", "help":
+        "'tiny' (embedded, warm-started on first use), a hub id or a save_pretrained folder"})
     task: Literal["arith", "gsm8k"] = field(default="arith", metadata={"help": "arith: embedded multi-step arithmetic; gsm8k: grade-school math"})
-    arith_ops: str = field(default="2-4", metadata={"help": "arith: operations per problem, LO-HI"})
-    data_dir: Optional[str] = field(default=None, metadata={"help": "folder with GSM8K train.jsonl/test.jsonl (default: ../shared/data/gsm8k)"})
-    total_steps: int = field(default=80, metadata={"help": "rollout batches to train on (each gives num_iterations optimizer steps)"})
-    eval_every: int = field(default=20, metadata={"help": "greedy held-out evaluation every N steps"})
-    eval_size: int = field(default=200, metadata={"help": "held-out examples for greedy evaluation"})
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (also on SIGINT/SIGTERM and at the end)"})
-    output_dir: str = field(default="runs", metadata={"help": "parent folder of the run folder"})
-    resume: Optional[str] = field(default=None, metadata={"help": "a run folder to continue from its last good checkpoint"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
+    arith_ops: str = field(default="2-4", metadata={"range": "arith_ops", "help":
+        "arith: operations per problem, LO-HI (at least 2; longer chains, longer answers)"})
+    data_dir: Optional[str] = field(default=None, metadata={"range": "data_dir", "help":
+        "folder with GSM8K train.jsonl/test.jsonl (default: ../shared/data/gsm8k)"})
+    total_steps: int = field(default=80, metadata={"range": ">0", "help":
+        "rollout batches to train on (each gives num_iterations optimizer steps)"})
+    eval_every: int = field(default=20, metadata={"range": ">0", "help":
+        "greedy held-out evaluation every N steps"})
+    eval_size: int = field(default=200, metadata={"range": ">0", "help":
+        "held-out examples for greedy evaluation"})
+    save_every: int = field(default=50, metadata={"range": ">0", "help":
+        "checkpoint every N steps (also on SIGINT/SIGTERM and at the end)"})
+    output_dir: str = field(default="runs", metadata={"range": "output_dir", "help":
+        "parent folder of the run folder"})
+    resume: Optional[str] = field(default=None, metadata={"range": "run_dir", "help":
+        "a run folder to continue from its last good checkpoint"})
+    device: str = field(default="auto", metadata={"range": "device", "help":
+        "auto, cpu, cuda, cuda:1, ..."})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "weights dtype; auto = bfloat16 on a GPU that has it, else float32"})
-    micro_batch_size: int = field(default=32, metadata={"help": "completions per forward/backward (gradient accumulation; same result)"})
-    log_completions_every: int = field(default=10, metadata={"help": "write a few completions to completions.jsonl every N steps"})
+    micro_batch_size: int = field(default=32, metadata={"range": ">0", "help":
+        "completions per forward/backward (gradient accumulation; same result)"})
+    log_completions_every: int = field(default=10, metadata={"range": ">0", "help":
+        "write a few completions to completions.jsonl every N steps"})
     # --- shared base settings: identical in every script (card grpo.md, section 3.2) ---
-    num_generations: int = field(default=8, metadata={"help": "G, completions per prompt"})
-    prompts_per_step: int = field(default=16, metadata={"help": "prompts per rollout batch (B = prompts_per_step * G)"})
-    num_iterations: int = field(default=2, metadata={"help": "mu, optimisation passes over each rollout batch"})
-    learning_rate: Optional[float] = field(default=None, metadata={"help": f"AdamW lr; default {HUB_LEARNING_RATE} for hub models, {TINY_LEARNING_RATE} for the tiny model"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
-    max_bad_steps: int = field(default=5, metadata={"help": "stop after this many steps in a row with a non-finite loss or gradient (0: never)"})
+    num_generations: int = field(default=8, metadata={"range": ">=2", "help":
+        "G, completions per prompt"})
+    prompts_per_step: int = field(default=16, metadata={"range": ">0", "help":
+        "prompts per rollout batch (B = prompts_per_step * G)"})
+    num_iterations: int = field(default=2, metadata={"range": ">0", "help":
+        "mu, optimisation passes over each rollout batch"})
+    learning_rate: Optional[float] = field(default=None, metadata={"range": ">0", "help":
+        f"AdamW lr; default {HUB_LEARNING_RATE} for hub models, {TINY_LEARNING_RATE} for the "
+        "tiny model"})
+    max_grad_norm: float = field(default=1.0, metadata={"range": ">0", "help":
+        "gradient-norm clip"})
+    max_bad_steps: int = field(default=5, metadata={"range": ">=0", "help":
+        "stop after this many steps in a row with a non-finite loss or gradient (0: never)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward: less memory for bigger models, about one more forward of compute"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature T (log-probs use logits / T too)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling; keep 1.0 so the sampler equals softmax(z/T)"})
-    top_k: int = field(default=0, metadata={"help": "top-k sampling, 0 = off; keep 0 so the sampler equals softmax(z/T)"})
-    max_completion_length: Optional[int] = field(default=None, metadata={"help": "max new tokens; default 48 for arith, 512 for gsm8k"})
-    beta: float = field(default=0.0, metadata={"help": "k3 KL coefficient to the frozen reference; 0 loads no reference model"})
-    epsilon: float = field(default=0.2, metadata={"help": "GRPO's fixed lower clip 1 - epsilon. DCPO does not clip with it (see --eps-low): it is only the band of the clip_ratio/fixed_0.2 comparison metrics"})
-    epsilon_high: float = field(default=0.2, metadata={"help": "GRPO's fixed upper clip 1 + epsilon_high. DCPO does not clip with it (see --eps-high): it is only the band of the clip_ratio/fixed_0.2 comparison metrics"})
+    temperature: float = field(default=1.0, metadata={"range": ">0", "help":
+        "sampling temperature T (log-probs use logits / T too)"})
+    top_p: float = field(default=1.0, metadata={"range": "(0, 1]", "help":
+        "nucleus sampling; keep 1.0 so the sampler equals softmax(z/T)"})
+    top_k: int = field(default=0, metadata={"range": ">=0", "help":
+        "top-k sampling, 0 = off; keep 0 so the sampler equals softmax(z/T)"})
+    max_completion_length: Optional[int] = field(default=None, metadata={"range": ">0", "help":
+        "max new tokens; default 48 for arith, 512 for gsm8k"})
+    beta: float = field(default=0.0, metadata={"range": ">=0", "help":
+        "k3 KL coefficient to the frozen reference; 0 loads no reference model"})
+    epsilon: float = field(default=0.2, metadata={"range": "[0, 1]", "help":
+        "GRPO's fixed lower clip 1 - epsilon. DCPO does not clip with it (see --eps-low): it is "
+        "only the band of the clip_ratio/fixed_0.2 comparison metrics"})
+    epsilon_high: float = field(default=0.2, metadata={"range": ">=0", "help":
+        "GRPO's fixed upper clip 1 + epsilon_high. DCPO does not clip with it (see --eps-high): "
+        "it is only the band of the clip_ratio/fixed_0.2 comparison metrics"})
     # --- DCPO-specific (card dcpo.md, section 3: the paper by default, the official code's choices as flags) ---
     loss_type: Literal["otm", "grpo", "dapo", "otm_token_sum"] = field(default="otm", metadata={"help": "otm: token mean per response, summed per prompt, mean over prompts (paper Eq. 8); grpo: otm / G (current official code); dapo: token mean; otm_token_sum: token sum / B (paper-era code)"})
-    eps_low: float = field(default=0.16, metadata={"help": "DAC lower bound: (1 - r) * r * q <= eps_low (paper 0.16; the official scripts 0.2)"})
-    eps_high: float = field(default=0.20, metadata={"help": "DAC upper bound: (r - 1) * r * q <= eps_high (paper 0.20; the official scripts 0.28)"})
-    ratio_max: float = field(default=10.0, metadata={"help": "r_max: cap of the upper bound (A > 0) and dual clip (A < 0), paper and code 10"})
+    eps_low: float = field(default=0.16, metadata={"range": ">0", "help":
+        "DAC lower bound: (1 - r) * r * q <= eps_low (paper 0.16; the official scripts 0.2)"})
+    eps_high: float = field(default=0.20, metadata={"range": ">0", "help":
+        "DAC upper bound: (r - 1) * r * q <= eps_high (paper 0.20; the official scripts 0.28)"})
+    ratio_max: float = field(default=10.0, metadata={"range": ">0", "help":
+        "r_max: cap of the upper bound (A > 0) and dual clip (A < 0), paper and code 10"})
     sas: bool = field(default=True, metadata={"help": "smooth advantage standardisation over each prompt's reward history (paper); --no-sas: this visit's group only, as the released scripts run"})
     sas_std: Literal["population", "unbiased"] = field(default="population", metadata={"help": "std in SAS: population, divide by G (paper); unbiased, torch.std (official code)"})
 
@@ -457,17 +489,12 @@ def add_dcpo_metrics(avg: common.MetricAverager, metrics: dict, num_tokens: floa
 
 def main(args: Args) -> dict:
     # ---- setup (boilerplate) ----
-    common.check_positive(prompts_per_step=args.prompts_per_step, micro_batch_size=args.micro_batch_size,
-                          total_steps=args.total_steps, num_iterations=args.num_iterations,
-                          eval_size=args.eval_size)
-    if args.num_generations < 2:
-        raise UserError(f"--num-generations must be at least 2 (got {args.num_generations}): a group "
-                        "of one has no spread to compare against; pass --num-generations 2 or more")
-    common.check_positive(eps_low=args.eps_low, eps_high=args.eps_high, ratio_max=args.ratio_max)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype = common.resolve_dtype(args.dtype, device)
-    max_len = args.max_completion_length or common.default_max_len(args.task, args.arith_ops)
-    lr = args.learning_rate or (TINY_LEARNING_RATE if args.model == common.TINY else HUB_LEARNING_RATE)
+    max_len = (common.default_max_len(args.task, args.arith_ops)
+               if args.max_completion_length is None else args.max_completion_length)
+    lr = ((TINY_LEARNING_RATE if args.model == common.TINY else HUB_LEARNING_RATE)
+          if args.learning_rate is None else args.learning_rate)
     G, P = args.num_generations, args.prompts_per_step
     B = G * P
 

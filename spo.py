@@ -48,7 +48,6 @@ from typing import Callable, Literal, Optional
 import torch
 
 import common
-from common import UserError
 
 TINY_LEARNING_RATE = 5e-5  # the one value for the embedded tiny model, shared by every script
 HUB_LEARNING_RATE = 1e-6
@@ -60,50 +59,90 @@ HUB_TREE_SEGMENT_LENGTH, TINY_TREE_SEGMENT_LENGTH = 30, 12  # M: paper (BPE toke
 class Args:
     """SPO (Segment Policy Optimization), variants chain and tree."""
     # --- run ---
-    seed: int = field(default=0, metadata={"help": "random seed (python, numpy, torch, prompt order)"})
-    model: str = field(default="tiny", metadata={"help": "'tiny' (embedded, warm-started on first use), a hub id or a save_pretrained folder"})
+    seed: int = field(default=0, metadata={"range": "[0, SEED_MAX]", "help":
+        "random seed (python, numpy, torch, prompt order)"})
+    model: str = field(default="tiny", metadata={"range": "model", "help":
+        "'tiny' (embedded, warm-started on first use), a hub id or a save_pretrained folder"})
     task: Literal["arith", "gsm8k"] = field(default="arith", metadata={"help": "arith: embedded multi-step arithmetic; gsm8k: grade-school math"})
-    arith_ops: str = field(default="2-4", metadata={"help": "arith: operations per problem, LO-HI"})
-    data_dir: Optional[str] = field(default=None, metadata={"help": "folder with GSM8K train.jsonl/test.jsonl (default: ../shared/data/gsm8k)"})
-    total_steps: int = field(default=80, metadata={"help": "rollout batches to train on (each gives num_iterations optimizer steps)"})
-    eval_every: int = field(default=20, metadata={"help": "greedy held-out evaluation every N steps"})
-    eval_size: int = field(default=200, metadata={"help": "held-out examples for greedy evaluation"})
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (also on SIGINT/SIGTERM and at the end)"})
-    output_dir: str = field(default="runs", metadata={"help": "parent folder of the run folder"})
-    resume: Optional[str] = field(default=None, metadata={"help": "a run folder to continue from its last good checkpoint"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
+    arith_ops: str = field(default="2-4", metadata={"range": "arith_ops", "help":
+        "arith: operations per problem, LO-HI (at least 2; longer chains, longer answers)"})
+    data_dir: Optional[str] = field(default=None, metadata={"range": "data_dir", "help":
+        "folder with GSM8K train.jsonl/test.jsonl (default: ../shared/data/gsm8k)"})
+    total_steps: int = field(default=80, metadata={"range": ">0", "help":
+        "rollout batches to train on (each gives num_iterations optimizer steps)"})
+    eval_every: int = field(default=20, metadata={"range": ">0", "help":
+        "greedy held-out evaluation every N steps"})
+    eval_size: int = field(default=200, metadata={"range": ">0", "help":
+        "held-out examples for greedy evaluation"})
+    save_every: int = field(default=50, metadata={"range": ">0", "help":
+        "checkpoint every N steps (also on SIGINT/SIGTERM and at the end)"})
+    output_dir: str = field(default="runs", metadata={"range": "output_dir", "help":
+        "parent folder of the run folder"})
+    resume: Optional[str] = field(default=None, metadata={"range": "run_dir", "help":
+        "a run folder to continue from its last good checkpoint"})
+    device: str = field(default="auto", metadata={"range": "device", "help":
+        "auto, cpu, cuda, cuda:1, ..."})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "weights dtype; auto = bfloat16 on a GPU that has it, else float32"})
-    micro_batch_size: int = field(default=32, metadata={"help": "completions per forward/backward (gradient accumulation; same result)"})
-    log_completions_every: int = field(default=10, metadata={"help": "write a few completions to completions.jsonl every N steps"})
+    micro_batch_size: int = field(default=32, metadata={"range": ">0", "help":
+        "completions per forward/backward (gradient accumulation; same result)"})
+    log_completions_every: int = field(default=10, metadata={"range": ">0", "help":
+        "write a few completions to completions.jsonl every N steps"})
     # --- shared base settings: identical in every script (card grpo.md, section 3.2) ---
-    num_generations: int = field(default=8, metadata={"help": "G, completions per prompt"})
-    prompts_per_step: int = field(default=16, metadata={"help": "prompts per rollout batch (B = prompts_per_step * G)"})
-    num_iterations: int = field(default=2, metadata={"help": "mu, optimisation passes over each rollout batch"})
-    learning_rate: Optional[float] = field(default=None, metadata={"help": f"AdamW lr; default {HUB_LEARNING_RATE} for hub models, {TINY_LEARNING_RATE} for the tiny model"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
-    max_bad_steps: int = field(default=5, metadata={"help": "stop after this many steps in a row with a non-finite loss or gradient (0: never)"})
+    num_generations: int = field(default=8, metadata={"range": ">=2", "help":
+        "G, completions per prompt"})
+    prompts_per_step: int = field(default=16, metadata={"range": ">0", "help":
+        "prompts per rollout batch (B = prompts_per_step * G)"})
+    num_iterations: int = field(default=2, metadata={"range": ">0", "help":
+        "mu, optimisation passes over each rollout batch"})
+    learning_rate: Optional[float] = field(default=None, metadata={"range": ">0", "help":
+        f"AdamW lr; default {HUB_LEARNING_RATE} for hub models, {TINY_LEARNING_RATE} for the "
+        "tiny model"})
+    max_grad_norm: float = field(default=1.0, metadata={"range": ">0", "help":
+        "gradient-norm clip"})
+    max_bad_steps: int = field(default=5, metadata={"range": ">=0", "help":
+        "stop after this many steps in a row with a non-finite loss or gradient (0: never)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward: less memory for bigger models, about one more forward of compute"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature T (log-probs use logits / T too)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling; keep 1.0 so the sampler equals softmax(z/T)"})
-    top_k: int = field(default=0, metadata={"help": "top-k sampling, 0 = off; keep 0 so the sampler equals softmax(z/T)"})
-    max_completion_length: Optional[int] = field(default=None, metadata={"help": "max new tokens; default 48 for arith, 512 for gsm8k"})
-    beta: float = field(default=0.0, metadata={"help": "k3 KL coefficient to the frozen reference; 0 loads no reference model"})
-    epsilon: float = field(default=0.2, metadata={"help": "lower clip: ratio >= 1 - epsilon"})
-    epsilon_high: float = field(default=0.2, metadata={"help": "upper clip: ratio <= 1 + epsilon_high (0.28 = DAPO clip-higher)"})
+    temperature: float = field(default=1.0, metadata={"range": ">0", "help":
+        "sampling temperature T (log-probs use logits / T too)"})
+    top_p: float = field(default=1.0, metadata={"range": "(0, 1]", "help":
+        "nucleus sampling; keep 1.0 so the sampler equals softmax(z/T)"})
+    top_k: int = field(default=0, metadata={"range": ">=0", "help":
+        "top-k sampling, 0 = off; keep 0 so the sampler equals softmax(z/T)"})
+    max_completion_length: Optional[int] = field(default=None, metadata={"range": ">0", "help":
+        "max new tokens; default 48 for arith, 512 for gsm8k"})
+    beta: float = field(default=0.0, metadata={"range": ">=0", "help":
+        "k3 KL coefficient to the frozen reference; 0 loads no reference model"})
+    epsilon: float = field(default=0.2, metadata={"range": "[0, 1]", "help":
+        "lower clip: ratio >= 1 - epsilon"})
+    epsilon_high: float = field(default=0.2, metadata={"range": ">=0", "help":
+        "upper clip: ratio <= 1 + epsilon_high (0.28 = DAPO clip-higher)"})
     # --- SPO-specific ---
     variant: Literal["chain", "tree"] = field(default="chain", metadata={"help": "chain: MC values at cutpoint boundaries (short CoT); tree: a tree of M-token segments (long CoT)"})
-    rho: float = field(default=0.9, metadata={"help": "tokens with old probability < rho are the cutpoints (chain) and the only tokens the loss keeps"})
-    cutpoint_interval: int = field(default=5, metadata={"help": "I, cutpoints per segment (chain): K = ceil(n / I) segments for n cutpoints"})
+    rho: float = field(default=0.9, metadata={"range": "[0, 1]", "help":
+        "tokens with old probability < rho are the cutpoints (chain) and the only tokens the "
+        "loss keeps"})
+    cutpoint_interval: int = field(default=5, metadata={"range": ">0", "help":
+        "I, cutpoints per segment (chain): K = ceil(n / I) segments for n cutpoints"})
     partition: Literal["even", "stride"] = field(default="even", metadata={"help": "even: balanced cutpoint counts (paper); stride: every I-th cutpoint (official code)"})
-    num_rollouts: Optional[int] = field(default=None, metadata={"help": f"N, MC continuations per boundary (chain); default {HUB_NUM_ROLLOUTS} (paper) for hub models, {TINY_NUM_ROLLOUTS} for the tiny model (CPU time)"})
-    mc_batch_size: int = field(default=512, metadata={"help": "rows per batched generate call for MC continuations and tree levels (memory and speed)"})
+    num_rollouts: Optional[int] = field(default=None, metadata={"range": ">0", "help":
+        f"N, MC continuations per boundary (chain); default {HUB_NUM_ROLLOUTS} (paper) for hub "
+        f"models, {TINY_NUM_ROLLOUTS} for the tiny model (CPU time)"})
+    mc_batch_size: int = field(default=512, metadata={"range": ">0", "help":
+        "rows per batched generate call for MC continuations and tree levels (memory and speed)"})
     whiten_advantages: bool = field(default=False, metadata={"help": "whiten advantages over the masked tokens of each micro-batch (official code); off = raw advantages (paper)"})
-    tree_branching: str = field(default="6,6,6", metadata={"help": "children per node at each depth (tree); the paper also tests 4,4,4"})
-    tree_segment_length: Optional[int] = field(default=None, metadata={"help": f"M, tokens per tree segment; default {HUB_TREE_SEGMENT_LENGTH} (paper) for hub models, {TINY_TREE_SEGMENT_LENGTH} for the tiny model's characters"})
+    tree_branching: str = field(default="6,6,6", metadata={"range": "int_list>0", "help":
+        "children per node at each depth (tree); the paper also tests 4,4,4"})
+    tree_segment_length: Optional[int] = field(default=None, metadata={"range": ">0", "help":
+        f"M, tokens per tree segment; default {HUB_TREE_SEGMENT_LENGTH} (paper) for hub models, "
+        f"{TINY_TREE_SEGMENT_LENGTH} for the tiny model's characters"})
     tree_adv: Literal["unnormalized", "normalized"] = field(default="unnormalized", metadata={"help": "unnormalized: V(n) - V(parent) (code); normalized: divided by the siblings' std"})
-    tree_replay_iters: int = field(default=8, metadata={"help": "steps a tree segment may wait in the replay buffer; 1 = on-policy"})
-    tree_replay_per_question: int = field(default=32, metadata={"help": "tree segments drawn per question per step (each is trained on once)"})
-    show_credit: int = field(default=0, metadata={"help": "every N steps print one group with each token's advantage, '|' before each segment (chain; colour on a terminal); 0 = off"})
+    tree_replay_iters: int = field(default=8, metadata={"range": ">0", "help":
+        "steps a tree segment may wait in the replay buffer; 1 = on-policy"})
+    tree_replay_per_question: int = field(default=32, metadata={"range": ">0", "help":
+        "tree segments drawn per question per step (each is trained on once)"})
+    show_credit: int = field(default=0, metadata={"range": ">=0", "help":
+        "every N steps print one group with each token's advantage, '|' before each segment "
+        "(chain; colour on a terminal); 0 = off"})
 
 
 # ----------------------------------------------------------------------------------------
@@ -581,32 +620,17 @@ def spo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Ten
 
 def main(args: Args) -> dict:
     # ---- setup (boilerplate) ----
-    common.check_positive(prompts_per_step=args.prompts_per_step, micro_batch_size=args.micro_batch_size,
-                          total_steps=args.total_steps, num_iterations=args.num_iterations,
-                          eval_size=args.eval_size, cutpoint_interval=args.cutpoint_interval,
-                          mc_batch_size=args.mc_batch_size, tree_replay_iters=args.tree_replay_iters,
-                          tree_replay_per_question=args.tree_replay_per_question)
-    if args.num_generations < 2:  # SPO needs no group (V_hat is its baseline); the logged group stats do
-        raise UserError(f"--num-generations must be at least 2 (got {args.num_generations}): the logged "
-                        "per-group reward statistics need two; pass --num-generations 2 or more")
     tiny = args.model == common.TINY
     N = (TINY_NUM_ROLLOUTS if tiny else HUB_NUM_ROLLOUTS) if args.num_rollouts is None else args.num_rollouts
     M = ((TINY_TREE_SEGMENT_LENGTH if tiny else HUB_TREE_SEGMENT_LENGTH) if args.tree_segment_length is None
          else args.tree_segment_length)
-    common.check_positive(num_rollouts=N, tree_segment_length=M)
-    try:
-        branching = [int(b) for b in args.tree_branching.split(",")]
-    except ValueError:
-        branching = []
-    if not branching or min(branching) < 1:
-        raise UserError(f"--tree-branching must be positive integers separated by commas, got "
-                        f"{args.tree_branching!r}; pass e.g. --tree-branching 6,6,6")
-    if not 0.0 <= args.rho <= 1.0:
-        raise UserError(f"--rho is a probability threshold in [0, 1], got {args.rho}; pass e.g. --rho 0.9")
+    branching = [int(b) for b in args.tree_branching.split(",")]  # checked: see its "range"
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype = common.resolve_dtype(args.dtype, device)
-    max_len = args.max_completion_length or common.default_max_len(args.task, args.arith_ops)
-    lr = args.learning_rate or (TINY_LEARNING_RATE if args.model == common.TINY else HUB_LEARNING_RATE)
+    max_len = (common.default_max_len(args.task, args.arith_ops)
+               if args.max_completion_length is None else args.max_completion_length)
+    lr = ((TINY_LEARNING_RATE if args.model == common.TINY else HUB_LEARNING_RATE)
+          if args.learning_rate is None else args.learning_rate)
     G, P = args.num_generations, args.prompts_per_step
     B = G * P
 

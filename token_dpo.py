@@ -58,56 +58,89 @@ HUB_LEARNING_RATE = 1e-6
 class Args:
     """Token-level DPO (DPO, TDPO1, TDPO2, TGDPO) on verified on-policy pairs, in rounds."""
     # --- run ---
-    seed: int = field(default=0, metadata={"help": "random seed (python, numpy, torch, prompt order)"})
-    model: str = field(default="tiny", metadata={"help": "'tiny' (embedded, warm-started on first use), a hub id or a save_pretrained folder"})
+    seed: int = field(default=0, metadata={"range": "[0, SEED_MAX]", "help":
+        "random seed (python, numpy, torch, prompt order)"})
+    model: str = field(default="tiny", metadata={"range": "model", "help":
+        "'tiny' (embedded, warm-started on first use), a hub id or a save_pretrained folder"})
     task: Literal["arith", "gsm8k"] = field(default="arith", metadata={"help": "arith: embedded multi-step arithmetic; gsm8k: grade-school math"})
-    arith_ops: str = field(default="2-4", metadata={"help": "arith: operations per problem, LO-HI"})
-    data_dir: Optional[str] = field(default=None, metadata={"help": "folder with GSM8K train.jsonl/test.jsonl (default: ../shared/data/gsm8k)"})
-    total_steps: int = field(default=80, metadata={"help": "optimizer steps, each on a batch of prompts_per_step pairs (a round with no pairs uses one step)"})
-    eval_every: int = field(default=20, metadata={"help": "greedy held-out evaluation every N steps"})
-    eval_size: int = field(default=200, metadata={"help": "held-out examples for greedy evaluation"})
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (also on SIGINT/SIGTERM and at the end)"})
-    output_dir: str = field(default="runs", metadata={"help": "parent folder of the run folder"})
-    resume: Optional[str] = field(default=None, metadata={"help": "a run folder to continue from its last good checkpoint"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
+    arith_ops: str = field(default="2-4", metadata={"range": "arith_ops", "help":
+        "arith: operations per problem, LO-HI (at least 2; longer chains, longer answers)"})
+    data_dir: Optional[str] = field(default=None, metadata={"range": "data_dir", "help":
+        "folder with GSM8K train.jsonl/test.jsonl (default: ../shared/data/gsm8k)"})
+    total_steps: int = field(default=80, metadata={"range": ">0", "help":
+        "optimizer steps, each on a batch of prompts_per_step pairs (a round with no pairs uses "
+        "one step)"})
+    eval_every: int = field(default=20, metadata={"range": ">0", "help":
+        "greedy held-out evaluation every N steps"})
+    eval_size: int = field(default=200, metadata={"range": ">0", "help":
+        "held-out examples for greedy evaluation"})
+    save_every: int = field(default=50, metadata={"range": ">0", "help":
+        "checkpoint every N steps (also on SIGINT/SIGTERM and at the end)"})
+    output_dir: str = field(default="runs", metadata={"range": "output_dir", "help":
+        "parent folder of the run folder"})
+    resume: Optional[str] = field(default=None, metadata={"range": "run_dir", "help":
+        "a run folder to continue from its last good checkpoint"})
+    device: str = field(default="auto", metadata={"range": "device", "help":
+        "auto, cpu, cuda, cuda:1, ..."})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "weights dtype; auto = bfloat16 on a GPU that has it, else float32"})
-    micro_batch_size: int = field(default=32, metadata={"help": "sequences per forward/backward, a pair being 2 (gradient accumulation; same result)"})
-    log_completions_every: int = field(default=10, metadata={"help": "write the first group of every N-th round's samples to completions.jsonl"})
+    micro_batch_size: int = field(default=32, metadata={"range": ">0", "help":
+        "sequences per forward/backward, a pair being 2 (gradient accumulation; same result)"})
+    log_completions_every: int = field(default=10, metadata={"range": ">0", "help":
+        "write the first group of every N-th round's samples to completions.jsonl"})
     # --- shared base settings: identical in every script (docs/grpo.md) ---
-    num_generations: int = field(default=8, metadata={"help": "G, completions sampled per prompt to build pairs"})
-    prompts_per_step: int = field(default=16, metadata={"help": "pairs per optimizer step"})
-    learning_rate: Optional[float] = field(default=None, metadata={"help": f"AdamW lr; default {HUB_LEARNING_RATE} for hub models, {TINY_LEARNING_RATE} for the tiny model"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
-    max_bad_steps: int = field(default=5, metadata={"help": "stop after this many steps in a row with a non-finite loss or gradient (0: never)"})
+    num_generations: int = field(default=8, metadata={"range": ">=1", "help":
+        "G, completions sampled per prompt to build pairs"})
+    prompts_per_step: int = field(default=16, metadata={"range": ">0", "help":
+        "pairs per optimizer step"})
+    learning_rate: Optional[float] = field(default=None, metadata={"range": ">0", "help":
+        f"AdamW lr; default {HUB_LEARNING_RATE} for hub models, {TINY_LEARNING_RATE} for the "
+        "tiny model"})
+    max_grad_norm: float = field(default=1.0, metadata={"range": ">0", "help":
+        "gradient-norm clip"})
+    max_bad_steps: int = field(default=5, metadata={"range": ">=0", "help":
+        "stop after this many steps in a row with a non-finite loss or gradient (0: never)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward: less memory for bigger models, about one more forward of compute"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature for pair building (log-probs always use T = 1)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling for pair building"})
-    top_k: int = field(default=0, metadata={"help": "top-k sampling for pair building, 0 = off"})
-    max_completion_length: Optional[int] = field(default=None, metadata={"help": "max new tokens; default 48 for arith, 512 for gsm8k"})
+    temperature: float = field(default=1.0, metadata={"range": ">0", "help":
+        "sampling temperature for pair building (log-probs always use T = 1)"})
+    top_p: float = field(default=1.0, metadata={"range": "(0, 1]", "help":
+        "nucleus sampling for pair building"})
+    top_k: int = field(default=0, metadata={"range": ">=0", "help":
+        "top-k sampling for pair building, 0 = off"})
+    max_completion_length: Optional[int] = field(default=None, metadata={"range": ">0", "help":
+        "max new tokens; default 48 for arith, 512 for gsm8k"})
     # --- token_dpo-specific ---
     loss: Literal["dpo", "tdpo1", "tdpo2", "tgdpo", "cdpo"] = field(default="tdpo2", metadata={
         "help": "dpo; tdpo1/tdpo2: + sequential KL (Zeng et al.); tgdpo: guidance token weights "
                 "(Zhu et al.); cdpo: critical-token weights on the rejected answer (Lin et al.)"})
-    beta: float = field(default=0.1, metadata={"help": "DPO's beta: scale of the log-ratios (not the RL scripts' KL coefficient)"})
-    alpha: float = field(default=0.5, metadata={"help": "TDPO2: weight of the KL term; TGDPO: weight of the guidance token reward"})
-    prompts_per_round: int = field(default=128, metadata={"help": "prompts sampled (G answers each, one generate call) to build one round's pairs"})
-    epochs_per_round: int = field(default=2, metadata={"help": "passes over a round's pairs before the next round samples new ones"})
-    pairs_per_prompt: int = field(default=1, metadata={"help": "(correct, incorrect) pairs drawn per prompt, without reuse"})
-    pairs_file: Optional[str] = field(default=None, metadata={"help": "JSONL of {prompt, chosen, rejected} to train on instead of sampling (prompt = the question)"})
-    guidance_model: Optional[str] = field(default=None, metadata={"help": "TGDPO guidance model (same tokenizer); default: the policy after the first DPO round"})
-    kl_chunk_size: int = field(default=256, metadata={"help": "response positions per chunk of the full-vocabulary log-softmax (memory vs speed)"})
-    ce_beta: float = field(default=1.0, metadata={
+    beta: float = field(default=0.1, metadata={"range": ">0", "help":
+        "DPO's beta: scale of the log-ratios (not the RL scripts' KL coefficient)"})
+    alpha: float = field(default=0.5, metadata={"range": ">=0", "help":
+        "TDPO2: weight of the KL term; TGDPO: weight of the guidance token reward"})
+    prompts_per_round: int = field(default=128, metadata={"range": ">0", "help":
+        "prompts sampled (G answers each, one generate call) to build one round's pairs"})
+    epochs_per_round: int = field(default=2, metadata={"range": ">0", "help":
+        "passes over a round's pairs before the next round samples new ones"})
+    pairs_per_prompt: int = field(default=1, metadata={"range": ">0", "help":
+        "(correct, incorrect) pairs drawn per prompt, without reuse"})
+    pairs_file: Optional[str] = field(default=None, metadata={"range": "file", "help":
+        "JSONL of {prompt, chosen, rejected} to train on instead of sampling (prompt = the "
+        "question)"})
+    guidance_model: Optional[str] = field(default=None, metadata={"range": "model", "help":
+        "TGDPO guidance model (same tokenizer); default: the policy after the first DPO round"})
+    kl_chunk_size: int = field(default=256, metadata={"range": ">0", "help":
+        "response positions per chunk of the full-vocabulary log-softmax (memory vs speed)"})
+    ce_beta: float = field(default=1.0, metadata={"range": ">=0",
         "help": "cDPO: lambda in log c = (1+lambda) log pi_pos - lambda log pi_neg - log Z (the "
                 "paper's beta); 0 = the positive model's own probability"})
-    ce_sft_steps: int = field(default=30, metadata={
+    ce_sft_steps: int = field(default=30, metadata={"range": ">=0",
         "help": "cDPO: AdamW steps of each round's positive and negative fine-tune (each from a "
                 "fresh copy of the reference)"})
-    ce_sft_rows: int = field(default=32, metadata={
+    ce_sft_rows: int = field(default=32, metadata={"range": ">0",
         "help": "cDPO: rows per fine-tune step, drawn with replacement from the positive (or "
                 "negative) set"})
-    ce_sft_lr: float = field(default=3e-4, metadata={
+    ce_sft_lr: float = field(default=3e-4, metadata={"range": ">0",
         "help": "cDPO: learning rate of the positive and negative fine-tunes (the paper's 3e-4)"})
-    show_credit: int = field(default=0, metadata={
+    show_credit: int = field(default=0, metadata={"range": ">=0",
         "help": "cDPO: every N rounds print one rejected answer with each token's weight w_t "
                 "(colour on a terminal); 0 = off"})
 
@@ -667,8 +700,9 @@ def read_preference_jsonl(path: str) -> list[dict]:
     if not Path(path).is_file():
         raise UserError(f"--pairs-file {path} does not exist; pass a JSONL file, one pair per line ({fields})")
     rows = []
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
         for lineno, line in enumerate(fh, 1):
+            common.check_utf8(line, f"{path}:{lineno}", "--pairs-file")  # one line, no traceback
             if not line.strip():
                 continue
             try:
@@ -829,18 +863,16 @@ def cdpo_credit_view(pair: dict, tokenizer, gold: Optional[list[int]] = None) ->
 
 def main(args: Args) -> dict:
     # ---- setup (boilerplate) ----
-    common.check_positive(prompts_per_step=args.prompts_per_step, micro_batch_size=args.micro_batch_size,
-                          total_steps=args.total_steps, eval_size=args.eval_size,
-                          prompts_per_round=args.prompts_per_round, epochs_per_round=args.epochs_per_round,
-                          pairs_per_prompt=args.pairs_per_prompt, kl_chunk_size=args.kl_chunk_size)
     if args.num_generations < 2 and args.pairs_file is None:
         raise UserError(f"--num-generations must be at least 2 (got {args.num_generations}): a pair needs a "
                         "correct and an incorrect answer to the same prompt; pass --num-generations 2 or more")
     check_cdpo_args(args)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype = common.resolve_dtype(args.dtype, device)
-    max_len = args.max_completion_length or common.default_max_len(args.task, args.arith_ops)
-    lr = args.learning_rate or (TINY_LEARNING_RATE if args.model == common.TINY else HUB_LEARNING_RATE)
+    max_len = (common.default_max_len(args.task, args.arith_ops)
+               if args.max_completion_length is None else args.max_completion_length)
+    lr = ((TINY_LEARNING_RATE if args.model == common.TINY else HUB_LEARNING_RATE)
+          if args.learning_rate is None else args.learning_rate)
     G, P = args.num_generations, args.prompts_per_step
     pairs_per_micro = max(1, args.micro_batch_size // 2)
 

@@ -192,12 +192,18 @@ def plot_curves(records: list[dict], path: Path) -> bool:
     return True
 
 
+def finished(run_dir: Path) -> bool:
+    """A run that ended: its summary.json exists and does not say "status": "interrupted"."""
+    path = run_dir / "summary.json"
+    return path.exists() and json.loads(path.read_text()).get("status") != "interrupted"
+
+
 def build_outputs(out: Path, target: float) -> list[dict]:
     """Read every finished run under out/runs and write runs.csv, table.md and curves.png."""
     records = []
     for method_dir in sorted((out / "runs").glob("*")):
         for seed_dir in sorted(method_dir.glob("seed*")):
-            run_dirs = [d for d in seed_dir.iterdir() if (d / "summary.json").exists()]
+            run_dirs = [d for d in seed_dir.iterdir() if finished(d)]
             if run_dirs:
                 records.append(read_run(max(run_dirs), method_dir.name, int(seed_dir.name[4:]), target))
     if not records:
@@ -223,7 +229,7 @@ def plan_runs(out: Path, methods: list[str], seeds: list[int], extra: list[str])
     for seed in seeds:
         for method in methods:
             seed_dir = out / "runs" / method / f"seed{seed}"
-            if seed_dir.exists() and any((d / "summary.json").exists() for d in seed_dir.iterdir()):
+            if seed_dir.exists() and any(finished(d) for d in seed_dir.iterdir()):
                 continue  # finished earlier
             script, flags = METHODS[method]
             cmd = [sys.executable, str(ROOT / f"{script}.py"), "--seed", str(seed),

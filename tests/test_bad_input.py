@@ -1,0 +1,273 @@
+"""Every kind of bad input, against every script: exit 2, one line naming the flag, no run left.
+
+One table (CASES) of bad inputs, grouped by kind. For each script, the first case of each kind
+runs as a subprocess, exactly as a user types it; the other cases of the kind run the same
+`common.run_main` in this process (no second import of torch). Every check happens before the
+model loads and before the run folder exists, so a case costs the import and nothing else.
+A refused --resume must leave every file of the run as it was.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+from conftest import ROOT
+
+SCRIPTS = [s for s in ("grpo", "tempo", "dcpo", "spo", "token_dpo") if (ROOT / f"{s}.py").exists()]
+MODULES = {s: __import__(s) for s in SCRIPTS}
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory, random_tiny_model_dir):
+    """The files the bad inputs point at: built once for the whole table."""
+    root = tmp_path_factory.mktemp("bad_input")
+    c = {"root": root, "model": str(random_tiny_model_dir)}
+    c["file"] = root / "a_file"
+    c["file"].write_text("not a folder")
+    c["ro"] = read_only_dir(root)
+    trunc = root / "truncated_model"
+    shutil.copytree(random_tiny_model_dir, trunc)
+    weights = trunc / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    c["truncated"] = trunc
+    trunc_bin = root / "truncated_bin_model"  # the older format: pytorch_model.bin, a zip
+    shutil.copytree(random_tiny_model_dir, trunc_bin,
+                    ignore=shutil.ignore_patterns("*.safetensors"))
+    from safetensors.torch import load_file
+    bin_file = trunc_bin / "pytorch_model.bin"
+    torch.save(load_file(Path(random_tiny_model_dir) / "model.safetensors"), bin_file)
+    os.truncate(bin_file, bin_file.stat().st_size // 2)
+    c["truncated_bin"] = trunc_bin
+    good = json.dumps({"question": "1+1", "answer": "1+1=2 #### 2"})
+    bad_lines = {"utf8": b'{"question": "1+1\xff", "answer": "#### 2"}', "broken": b"{not json",
+                 "gold": json.dumps({"question": "3/4?", "answer": "so #### 3/4"}).encode()}
+    for name, bad in bad_lines.items():
+        (root / name).mkdir()
+        (root / name / "train.jsonl").write_bytes(good.encode() + b"\n" + bad + b"\n")
+        (root / name / "test.jsonl").write_text(good + "\n")
+    c["pairs_utf8"] = root / "pairs.jsonl"
+    c["pairs_utf8"].write_bytes(b'{"prompt": "1+1", "chosen": "2", "rejected": "3\xc3"}\n')
+    (root / "not_a_run").mkdir()
+    for s in SCRIPTS:  # a run folder of each script, as its config.json says (no checkpoint needed)
+        run = root / "runs" / f"{s}__tiny__arith__0__1"
+        (run / "checkpoints" / "step-0000001").mkdir(parents=True)
+        cfg = dict(algo=s, **dataclasses.asdict(MODULES[s].Args(prompts_per_step=2)))
+        (run / "config.json").write_text(json.dumps(cfg))
+        (run / "metrics.jsonl").write_text('{"step": 0}\n')
+        (run / "checkpoints" / "step-0000001" / "COMPLETE").write_text("1")
+        c[f"run_{s}"] = run
+    return c
+
+
+def read_only_dir(root: Path) -> typing.Optional[str]:
+    """A folder this user cannot write in: chmod 555, or for root (who writes anyway) /sys."""
+    ro = root / "read_only"
+    ro.mkdir()
+    ro.chmod(0o555)
+    for cand in (ro, Path("/sys")):
+        try:
+            (cand / "probe").mkdir()
+            (cand / "probe").rmdir()
+        except OSError:
+            return str(cand / "runs")
+    return None
+
+
+def other(script):
+    return SCRIPTS[(SCRIPTS.index(script) + 1) % len(SCRIPTS)]
+
+
+def A(*argv):
+    return lambda c, s: list(argv)
+
+
+def gsm8k(folder):
+    return lambda c, s: ["--task", "gsm8k", "--data-dir", str(c["root"] / folder)]
+
+
+# (kind, argv builder, words in the one line[, the flag it must name: default, the first of argv])
+CASES = [
+    ("argparse", A("--dtype", "fp8"), "invalid choice: 'fp8'"),
+    ("argparse", A("--total-steps", "two"), "invalid int value: 'two'"),
+    ("argparse", A("--learning-rate", "fast"), "invalid float value"),
+    ("argparse", A("--no-such-flag", "1"), "unrecognized arguments"),
+    ("range", A("--temperature", "0"), "must be positive, got 0.0"),
+    ("range", A("--seed", "-1"), "is outside [0, 4294967295], got -1"),
+    ("range", A("--seed", str(2**32)), "is outside"),
+    ("range", A("--eval-every", "0"), "must be positive"),
+    ("range", A("--save-every", "0"), "must be positive"),
+    ("range", A("--log-completions-every", "0"), "must be positive"),
+    ("range", A("--max-completion-length", "-4"), "must be positive"),
+    ("range", A("--max-completion-length", "0"), "must be positive"),
+    ("range", A("--learning-rate", "0"), "must be positive, got 0.0"),
+    ("range", A("--learning-rate", "-1"), "must be positive"),
+    ("range", A("--learning-rate", "nan"), "must be a finite number"),
+    ("range", A("--max-grad-norm", "inf"), "must be a finite number"),
+    ("range", A("--top-p", "1.5"), "is outside (0, 1]"),
+    ("range", A("--eval-size", "0"), "must be positive"),
+    ("range", A("--num-generations", "0"), "must be at least"),
+    ("device", A("--device", "gpu0"), "is not a device"),
+    ("device", A("--device", "cuda"), "no CUDA GPU is visible"),
+    ("device", A("--device", "cuda:0"), "no CUDA GPU is visible"),
+    ("output", lambda c, s: ["--output-dir", str(c["file"])], "is a file, not a folder"),
+    ("output", lambda c, s: ["--output-dir", str(c["file"] / "runs")], "is a file, not a folder"),
+    ("output", lambda c, s: ["--output-dir", c["ro"]], "cannot write in"),
+    ("model", lambda c, s: ["--model", str(c["truncated"])], "model.safetensors is truncated"),
+    ("model", A("--model", "./no/such/model"), "does not exist"),
+    ("model", lambda c, s: ["--model", str(c["truncated_bin"])], "pytorch_model.bin is truncated"),
+    ("data", gsm8k("utf8"), "train.jsonl:2 is not valid UTF-8 (byte 0xff at column 18)",
+     "--data-dir"),
+    ("data", gsm8k("gold"), "train.jsonl:2: the gold answer after '####' is '3/4', not a number",
+     "--data-dir"),
+    ("data", gsm8k("missing"), "not found", "--data-dir"),
+    ("data", gsm8k("broken"), "train.jsonl:2 is not a GSM8K record", "--data-dir"),
+    ("data", A("--task", "gsm8k", "--data-dir", "hub"), "needs the `datasets` package",
+     "--data-dir"),
+    ("resume", lambda c, s: ["--resume", str(c[f"run_{s}"]), "--prompts-per-step", "3"],
+     "--prompts-per-step 3 differs from the run's 2", "--prompts-per-step"),
+    ("resume", lambda c, s: ["--resume", str(c[f"run_{s}"]), "--seed", "1", "--total-steps", "9"],
+     "--seed 1 differs from the run's 0", "--seed"),
+    ("resume", lambda c, s: ["--resume", str(c[f"run_{other(s)}"])], "is a run of"),
+    ("resume", lambda c, s: ["--resume", str(c["root"] / "not_a_run")], "is not a run folder"),
+    ("pairs", lambda c, s: ["--pairs-file", str(c["pairs_utf8"])],
+     "pairs.jsonl:1 is not valid UTF-8 (byte 0xc3 at column 48)"),
+    ("pairs", lambda c, s: ["--pairs-file", str(c["root"] / "no_pairs.jsonl")], "does not exist"),
+]
+ONLY = {"pairs": ["token_dpo"]}  # kinds that only some scripts have
+FIRST_OF_KIND = {case[0]: i for i, case in reversed(list(enumerate(CASES)))}
+
+
+def tree_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        h.update(str(p.relative_to(path)).encode() + (p.read_bytes() if p.is_file() else b"/"))
+    return h.hexdigest()
+
+
+def table():
+    for script in SCRIPTS:
+        for i, (kind, *_) in enumerate(CASES):
+            if kind in ONLY and script not in ONLY[kind]:
+                continue
+            how = "subprocess" if FIRST_OF_KIND[kind] == i else "in-process"
+            yield pytest.param(script, i, how, id=f"{script}-{kind}-{i}-{how}")
+
+
+@pytest.mark.parametrize("script,i,how", list(table()))
+def test_bad_input(script, i, how, ctx, tmp_path, capsys, monkeypatch):
+    kind, make_argv, words, *flag = CASES[i]
+    if kind == "device" and "cuda" in words and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    if kind == "output" and words == "cannot write in" and ctx["ro"] is None:
+        pytest.skip("no folder here is read-only for this user")
+    out = tmp_path / "out"
+    argv = make_argv(ctx, script)
+    flag = flag[0] if flag else argv[0]
+    if kind != "resume":  # (a resume takes the run's own --model and --output-dir)
+        argv = ["--model", ctx["model"], "--output-dir", str(out), "--total-steps", "1", *argv]
+    runs = {s: tree_hash(ctx[f"run_{s}"]) for s in SCRIPTS}
+    if how == "subprocess":
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        res = subprocess.run([sys.executable, str(ROOT / f"{script}.py"), *argv],
+                             capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+        code, err = res.returncode, res.stderr
+    else:
+        monkeypatch.setitem(sys.modules, "datasets", None)  # --data-dir hub: never the network
+        with pytest.raises(SystemExit) as e:
+            common.run_main(MODULES[script].main, MODULES[script].Args, argv)
+        code, err = e.value.code, capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2, err[-2000:]
+    assert len(lines) == 1, err[-2000:]
+    line = lines[0]
+    assert line.startswith("error: ") and words in line and flag in line, line
+    if kind == "argparse":
+        assert line.endswith(f"see {script}.py --help"), line
+    assert not out.exists(), "a run folder was left behind"
+    after = {s: tree_hash(ctx[f"run_{s}"]) for s in SCRIPTS}
+    assert after == runs, "a refused --resume changed the run"
+
+
+# ---------------------------------------------------------------- every field of every script
+
+
+def bad_values(rng: str, is_int: bool) -> list:
+    """Values just outside a numeric range, and non-finite ones for floats."""
+    m = common._INTERVAL.fullmatch(rng)
+    if m:
+        lo, hi = common._bound(m[2]), common._bound(m[3])
+        out = [lo - 1 if m[1] == "[" else lo, hi + 1 if m[4] == "]" else hi]
+    else:
+        m = common._BOUND.fullmatch(rng)
+        b = common._bound(m[2])
+        out = [{">": b, ">=": b - 1, "<": b, "<=": b + 1}[m[1]]]
+    out = [int(v) for v in out] if is_int else out + [float("nan"), float("inf")]
+    return out
+
+
+def numeric_fields(args_cls):
+    hints = typing.get_type_hints(args_cls)
+    for f in dataclasses.fields(args_cls):
+        tp = hints[f.name]
+        inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        if inner[0] in (int, float):
+            yield f, inner[0] is int
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_field_has_a_range_and_out_of_range_values_are_refused(script):
+    mod = MODULES[script]
+    hints = typing.get_type_hints(mod.Args)
+    for f in dataclasses.fields(mod.Args):
+        tp = hints[f.name]
+        is_choice = tp is bool or typing.get_origin(tp) is typing.Literal  # argparse checks these
+        assert is_choice or f.metadata.get("range"), f"{script}.Args.{f.name} has no range"
+    common.check_args(mod.Args(), script)  # the defaults are in range
+    checked = 0
+    for f, is_int in numeric_fields(mod.Args):
+        flag = "--" + f.name.replace("_", "-")
+        for value in bad_values(f.metadata["range"], is_int):
+            with pytest.raises(common.UserError) as e:
+                common.check_args(mod.Args(**{f.name: value}), script)
+            assert str(e.value).startswith(flag) and str(value) in str(e.value), str(e.value)
+            checked += 1
+    assert checked >= 20
+
+
+def test_shared_flags_mean_the_same_in_every_script():
+    """A flag two scripts share has one range everywhere, except where the card says otherwise."""
+    differs = {("token_dpo", "beta"),  # DPO's beta, not a KL coefficient
+               ("token_dpo", "num_generations")}  # 1 is fine with --pairs-file
+    ranges = {}
+    for script in SCRIPTS:
+        for f in dataclasses.fields(MODULES[script].Args):
+            if (script, f.name) not in differs and "range" in f.metadata:
+                ranges.setdefault(f.name, set()).add(f.metadata["range"])
+    assert {k: v for k, v in ranges.items() if len(v) > 1} == {}
+
+
+def test_zero_is_honoured_or_refused_never_replaced():
+    """`--max-bad-steps 0`, `--top-k 0` mean 0 (off); a 0 out of range is refused, not defaulted."""
+    argv = ["--max-bad-steps", "0", "--top-k", "0", "--beta", "0"]
+    args = common.parse_args(MODULES["grpo"].Args, argv)
+    common.check_args(args, "grpo")
+    assert (args.max_bad_steps, args.top_k, args.beta) == (0, 0, 0.0)
+    assert args.given == {"max_bad_steps", "top_k", "beta"}
+    for script in SCRIPTS:  # no `args.x or default` left in any main
+        src = (ROOT / f"{script}.py").read_text()
+        assert "args.learning_rate or" not in src and "args.max_completion_length or" not in src
+
+
+def test_help_shows_each_range():
+    parser = common._parser(MODULES["grpo"].Args)
+    text = " ".join(parser.format_help().split())  # argparse wraps the lines
+    assert "(default: 20; >0)" in text and "(default: 1.0; (0, 1])" in text
