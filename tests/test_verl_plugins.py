@@ -1,7 +1,7 @@
 """integrations/verl_plugins.py through verl's own call paths (verl 0.9.1 on a CPU).
 
 Skipped without verl. verl pins its own transformers, so it lives in its own environment:
-    python -m venv --system-site-packages /tmp/verlenv && /tmp/verlenv/bin/pip install verl
+    python -m venv --system-site-packages /tmp/verlenv && /tmp/verlenv/bin/pip install -r integrations/requirements-verl.txt
     /tmp/verlenv/bin/python -m pytest -q tests/test_verl_plugins.py
 """
 import sys
