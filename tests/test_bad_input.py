@@ -115,6 +115,8 @@ CASES = [
     ("range", A("--top-p", "1.5"), "is outside (0, 1]"),
     ("range", A("--eval-size", "0"), "must be positive"),
     ("range", A("--num-generations", "0"), "must be at least"),
+    ("range", A("--arith-ops", "8-6"), "is not a range of operations LO-HI"),
+    ("range", A("--arith-ops", "1-3"), "is not a range of operations LO-HI"),
     ("device", A("--device", "gpu0"), "is not a device"),
     ("device", A("--device", "cuda"), "no CUDA GPU is visible"),
     ("device", A("--device", "cuda:0"), "no CUDA GPU is visible"),
