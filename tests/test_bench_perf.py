@@ -50,3 +50,21 @@ def test_qwen_shaped_random_model_runs_the_overhead_part(monkeypatch, tmp_path):
     assert raw["config"]["vocab"] == 500 and raw["overhead"]["beta=0.0"]["full"]
     assert set(raw["overhead"]["beta=0.0"]["decode_alternatives"]) == {"common.generate", "generate, static cache",
                                                                       "hand-written loop"}
+
+
+def test_decode_bound_by_hand_and_the_decode_benchmark_runs(tmp_path):
+    """bench_decode: the bound is batch * bandwidth / weight bytes, and the --quick path reports a
+    measured rate and its share of the bound (a CPU, 1 thread; the GPU command is the same)."""
+    import bench_decode
+
+    # 494,032,768 bf16 weights = 0.988 GB; 4,800 GB/s / 0.988 GB = 4,858 steps/s; x 128 rows
+    assert abs(bench_decode.decode_bound_tokens_per_s(494_032_768, 2, 128, 4800.0)
+               - 128 * 4800e9 / (494_032_768 * 2)) < 1e-6
+    assert round(bench_decode.decode_bound_tokens_per_s(494_032_768, 2, 128, 4800.0)) == 621_821
+    assert bench_decode.known_bandwidth(torch.device("cpu")) is None
+    out = bench_decode.main(["--quick", "--device", "cpu", "--bandwidth-gbs", "1000",
+                             "--out", str(tmp_path)])
+    assert out["batch"] == 4 and out["new_tokens"] == 8 and out["decode_tokens_per_s"] > 0
+    assert out["bound_tokens_per_s"] == bench_decode.decode_bound_tokens_per_s(
+        1_790_208, 4, 4, 1000.0)
+    assert "measured / bound" in (tmp_path / "report.md").read_text()
