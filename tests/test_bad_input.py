@@ -246,7 +246,7 @@ def test_every_field_has_a_range_and_out_of_range_values_are_refused(script):
 
 
 def test_shared_flags_mean_the_same_in_every_script():
-    """A flag two scripts share has one range everywhere, except where the card says otherwise."""
+    """A flag two scripts share has one range everywhere, except where the method differs (said below)."""
     differs = {("token_dpo", "beta"),  # DPO's beta, not a KL coefficient
                ("token_dpo", "num_generations")}  # 1 is fine with --pairs-file
     ranges = {}

@@ -21,7 +21,7 @@ from spo import (chain_advantages, draw_replay, mc_rollout_rewards, mc_values, p
                  tree_node_values, whiten_advantages)
 
 T = torch.tensor
-CARD_P = [0.99, 0.5, 0.95, 0.3, 0.97, 0.8, 0.2, 0.99, 0.6, 0.98]  # docs/spo.md: U = [1, 3, 5, 6, 8]
+DOCS_P = [0.99, 0.5, 0.95, 0.3, 0.97, 0.8, 0.2, 0.99, 0.6, 0.98]  # docs/spo.md: U = [1, 3, 5, 6, 8]
 
 
 def logps(p, dtype=torch.float64):
@@ -35,7 +35,7 @@ def loss_kw(z, **kw):
 # ---------------------------------------------------------------------- 1. the probability mask
 
 
-def test_mask_card_example():
+def test_mask_docs_example():
     assert probability_mask(logps([[0.95, 0.5, 0.9, 0.8999, 1.0]]), torch.ones(1, 5)).tolist() == [[0, 1, 0, 1, 0]]
 
 
@@ -66,13 +66,13 @@ def counts(idx, n):
 
 
 @pytest.mark.parametrize("partition", ["even", "stride"])
-def test_partition_card_example_interval2(partition):
-    cut = probability_mask(logps([CARD_P]), torch.ones(1, 10)) > 0
+def test_partition_docs_example_interval2(partition):
+    cut = probability_mask(logps([DOCS_P]), torch.ones(1, 10)) > 0
     assert cut.nonzero()[:, 1].tolist() == [1, 3, 5, 6, 8]
     assert segment_starts(cut, 2, partition).tolist() == [[1, 5, 8]]  # counts 2, 2, 1
 
 
-def test_partition_card_counts():
+def test_partition_docs_counts():
     assert starts_of(11, 5, "stride") == [0, 5, 10] and counts([0, 5, 10], 11) == [5, 5, 1]
     assert starts_of(11, 5, "even") == [0, 4, 8] and counts([0, 4, 8], 11) == [4, 4, 3]
     for rule in ("even", "stride"):
@@ -112,8 +112,8 @@ def test_segment_starts_vs_loop_random():
 # ---------------------------------------------------------------------- 3-4. chain advantages, telescoping
 
 
-def test_chain_card_example_and_loss():
-    lp, m = logps([CARD_P]), torch.ones(1, 10)
+def test_chain_docs_example_and_loss():
+    lp, m = logps([DOCS_P]), torch.ones(1, 10)
     mask = probability_mask(lp, m)
     starts = segment_starts(mask > 0, 2)
     seg, adv = chain_advantages(T([[0.5, 0.75, 0.25]]), T([1.0]), starts, m)
@@ -212,12 +212,12 @@ def test_mc_values_example_and_loop():
 # ---------------------------------------------------------------------- 5. tree
 
 
-def card_tree():  # 0 root -> {1 a, 2 b}; a -> {3, 4} = {1, 1}; b -> {5, 6} = {1, 0}
+def docs_tree():  # 0 root -> {1 a, 2 b}; a -> {3, 4} = {1, 1}; b -> {5, 6} = {1, 0}
     return T([-1, 0, 0, 1, 1, 2, 2]), T([0, 0, 0, 1.0, 1.0, 1.0, 0.0], dtype=torch.float64)
 
 
-def test_tree_card_example():
-    parent, leaf = card_tree()
+def test_tree_docs_example():
+    parent, leaf = docs_tree()
     v = tree_node_values(parent, leaf)
     assert v[:3].tolist() == [0.75, 1.0, 0.5]
     a = tree_advantages(parent, v)
@@ -236,7 +236,7 @@ def test_tree_early_leaf_and_paper_figure():
 
 
 def test_tree_normalized_and_equal_siblings():
-    parent, leaf = card_tree()
+    parent, leaf = docs_tree()
     a = tree_advantages(parent, tree_node_values(parent, leaf), normalized=True)
     assert a[1].item() == pytest.approx(1.0, abs=1e-6) and a[2].item() == pytest.approx(-1.0, abs=1e-6)
     assert a[3] == 0 and a[4] == 0
@@ -278,7 +278,7 @@ def test_tree_vs_recursive_reference():
 
 # 8. segment examples: context = prompt + ancestors, A(n) on every token, then the mask
 def test_tree_segment_examples_and_mask():
-    parent, leaf = card_tree()
+    parent, leaf = docs_tree()
     a = tree_advantages(parent, tree_node_values(parent, leaf))
     ctx, resp, adv = tree_examples(parent, [[], [2, 3], [6], [4], [5], [8, 0], [9, 0]], a, [1])  # 0 = EOS
     assert ctx == [[1], [1], [1, 6], [1, 6]] and resp == [[2, 3], [6], [8, 0], [9, 0]]

@@ -1,4 +1,4 @@
-"""Token-level DPO card (../shared/algorithms/token_dpo.md), section 5, plus end-to-end runs."""
+"""token_dpo.py: the losses on hand-computed examples (docs/token_dpo.md), plus end-to-end runs."""
 import json
 import math
 import os
@@ -120,7 +120,7 @@ def test_tgdpo_reduces_to_dpo(how):
 
 
 def hand_example():
-    """V = {a, b, c}; chosen (a, a), rejected (b, c). Logits = log-probs, [2, 2, 3]. The card gives 7
+    """V = {a, b, c}; chosen (a, a), rejected (b, c). Logits = log-probs, [2, 2, 3]. The hand values have 7
     digits and the math runs in fp32, hence a tolerance of 2e-7."""
     ln = lambda *p: torch.tensor(p).log()  # noqa: E731
     pol = torch.stack([torch.stack([ln(.5, .3, .2), ln(.6, .2, .2)]), torch.stack([ln(.5, .3, .2), ln(.1, .1, .8)])])
