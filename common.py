@@ -782,6 +782,13 @@ def sft_loss(model, tokenizer, rows: list[tuple[list[int], list[int]]]) -> torch
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1))
 
 
+def resolve_device(name: str) -> torch.device:
+    """--device: "auto" is the GPU if there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
@@ -1082,6 +1089,32 @@ def per_token_logps(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
     logps = selective_log_softmax(logits, completion_ids, temperature)         # [B, L]
     entropies = entropy_from_logits(logits, temperature) if with_entropy else None
     return logps, entropies
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    """sum(values * mask) / sum(mask), as a float: a per-token metric over the real tokens."""
+    return ((values * mask).sum() / mask.sum()).item()
+
+
+@torch.no_grad()
+def no_grad_pass(fwd, mbs: list, policy=None, reference=None):
+    """Step 2 of every RL loop: one no-grad pass for what the update needs before it starts.
+
+    fwd(model, mb, with_entropy) -> (log-probs [b, L], entropies [b, L] or None) of the rows mb;
+    mbs: the micro-batches covering the batch. Runs `policy` (log-probs AND entropies) and
+    `reference` (log-probs) if given; a model not given costs nothing. Returns (policy log-probs,
+    policy entropies, reference log-probs), each [B, L] in mbs order, or None.
+    The old log-probs need no pass here when nothing reads them before the update: the first
+    optimisation pass runs on the weights that sampled the batch, so its log-probs, detached,
+    ARE the old ones (ratio exactly 1), and that saves a forward.
+    """
+    logps = entropies = ref_logps = None
+    if reference is not None:
+        ref_logps = torch.cat([fwd(reference, mb)[0] for mb in mbs])
+    if policy is not None:
+        outs = [fwd(policy, mb, True) for mb in mbs]
+        logps, entropies = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+    return logps, entropies, ref_logps
 
 
 # ----------------------------------------------------------------------------------------
@@ -1428,13 +1461,20 @@ class Run:
     A checkpoint that does not verify or load (truncated, changed, non-finite) is skipped,
     with one note, for the one before it; metrics.jsonl and completions.jsonl are trimmed to
     the checkpoint's step, and config.json records the resume under "resumed".
+
+    The algorithm's name is the calling script's (grpo.py -> "grpo"). `algo_state` is the
+    method's own state across steps, {name: object with state_dict() / load_state_dict()}
+    (DCPO's SAS statistics, SPO's replay buffer; None for GRPO): each checkpoint saves it in
+    run.state[name], and --resume loads it back into the same object.
     """
 
-    def __init__(self, args, algo: str, model, tokenizer, optimizer, sampler: PromptSampler):
+    def __init__(self, args, model, tokenizer, optimizer, sampler: PromptSampler,
+                 algo_state: Optional[dict] = None):
         import signal
 
+        algo = Path(sys._getframe(1).f_code.co_filename).stem  # the script that made the Run
         self.args, self.algo, self.model, self.tokenizer = args, algo, model, tokenizer
-        self.optimizer, self.sampler = optimizer, sampler
+        self.optimizer, self.sampler, self.algo_state = optimizer, sampler, algo_state or {}
         self.state: dict = {"step": 0}
         self.stop_requested = False
         self.bad_steps = 0  # steps in a row whose every update was skipped (non-finite loss or gradient)
@@ -1502,11 +1542,16 @@ class Run:
         self.optimizer.load_state_dict(trainer["optimizer"])
         self.sampler.load_state_dict(trainer["sampler"])
         self.state = trainer["state"]
+        for name, obj in self.algo_state.items():  # a refusal (UserError) stops the resume
+            if name in self.state:
+                obj.load_state_dict(self.state[name])
         set_rng_state(trainer["rng"])
         return None
 
     def save(self, step: int) -> Path:
-        trainer = {"optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(), "state": self.state}
+        self.state.update({name: obj.state_dict() for name, obj in self.algo_state.items()})
+        trainer = {"optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
+                   "state": self.state}
         return save_checkpoint(self.run_dir, step, self.model, self.tokenizer, trainer)
 
     def log(self, step: int, metrics: dict) -> None:

@@ -176,8 +176,10 @@ class PromptStats:
     std convention is stored too, since the stored sigma_tot depends on it.
     """
 
-    def __init__(self, num_generations: int, sas_std: str = "population"):
+    def __init__(self, num_generations: int, sas_std: str = "population",
+                 text_hashes: Optional[dict[int, str]] = None):
         self.num_generations, self.sas_std = num_generations, sas_std
+        self.text_hashes = text_hashes  # id -> prompt_hash(question): load_state_dict checks them
         self.by_id: dict[int, PromptStat] = {}
 
     def state_dict(self) -> dict:
@@ -192,6 +194,7 @@ class PromptStats:
         if state["sas_std"] != self.sas_std:
             raise UserError(f"the saved SAS statistics use the {state['sas_std']} std; resume with --sas-std {state['sas_std']}")
         by_id = {int(k): PromptStat(int(v), float(m), float(s), h) for k, v, m, s, h in state["prompts"]}
+        text_hashes = self.text_hashes if text_hashes is None else text_hashes
         if text_hashes is not None:
             changed = [k for k, s in by_id.items() if text_hashes.get(k) != s.text_hash]
             if changed:
@@ -489,7 +492,7 @@ def add_dcpo_metrics(avg: common.MetricAverager, metrics: dict, num_tokens: floa
 
 def main(args: Args) -> dict:
     # ---- setup (boilerplate) ----
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = common.resolve_device(args.device)
     dtype = common.resolve_dtype(args.dtype, device)
     max_len = (common.default_max_len(args.task, args.arith_ops)
                if args.max_completion_length is None else args.max_completion_length)
@@ -504,7 +507,9 @@ def main(args: Args) -> dict:
     model, tokenizer = common.load_model_and_tokenizer(args.model, device, dtype, args.arith_ops)
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
-    train_prompt_ids = common.tokenize_prompts(tokenizer, train, args.task, common.context_length(model), max_len)
+    eos = tokenizer.eos_token_id
+    train_prompt_ids = common.tokenize_prompts(tokenizer, train, args.task,
+                                               common.context_length(model), max_len)
     ref_model = None  # with beta == 0, no reference model is ever built
     if args.beta > 0.0:
         ref_model, _ = common.load_model_and_tokenizer(args.model, device, dtype, args.arith_ops)
@@ -512,79 +517,89 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     sampler = common.PromptSampler(len(train), args.seed)
 
-    run = common.Run(args, "dcpo", model, tokenizer, optimizer, sampler)
-    state = run.state  # step, start accuracy, the method's own state: SAS's per-prompt statistics
-    stats = PromptStats(G, args.sas_std)
-    if "prompt_stats" in state:  # resumed: the same statistics, checked against the same questions
-        stats.load_state_dict(state["prompt_stats"], {ex["id"]: prompt_hash(ex["question"]) for ex in train})
+    # ---- ALGO LOGIC: the method's state across steps, and what it needs before each update ----
+    stats = PromptStats(G, args.sas_std, {ex["id"]: prompt_hash(ex["question"]) for ex in train})
+    algo_state = {"prompt_stats": stats}                # SAS: every prompt's reward history
+    needs_entropy = False                               # DCPO masks no token by entropy
+
+    run = common.Run(args, model, tokenizer, optimizer, sampler, algo_state)
+    state = run.state  # step, start accuracy, and algo_state (restored on --resume)
     if "start_accuracy" not in state:
         state["start_accuracy"] = common.evaluate(model, tokenizer, heldout, args.task, max_len)
         run.logger.log(0, {"eval/accuracy": state["start_accuracy"]})
     eval_acc, t_start = state["start_accuracy"], time.time()
 
-    bar = common.progress(range(state["step"] + 1, args.total_steps + 1), "dcpo")
+    bar = common.progress(range(state["step"] + 1, args.total_steps + 1), run.algo)
     for step in bar:
         t0 = time.time()
         # ---- 1. rollout: G completions for each of P prompts, one batched generate call ----
         idx = sampler.next(P)
-        prompt_ids, prompt_mask = common.left_pad([train_prompt_ids[i] for i in idx], tokenizer.pad_token_id, device)
+        prompt_ids, prompt_mask = common.left_pad([train_prompt_ids[i] for i in idx],
+                                                  tokenizer.pad_token_id, device)
         completion_ids = common.generate(model, tokenizer, prompt_ids, prompt_mask, max_len, G,
                                          args.temperature, args.top_p, args.top_k)
-        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
-        completion_mask = common.completion_mask_from_ids(completion_ids, tokenizer.eos_token_id)  # [B, L]
+        prompt_ids = prompt_ids.repeat_interleave(G, 0)
+        prompt_mask = prompt_mask.repeat_interleave(G, 0)
+        completion_mask = common.completion_mask_from_ids(completion_ids, eos)  # [B, L]
         texts = common.decode_completions(tokenizer, completion_ids)
-        rewards = torch.tensor(common.reward_fn(texts, [train[i]["answer"] for i in idx for _ in range(G)]))
+        answers = [train[i]["answer"] for i in idx for _ in range(G)]
+        rewards = torch.tensor(common.reward_fn(texts, answers))                   # [B]
         t_gen = time.time() - t0
 
-        # ---- 2. ALGO LOGIC: SAS advantages, one per completion, from each prompt's reward history ----
-        advantages, new_stats, algo_metrics = sas_advantages(
-            rewards, G, [train[i]["id"] for i in idx], stats, args.sas, [prompt_hash(train[i]["question"]) for i in idx])
-        stats.by_id.update(new_stats)                       # commit this batch's visits
-        state["prompt_stats"] = stats.state_dict()          # run.save checkpoints run.state
-        advantages = advantages.to(device)                                            # [B]
-
-        # ---- 3. ALGO LOGIC: optimisation passes against the sampling weights ----
-        num_tokens = completion_mask.sum().item()
-        old_logps = torch.zeros_like(completion_mask)        # filled by pass 1
-        ref_logps = None
+        # ---- 2. one no-grad pass: what the update needs before it starts ----
         mbs = [slice(s, s + args.micro_batch_size) for s in range(0, B, args.micro_batch_size)]
 
-        def fwd(m, mb, with_entropy=False):  # per-token log-probs [b, L] of micro-batch mb under model m
+        def fwd(m, mb, with_entropy=False):  # log-probs [b, L] (and entropies) of rows mb under m
             return common.per_token_logps(m, prompt_ids[mb], prompt_mask[mb], completion_ids[mb],
                                           completion_mask[mb], args.temperature, with_entropy)
 
-        with torch.no_grad():
-            if ref_model is not None:
-                ref_logps = torch.cat([fwd(ref_model, mb)[0] for mb in mbs])
+        # the reference's log-probs if beta > 0; the policy's entropies if needed first. No old
+        # log-probs: nothing reads them before pass 1, which gives them detached (see no_grad_pass)
+        _, entropies, ref_logps = common.no_grad_pass(fwd, mbs, model if needs_entropy else None,
+                                                      ref_model)
+
+        # ---- 3. ALGO LOGIC: SAS advantages, one per completion, from each prompt's history ----
+        advantages, new_stats, algo_metrics = sas_advantages(
+            rewards, G, [train[i]["id"] for i in idx], stats, args.sas,
+            [prompt_hash(train[i]["question"]) for i in idx])
+        stats.by_id.update(new_stats)                   # commit this batch's visits
+        advantages = advantages.to(device)                                           # [B]
+        algo_metrics["adv/abs_mean"] = advantages.abs().mean().item()
+
+        # ---- 4. ALGO LOGIC: optimisation passes against the sampling weights ----
+        num_tokens = completion_mask.sum().item()
+        old_logps = torch.zeros_like(completion_mask)   # filled by pass 1
         avg = common.MetricAverager()
         for it in range(args.num_iterations):
             for mb in mbs:
-                want_entropy = it == 0
-                logps, ent = fwd(model, mb, want_entropy)
+                logps, ent = fwd(model, mb, with_entropy=it == 0)
                 if it == 0:
                     # On pass 1 the weights ARE the sampling weights: their log-probs are the
                     # old log-probs. Detaching them saves a whole no-grad forward, and ratio == 1.
                     old_logps[mb] = logps.detach()
                 loss, metrics = dcpo_loss(
-                    logps, old_logps[mb], advantages[mb], completion_mask[mb], eps_low=args.eps_low,
-                    eps_high=args.eps_high, ratio_max=args.ratio_max, loss_type=args.loss_type, num_sequences=B,
-                    num_tokens=num_tokens, num_generations=G, beta=args.beta,
+                    logps, old_logps[mb], advantages[mb], completion_mask[mb],
+                    eps_low=args.eps_low, eps_high=args.eps_high, ratio_max=args.ratio_max,
+                    loss_type=args.loss_type, num_sequences=B, num_tokens=num_tokens,
+                    num_generations=G, beta=args.beta,
                     ref_logps=None if ref_logps is None else ref_logps[mb],
                     fixed_band=(args.epsilon, args.epsilon_high))
                 loss.backward()
-                if want_entropy:
-                    metrics["entropy"] = ((ent * completion_mask[mb]).sum() / completion_mask[mb].sum()).item()
-                add_dcpo_metrics(avg, metrics, completion_mask[mb].sum().item(), last_pass=it == args.num_iterations - 1)
+                if it == 0:
+                    metrics["entropy"] = common.masked_mean(ent, completion_mask[mb])
+                add_dcpo_metrics(avg, metrics, completion_mask[mb].sum().item(),
+                                 last_pass=it == args.num_iterations - 1)
             grad_norm = common.optimizer_step(model, optimizer, args.max_grad_norm, avg)
 
-        # ---- 4. log, evaluate, checkpoint (boilerplate) ----
+        # ---- 5. log, evaluate, checkpoint (boilerplate) ----
         state["step"] = step
-        metrics = common.rollout_metrics(rewards, completion_ids, completion_mask, tokenizer.eos_token_id, G)
+        metrics = common.rollout_metrics(rewards, completion_ids, completion_mask, eos, G)
         metrics.update(avg.means(), **algo_metrics, grad_norm=grad_norm, learning_rate=lr,
-                       **{"adv/abs_mean": advantages.abs().mean().item(), "num_tokens": num_tokens,
-                          "step_time": time.time() - t0, "generation_share": t_gen / (time.time() - t0)})
+                       num_tokens=num_tokens, step_time=time.time() - t0,
+                       generation_share=t_gen / (time.time() - t0))
         if step % args.eval_every == 0 or step == args.total_steps:
-            eval_acc = metrics["eval/accuracy"] = common.evaluate(model, tokenizer, heldout, args.task, max_len)
+            eval_acc = metrics["eval/accuracy"] = common.evaluate(model, tokenizer, heldout,
+                                                                  args.task, max_len)
         run.end_step(step, metrics, texts, rewards, idx, train, G)
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", eval_acc=f"{eval_acc:.2f}")
         if step % args.save_every == 0 or step == args.total_steps or run.stop_requested:

@@ -256,7 +256,7 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
 
 def main(args: Args) -> dict:
     # ---- setup (boilerplate) ----
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = common.resolve_device(args.device)
     dtype = common.resolve_dtype(args.dtype, device)
     max_len = (common.default_max_len(args.task, args.arith_ops)
                if args.max_completion_length is None else args.max_completion_length)
@@ -271,7 +271,9 @@ def main(args: Args) -> dict:
     model, tokenizer = common.load_model_and_tokenizer(args.model, device, dtype, args.arith_ops)
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
-    train_prompt_ids = common.tokenize_prompts(tokenizer, train, args.task, common.context_length(model), max_len)
+    eos = tokenizer.eos_token_id
+    train_prompt_ids = common.tokenize_prompts(tokenizer, train, args.task,
+                                               common.context_length(model), max_len)
     ref_model = None  # with beta == 0, no reference model is ever built
     if args.beta > 0.0:
         ref_model, _ = common.load_model_and_tokenizer(args.model, device, dtype, args.arith_ops)
@@ -279,83 +281,93 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     sampler = common.PromptSampler(len(train), args.seed)
 
-    run = common.Run(args, "grpo", model, tokenizer, optimizer, sampler)
-    state = run.state  # step, start accuracy, the method's own state (none for GRPO)
+    # ---- ALGO LOGIC: the method's state across steps, and what it needs before each update ----
+    algo_state = {}                                     # GRPO keeps none: each batch stands alone
+    needs_entropy = args.top_entropy_quantile < 1.0     # the 80/20 mask ranks every token first
+
+    run = common.Run(args, model, tokenizer, optimizer, sampler, algo_state)
+    state = run.state  # step, start accuracy, and algo_state (restored on --resume)
     if "start_accuracy" not in state:
         state["start_accuracy"] = common.evaluate(model, tokenizer, heldout, args.task, max_len)
         run.logger.log(0, {"eval/accuracy": state["start_accuracy"]})
     eval_acc, t_start = state["start_accuracy"], time.time()
 
-    bar = common.progress(range(state["step"] + 1, args.total_steps + 1), "grpo")
+    bar = common.progress(range(state["step"] + 1, args.total_steps + 1), run.algo)
     for step in bar:
         t0 = time.time()
         # ---- 1. rollout: G completions for each of P prompts, one batched generate call ----
         idx = sampler.next(P)
-        prompt_ids, prompt_mask = common.left_pad([train_prompt_ids[i] for i in idx], tokenizer.pad_token_id, device)
+        prompt_ids, prompt_mask = common.left_pad([train_prompt_ids[i] for i in idx],
+                                                  tokenizer.pad_token_id, device)
         completion_ids = common.generate(model, tokenizer, prompt_ids, prompt_mask, max_len, G,
                                          args.temperature, args.top_p, args.top_k)
-        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
-        completion_mask = common.completion_mask_from_ids(completion_ids, tokenizer.eos_token_id)  # [B, L]
+        prompt_ids = prompt_ids.repeat_interleave(G, 0)
+        prompt_mask = prompt_mask.repeat_interleave(G, 0)
+        completion_mask = common.completion_mask_from_ids(completion_ids, eos)  # [B, L]
         texts = common.decode_completions(tokenizer, completion_ids)
-        rewards = torch.tensor(common.reward_fn(texts, [train[i]["answer"] for i in idx for _ in range(G)]))
+        answers = [train[i]["answer"] for i in idx for _ in range(G)]
+        rewards = torch.tensor(common.reward_fn(texts, answers))                   # [B]
         t_gen = time.time() - t0
 
-        # ---- 2. ALGO LOGIC: group-relative advantages, one per completion ----
-        advantages = compute_advantages(rewards, G, args.scale_rewards).to(device)   # [B]
-        algo_metrics = {}
-
-        # ---- 3. ALGO LOGIC: optimisation passes against the sampling weights ----
-        loss_mask = completion_mask
-        if args.mask_truncated_completions:
-            loss_mask = completion_mask * (completion_ids == tokenizer.eos_token_id).any(1, keepdim=True).float()
-        num_tokens = loss_mask.sum().item()
-        old_logps = torch.zeros_like(completion_mask)        # filled by pass 1 (or a no-grad forward)
-        ref_logps, entropies, token_mask = None, None, None
+        # ---- 2. one no-grad pass: what the update needs before it starts ----
         mbs = [slice(s, s + args.micro_batch_size) for s in range(0, B, args.micro_batch_size)]
 
-        def fwd(m, mb, with_entropy=False):  # per-token log-probs [b, L] of micro-batch mb under model m
+        def fwd(m, mb, with_entropy=False):  # log-probs [b, L] (and entropies) of rows mb under m
             return common.per_token_logps(m, prompt_ids[mb], prompt_mask[mb], completion_ids[mb],
                                           completion_mask[mb], args.temperature, with_entropy)
 
-        with torch.no_grad():
-            if ref_model is not None:
-                ref_logps = torch.cat([fwd(ref_model, mb)[0] for mb in mbs])
-            if args.top_entropy_quantile < 1.0:  # the mask needs every entropy before the first loss
-                outs = [fwd(model, mb, True) for mb in mbs]
-                old_logps, entropies = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
-                token_mask, tau = entropy_token_mask(entropies, loss_mask, args.top_entropy_quantile)
-                algo_metrics.update({"entropy_mask/threshold": tau,
-                                     "entropy_mask/kept_fraction": (token_mask.sum() / max(num_tokens, 1)).item(),
-                                     "entropy": ((entropies * completion_mask).sum() / completion_mask.sum()).item()})
+        # the reference's log-probs if beta > 0; the policy's entropies if needed first. No old
+        # log-probs: nothing reads them before pass 1, which gives them detached (see no_grad_pass)
+        _, entropies, ref_logps = common.no_grad_pass(fwd, mbs, model if needs_entropy else None,
+                                                      ref_model)
+
+        # ---- 3. ALGO LOGIC: group-relative advantages, one per completion ----
+        advantages = compute_advantages(rewards, G, args.scale_rewards).to(device)   # [B]
+        algo_metrics = {"adv/abs_mean": advantages.abs().mean().item()}
+
+        # ---- 4. ALGO LOGIC: optimisation passes against the sampling weights ----
+        loss_mask = completion_mask
+        if args.mask_truncated_completions:  # DAPO: no EOS, no loss
+            loss_mask = completion_mask * (completion_ids == eos).any(1, keepdim=True).float()
+        num_tokens = loss_mask.sum().item()
+        token_mask = loss_mask                          # the 80/20 mask gates the policy term
+        if needs_entropy:
+            token_mask, tau = entropy_token_mask(entropies, loss_mask, args.top_entropy_quantile)
+            algo_metrics.update({"entropy_mask/threshold": tau,
+                                 "entropy_mask/kept_fraction": token_mask.sum().item()
+                                 / max(num_tokens, 1)})
+        old_logps = torch.zeros_like(completion_mask)   # filled by pass 1
         avg = common.MetricAverager()
         for it in range(args.num_iterations):
             for mb in mbs:
-                want_entropy = it == 0 and entropies is None
-                logps, ent = fwd(model, mb, want_entropy)
-                if it == 0 and args.top_entropy_quantile >= 1.0:
+                logps, ent = fwd(model, mb, with_entropy=it == 0)
+                if it == 0:
                     # On pass 1 the weights ARE the sampling weights: their log-probs are the
                     # old log-probs. Detaching them saves a whole no-grad forward, and ratio == 1.
                     old_logps[mb] = logps.detach()
                 loss, metrics = grpo_loss(
-                    logps, old_logps[mb], advantages[mb], loss_mask[mb], epsilon_low=args.epsilon,
-                    epsilon_high=args.epsilon_high, loss_type=args.loss_type, num_sequences=B, num_tokens=num_tokens,
+                    logps, old_logps[mb], advantages[mb], loss_mask[mb],
+                    epsilon_low=args.epsilon, epsilon_high=args.epsilon_high,
+                    loss_type=args.loss_type, num_sequences=B, num_tokens=num_tokens,
                     max_completion_length=max_len, beta=args.beta,
                     ref_logps=None if ref_logps is None else ref_logps[mb],
-                    token_mask=None if token_mask is None else token_mask[mb])
+                    token_mask=token_mask[mb])
                 loss.backward()
-                if want_entropy:
-                    metrics["entropy"] = ((ent * completion_mask[mb]).sum() / completion_mask[mb].sum()).item()
-                avg.add(metrics, weight=completion_mask[mb].sum().item(), last_pass=it == args.num_iterations - 1)
+                if it == 0:
+                    metrics["entropy"] = common.masked_mean(ent, completion_mask[mb])
+                avg.add(metrics, weight=completion_mask[mb].sum().item(),
+                        last_pass=it == args.num_iterations - 1)
             grad_norm = common.optimizer_step(model, optimizer, args.max_grad_norm, avg)
 
-        # ---- 4. log, evaluate, checkpoint (boilerplate) ----
+        # ---- 5. log, evaluate, checkpoint (boilerplate) ----
         state["step"] = step
-        metrics = common.rollout_metrics(rewards, completion_ids, completion_mask, tokenizer.eos_token_id, G)
+        metrics = common.rollout_metrics(rewards, completion_ids, completion_mask, eos, G)
         metrics.update(avg.means(), **algo_metrics, grad_norm=grad_norm, learning_rate=lr,
-                       **{"adv/abs_mean": advantages.abs().mean().item(), "num_tokens": num_tokens,
-                          "step_time": time.time() - t0, "generation_share": t_gen / (time.time() - t0)})
+                       num_tokens=num_tokens, step_time=time.time() - t0,
+                       generation_share=t_gen / (time.time() - t0))
         if step % args.eval_every == 0 or step == args.total_steps:
-            eval_acc = metrics["eval/accuracy"] = common.evaluate(model, tokenizer, heldout, args.task, max_len)
+            eval_acc = metrics["eval/accuracy"] = common.evaluate(model, tokenizer, heldout,
+                                                                  args.task, max_len)
         run.end_step(step, metrics, texts, rewards, idx, train, G)
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", eval_acc=f"{eval_acc:.2f}")
         if step % args.save_every == 0 or step == args.total_steps or run.stop_requested:

@@ -648,7 +648,7 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     sampler = common.PromptSampler(len(train), args.seed)
 
-    run = common.Run(args, "spo", model, tokenizer, optimizer, sampler)
+    run = common.Run(args, model, tokenizer, optimizer, sampler)
     state = run.state  # step, start accuracy, SPO-tree's replay buffer (saved with each checkpoint)
     if "start_accuracy" not in state:
         state["start_accuracy"] = common.evaluate(model, tokenizer, heldout, args.task, max_len)

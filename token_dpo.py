@@ -893,7 +893,7 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     sampler = common.PromptSampler(len(train), args.seed)
 
-    run = common.Run(args, "token_dpo", model, tokenizer, optimizer, sampler)
+    run = common.Run(args, model, tokenizer, optimizer, sampler)
     state = run.state  # step, start accuracy, and the round: its number, its pairs, the batches left
     for key, value in {"round": 0, "rounds_trained": 0, "pairs": [], "queue": []}.items():
         state.setdefault(key, value)

@@ -450,7 +450,7 @@ def test_loop_resume_restores_stats_and_repeats_advantages(random_tiny_model_dir
     """3 training prompts (so they come back every 1.5 steps) and a reward with variance: run 4 steps
     straight, or 2 steps + --resume to 4. SAS must give bit-identical advantages at steps 3 and 4."""
     real_load = common.load_task
-    monkeypatch.setattr(common, "load_task", lambda task, split, d=None: real_load(task, split, d)[:3])
+    monkeypatch.setattr(common, "load_task", lambda task, split, d=None, ops="2-4": real_load(task, split, d, ops)[:3])
     monkeypatch.setattr(common, "reward_fn", lambda texts, answers: [float(len(t) % 2) for t in texts])
     seen = []
 
