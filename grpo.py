@@ -12,7 +12,7 @@ critic. Train with PPO's clipped ratio against the weights that sampled the batc
     python grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k   # one GPU, a hub model
     python grpo.py --loss-type dr_grpo --scale-rewards none          # Dr. GRPO
     python grpo.py --loss-type dapo --epsilon-high 0.28              # DAPO token-mean + clip-higher
-    python grpo.py --top-entropy-quantile 0.2                        # train on the top-20% entropy tokens
+    python grpo.py --top-entropy-quantile 0.2                        # the top-20% entropy tokens
     # the DeepSeekMath recipe (for reference, not our default; docs/grpo.md, "Defaults"):
     python grpo.py --model deepseek-ai/deepseek-math-7b-instruct --task gsm8k --beta 0.04 \\
         --num-generations 64 --num-iterations 1 --max-completion-length 1024 --learning-rate 1e-6
@@ -43,7 +43,8 @@ class Args:
         "random seed (python, numpy, torch, prompt order)"})
     model: str = field(default="tiny", metadata={"range": "model", "help":
         "'tiny' (embedded, warm-started on first use), a hub id or a save_pretrained folder"})
-    task: Literal["arith", "gsm8k"] = field(default="arith", metadata={"help": "arith: embedded multi-step arithmetic; gsm8k: grade-school math"})
+    task: Literal["arith", "gsm8k"] = field(default="arith", metadata={"help":
+        "arith: embedded multi-step arithmetic; gsm8k: grade-school math"})
     arith_ops: str = field(default="2-4", metadata={"range": "arith_ops", "help":
         "arith: operations per problem, LO-HI (at least 2; longer chains, longer answers)"})
     data_dir: Optional[str] = field(default=None, metadata={"range": "data_dir", "help":
@@ -62,7 +63,8 @@ class Args:
         "a run folder to continue from its last good checkpoint"})
     device: str = field(default="auto", metadata={"range": "device", "help":
         "auto, cpu, cuda, cuda:1, ..."})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "weights dtype; auto = bfloat16 on a GPU that has it, else float32"})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
+        "help": "weights dtype; auto = bfloat16 on a GPU that has it, else float32"})
     micro_batch_size: int = field(default=32, metadata={"range": ">0", "help":
         "completions per forward/backward (gradient accumulation; same result)"})
     log_completions_every: int = field(default=10, metadata={"range": ">0", "help":
@@ -81,7 +83,9 @@ class Args:
         "gradient-norm clip"})
     max_bad_steps: int = field(default=5, metadata={"range": ">=0", "help":
         "stop after this many steps in a row with a non-finite loss or gradient (0: never)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward: less memory for bigger models, about one more forward of compute"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help":
+        "recompute activations in backward: less memory for bigger models, about one more "
+        "forward of compute"})
     temperature: float = field(default=1.0, metadata={"range": ">0", "help":
         "sampling temperature T (log-probs use logits / T too)"})
     top_p: float = field(default=1.0, metadata={"range": "(0, 1]", "help":
@@ -97,11 +101,14 @@ class Args:
     epsilon_high: float = field(default=0.2, metadata={"range": ">=0", "help":
         "upper clip: ratio <= 1 + epsilon_high (0.28 = DAPO clip-higher)"})
     # --- GRPO-specific ---
-    loss_type: Literal["grpo", "dapo", "dr_grpo"] = field(default="grpo", metadata={"help": "grpo: per-sequence mean then mean (paper); dapo: token mean; dr_grpo: / (B * L_max)"})
-    scale_rewards: Literal["group", "none"] = field(default="group", metadata={"help": "group: divide by the group std (paper); none: Dr. GRPO"})
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = field(default="grpo", metadata={"help":
+        "grpo: per-sequence mean then mean (paper); dapo: token mean; dr_grpo: / (B * L_max)"})
+    scale_rewards: Literal["group", "none"] = field(default="group", metadata={"help":
+        "group: divide by the group std (paper); none: Dr. GRPO"})
     top_entropy_quantile: float = field(default=1.0, metadata={"range": "(0, 1]", "help":
         "train only on this top share of tokens by entropy (0.2 = 80/20 paper; 1.0 = off)"})
-    mask_truncated_completions: bool = field(default=False, metadata={"help": "drop completions with no EOS from the loss (DAPO overlong filtering)"})
+    mask_truncated_completions: bool = field(default=False, metadata={"help":
+        "drop completions with no EOS from the loss (DAPO overlong filtering)"})
 
 
 # ----------------------------------------------------------------------------------------
@@ -143,7 +150,8 @@ def compute_advantages(rewards: torch.Tensor, num_generations: int, scale_reward
 
 
 def clipped_objective(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
-                      epsilon_low: float, epsilon_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      epsilon_low: float,
+                      epsilon_high: float) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate per token (to MAXIMISE), and the ratio.
 
         rho = exp(clamp(logp - old_logp, -20, 20))
@@ -188,7 +196,8 @@ def entropy_token_mask(entropies: torch.Tensor, completion_mask: torch.Tensor,
 
 
 def aggregate_loss(per_token_loss: torch.Tensor, completion_mask: torch.Tensor, loss_type: str,
-                   num_sequences: int, num_tokens: float, max_completion_length: int) -> torch.Tensor:
+                   num_sequences: int, num_tokens: float,
+                   max_completion_length: int) -> torch.Tensor:
     """Reduce per-token losses [B, L] to a scalar, TRL's `loss_type` names.
 
         grpo    (DeepSeekMath)  (1/B) sum_i (1/|o_i|) sum_t m_it l_it
@@ -213,8 +222,9 @@ def aggregate_loss(per_token_loss: torch.Tensor, completion_mask: torch.Tensor, 
 
 
 def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
-              completion_mask: torch.Tensor, *, epsilon_low: float, epsilon_high: float, loss_type: str,
-              num_sequences: int, num_tokens: float, max_completion_length: int, beta: float = 0.0,
+              completion_mask: torch.Tensor, *, epsilon_low: float, epsilon_high: float,
+              loss_type: str, num_sequences: int, num_tokens: float, max_completion_length: int,
+              beta: float = 0.0,
               ref_logps: Optional[torch.Tensor] = None,
               token_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
     """The GRPO loss of one micro-batch, and its metrics.
@@ -240,7 +250,8 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
         adv_full = adv.expand_as(ratio)
         low = ((adv_full < 0) & (ratio < 1 - epsilon_low)).float()
         high = ((adv_full > 0) & (ratio > 1 + epsilon_high)).float()
-        metrics = {"clip_ratio/low_mean": (low * m).sum() / n, "clip_ratio/high_mean": (high * m).sum() / n,
+        metrics = {"clip_ratio/low_mean": (low * m).sum() / n,
+                   "clip_ratio/high_mean": (high * m).sum() / n,
                    "clip_ratio/region_mean": ((low + high) * m).sum() / n,
                    "approx_kl_old": (k3_kl(logps, old_logps) * m).sum() / n,
                    "policy_loss": loss.detach()}
@@ -282,7 +293,7 @@ def main(args: Args) -> dict:
     sampler = common.PromptSampler(len(train), args.seed)
 
     # ---- ALGO LOGIC: the method's state across steps, and what it needs before each update ----
-    algo_state = {}                                     # GRPO keeps none: each batch stands alone
+    algo_state = {}                                     # none: each batch stands alone
     needs_entropy = args.top_entropy_quantile < 1.0     # the 80/20 mask ranks every token first
 
     run = common.Run(args, model, tokenizer, optimizer, sampler, algo_state)
