@@ -14,13 +14,13 @@ M-token segments, so the samples behind the values are training data too: a node
 its value minus its parent's. Both train with PPO's clip under a probability mask: only tokens
 with old probability below 0.9 carry their segment's advantage.
 
-    python spo.py                                    # CPU: embedded tiny model + arithmetic task, SPO-chain
+    python spo.py                                    # CPU: tiny model + arithmetic, SPO-chain
     python spo.py --variant tree                     # SPO-tree 6-6-6 (slow on a CPU; see below)
     python spo.py --variant tree --tree-branching 4,4,4 --tree-replay-iters 1   # a lighter tree
-    python spo.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k   # one GPU, a hub model (chain, N = 9)
+    python spo.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k   # one GPU (chain, N = 9)
     python spo.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k --variant tree   # (tree, M = 30)
-    python spo.py --partition stride --whiten-advantages            # the official code's two choices
-    python spo.py --show-credit 10                   # every 10 steps, print one group's segment credit
+    python spo.py --partition stride --whiten-advantages            # the official code's choices
+    python spo.py --show-credit 10                   # print one group's segment credit
 
 Settings. The paper's values are the defaults for a hub model: rho = 0.9, a cutpoint
 interval of 5, N = 9 continuations per boundary, tree 6-6-6 with M = 30 tokens. Two are smaller
@@ -121,25 +121,31 @@ class Args:
     epsilon_high: float = field(default=0.2, metadata={"range": ">=0", "help":
         "upper clip: ratio <= 1 + epsilon_high (0.28 = DAPO clip-higher)"})
     # --- SPO-specific ---
-    variant: Literal["chain", "tree"] = field(default="chain", metadata={"help": "chain: MC values at cutpoint boundaries (short CoT); tree: a tree of M-token segments (long CoT)"})
+    variant: Literal["chain", "tree"] = field(default="chain", metadata={"help":
+        "chain: MC values at cutpoint boundaries (short CoT); tree: a tree of M-token segments "
+        "(long CoT)"})
     rho: float = field(default=0.9, metadata={"range": "[0, 1]", "help":
         "tokens with old probability < rho are the cutpoints (chain) and the only tokens the "
         "loss keeps"})
     cutpoint_interval: int = field(default=5, metadata={"range": ">0", "help":
         "I, cutpoints per segment (chain): K = ceil(n / I) segments for n cutpoints"})
-    partition: Literal["even", "stride"] = field(default="even", metadata={"help": "even: balanced cutpoint counts (paper); stride: every I-th cutpoint (official code)"})
+    partition: Literal["even", "stride"] = field(default="even", metadata={"help":
+        "even: balanced cutpoint counts (paper); stride: every I-th cutpoint (official code)"})
     num_rollouts: Optional[int] = field(default=None, metadata={"range": ">0", "help":
         f"N, MC continuations per boundary (chain); default {HUB_NUM_ROLLOUTS} (paper) for hub "
         f"models, {TINY_NUM_ROLLOUTS} for the tiny model (CPU time)"})
     mc_batch_size: int = field(default=512, metadata={"range": ">0", "help":
         "rows per batched generate call for MC continuations and tree levels (memory and speed)"})
-    whiten_advantages: bool = field(default=False, metadata={"help": "whiten advantages over the masked tokens of each micro-batch (official code); off = raw advantages (paper)"})
+    whiten_advantages: bool = field(default=False, metadata={"help":
+        "whiten advantages over the masked tokens of each micro-batch (official code); off = raw "
+        "advantages (paper)"})
     tree_branching: str = field(default="6,6,6", metadata={"range": "int_list>0", "help":
         "children per node at each depth (tree); the paper also tests 4,4,4"})
     tree_segment_length: Optional[int] = field(default=None, metadata={"range": ">0", "help":
         f"M, tokens per tree segment; default {HUB_TREE_SEGMENT_LENGTH} (paper) for hub models, "
         f"{TINY_TREE_SEGMENT_LENGTH} for the tiny model's characters"})
-    tree_adv: Literal["unnormalized", "normalized"] = field(default="unnormalized", metadata={"help": "unnormalized: V(n) - V(parent) (code); normalized: divided by the siblings' std"})
+    tree_adv: Literal["unnormalized", "normalized"] = field(default="unnormalized", metadata={
+        "help": "unnormalized: V(n) - V(parent) (code); normalized: divided by the siblings' std"})
     tree_replay_iters: int = field(default=8, metadata={"range": ">0", "help":
         "steps a tree segment may wait in the replay buffer; 1 = on-policy"})
     tree_replay_per_question: int = field(default=32, metadata={"range": ">0", "help":
@@ -154,7 +160,8 @@ class Args:
 # ----------------------------------------------------------------------------------------
 
 
-def probability_mask(old_logps: torch.Tensor, completion_mask: torch.Tensor, rho: float = 0.9) -> torch.Tensor:
+def probability_mask(old_logps: torch.Tensor, completion_mask: torch.Tensor,
+                     rho: float = 0.9) -> torch.Tensor:
     """SPO's probability mask, also the set of chain cutpoints.
 
         M_t = m_t * 1[p_t < rho],   p_t = pi_old(y_t | s_t) = exp(old_logp_t)   (from logits / T)
@@ -172,10 +179,11 @@ def probability_mask(old_logps: torch.Tensor, completion_mask: torch.Tensor, rho
 # ALGO LOGIC: the advantage, SPO-chain
 # ----------------------------------------------------------------------------------------
 
-PrefixKey = tuple[int, tuple[int, ...]]  # a boundary state: (prompt index, response tokens before it)
+PrefixKey = tuple[int, tuple[int, ...]]  # a boundary state: (prompt index, tokens before it)
 
 
-def segment_starts(cutpoints: torch.Tensor, interval: int = 5, partition: str = "even") -> torch.Tensor:
+def segment_starts(cutpoints: torch.Tensor, interval: int = 5,
+                   partition: str = "even") -> torch.Tensor:
     """Where each segment starts: right BEFORE cutpoint u_{c_k}.
 
         U = [u_0 < ... < u_{n-1}], the positions with cutpoints[b, t];  K = ceil(n / I)
@@ -199,7 +207,7 @@ def segment_starts(cutpoints: torch.Tensor, interval: int = 5, partition: str = 
         else:  # even: sizes differ by at most one, the larger ones first
             idx = [j * (n // k) + min(j, n % k) for j in range(k)]
         rows.append([u[c] for c in idx])
-    out = torch.full((len(rows), max(map(len, rows), default=0)), -1, dtype=torch.long)  # [B, K_max]
+    out = torch.full((len(rows), max(map(len, rows), default=0)), -1, dtype=torch.long)  # [B, K]
     for b, r in enumerate(rows):
         out[b, :len(r)] = torch.tensor(r, dtype=torch.long)
     return out
@@ -263,7 +271,7 @@ def chain_advantages(values: torch.Tensor, rewards: torch.Tensor, starts: torch.
     nxt = torch.where(is_last, rewards.to(values.dtype)[:, None], nxt)     # the closing value R
     seg = torch.where(valid, nxt - values, values.new_zeros(()))           # [B, K]
     pos = torch.arange(completion_mask.size(1))[None, :, None]             # [1, L, 1]
-    k_of_t = (valid[:, None, :] & (starts[:, None, :] <= pos)).sum(-1) - 1  # [B, L]; -1 before start
+    k_of_t = (valid[:, None, :] & (starts[:, None, :] <= pos)).sum(-1) - 1  # [B, L]; -1: before
     tok = seg.gather(1, k_of_t.clamp(min=0)) if K > 0 else values.new_zeros(completion_mask.shape)
     keep = (k_of_t >= 0) & (completion_mask > 0)
     return seg, torch.where(keep, tok, values.new_zeros(()))               # [B, K], [B, L]
@@ -297,7 +305,8 @@ def tree_node_values(parent: torch.Tensor, leaf_rewards: torch.Tensor) -> torch.
     return v
 
 
-def tree_advantages(parent: torch.Tensor, values: torch.Tensor, normalized: bool = False) -> torch.Tensor:
+def tree_advantages(parent: torch.Tensor, values: torch.Tensor,
+                    normalized: bool = False) -> torch.Tensor:
     """A node's advantage: its value minus its parent's (= minus the mean of its siblings).
 
         A(n) = V(n) - V(parent(n))                               default (the official code)
@@ -358,8 +367,10 @@ def segment_batch(examples: list[dict], pad_id: int, device=None) -> tuple[torch
     E = len(examples)
     C = max((len(e["context"]) for e in examples), default=1)
     L = max((len(e["response"]) for e in examples), default=1)
-    prompt_ids, prompt_mask = torch.full((E, C), pad_id, dtype=torch.long), torch.zeros(E, C, dtype=torch.long)
-    completion_ids, completion_mask = torch.full((E, L), pad_id, dtype=torch.long), torch.zeros(E, L)
+    prompt_ids = torch.full((E, C), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros(E, C, dtype=torch.long)
+    completion_ids = torch.full((E, L), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros(E, L)
     advantages, old_logps = torch.zeros(E, L), torch.zeros(E, L)
     for i, e in enumerate(examples):
         c, r = len(e["context"]), len(e["response"])
@@ -410,21 +421,23 @@ def draw_replay(buffer: list[dict], step: int, max_age: int, per_question: int,
 
 
 def _cut_at_eos(row: list[int], eos_id: int, budget: int) -> tuple[list[int], bool]:
-    """The tokens of one generated row up to its first EOS (kept) or its budget; finished = EOS seen."""
+    """A generated row's tokens up to its first EOS (kept) or its budget; finished = EOS seen."""
     row = row[:budget]
     return (row[:row.index(eos_id) + 1], True) if eos_id in row else (row, False)
 
 
 def mc_stream_key(seed: int, prefix: PrefixKey, j: int) -> int:
-    """The random-stream key of the j-th MC continuation of a boundary state (stable across runs)."""
+    """The random-stream key of a boundary state's j-th MC continuation (stable across runs)."""
     return zlib.crc32(f"{seed}:{prefix[0]}:{','.join(map(str, prefix[1]))}:{j}".encode())
 
 
 @torch.no_grad()
 def mc_rollout_rewards(model, tokenizer, prefixes: list[PrefixKey], prompt_ids: list[list[int]],
-                       answers: list[str], num_rollouts: int, max_completion_length: int, temperature: float = 1.0,
-                       top_p: float = 1.0, top_k: int = 0, batch_size: int = 512, greedy: bool = False,
-                       reward_fn: Optional[Callable] = None, seed: int = 0) -> tuple[torch.Tensor, int]:
+                       answers: list[str], num_rollouts: int, max_completion_length: int,
+                       temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                       batch_size: int = 512, greedy: bool = False,
+                       reward_fn: Optional[Callable] = None,
+                       seed: int = 0) -> tuple[torch.Tensor, int]:
     """N continuations of every boundary state, scored by the verifier (SPO-chain's Monte Carlo).
 
         input_p  = prompt_ids[prompt of p] + prefix tokens of p      (ids end to end, never text)
@@ -452,28 +465,33 @@ def mc_rollout_rewards(model, tokenizer, prefixes: list[PrefixKey], prompt_ids: 
         ids, mask = common.left_pad(rows, tokenizer.pad_token_id, device)
         budget = max_completion_length - len(prefixes[chunk[0]][1])  # the shortest prefix's
         if greedy:
-            out = common.generate(model, tokenizer, ids, mask, budget, greedy=True).cpu().repeat_interleave(N, 0)
+            out = common.generate(model, tokenizer, ids, mask, budget, greedy=True).cpu()
+            out = out.repeat_interleave(N, 0)
         else:  # N rows per prefix, each with its own stream
             keys = [mc_stream_key(seed, prefixes[p], j) for p in chunk for j in range(N)]
-            out = common.generate(model, tokenizer, ids.repeat_interleave(N, 0), mask.repeat_interleave(N, 0), budget,
-                                  1, temperature, top_p, top_k, row_keys=keys).cpu()
+            out = common.generate(model, tokenizer, ids.repeat_interleave(N, 0),
+                                  mask.repeat_interleave(N, 0), budget, 1, temperature, top_p,
+                                  top_k, row_keys=keys).cpu()
         texts, finished = [], []
-        for r, row in enumerate(out.tolist()):                      # row r = (chunk[r // N], j = r % N)
+        for r, row in enumerate(out.tolist()):                # row r = (chunk[r // N], j = r % N)
             prefix = list(prefixes[chunk[r // N]][1])
             cont, done = _cut_at_eos(row, eos, max_completion_length - len(prefix))
             tokens += len(cont)
             texts.append(tokenizer.decode(prefix + cont, skip_special_tokens=True))
             finished.append(done)
-        scores = (reward_fn or common.reward_fn)(texts, [answers[prefixes[p][0]] for p in chunk for _ in range(N)])
-        scores = torch.tensor(scores, dtype=torch.float32) * torch.tensor(finished, dtype=torch.float32)
+        golds = [answers[prefixes[p][0]] for p in chunk for _ in range(N)]
+        scores = torch.tensor((reward_fn or common.reward_fn)(texts, golds), dtype=torch.float32)
+        scores = scores * torch.tensor(finished, dtype=torch.float32)
         rewards[chunk] = scores.view(len(chunk), N)                   # unfinished -> 0
     return rewards, tokens
 
 
 @torch.no_grad()
-def grow_trees(model, tokenizer, prompt_ids: list[list[int]], answers: list[str], branching: list[int],
-               segment_length: int, max_completion_length: int, temperature: float = 1.0, top_p: float = 1.0,
-               top_k: int = 0, batch_size: int = 512, reward_fn: Optional[Callable] = None) -> tuple[list[dict], int]:
+def grow_trees(model, tokenizer, prompt_ids: list[list[int]], answers: list[str],
+               branching: list[int], segment_length: int, max_completion_length: int,
+               temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+               batch_size: int = 512,
+               reward_fn: Optional[Callable] = None) -> tuple[list[dict], int]:
     """SPO-tree's sampling: one tree per prompt, grown level by level in batched generate calls.
 
         level d: every open node (all prompts at once) gets branching[d] children of M new tokens
@@ -489,9 +507,9 @@ def grow_trees(model, tokenizer, prompt_ids: list[list[int]], answers: list[str]
     [-1, 0, 0], the first a graded leaf, the second an unfinished leaf (last level) with 0.
     """
     device, eos = next(model.parameters()).device, tokenizer.eos_token_id
-    trees = [{"parent": [-1], "tokens": [[]], "reward": [0.0], "depth": [0], "length": [0], "finished": [False]}
-             for _ in prompt_ids]
-    frontier = [(t, 0, []) for t in range(len(prompt_ids))]      # (tree, node, response tokens so far)
+    trees = [{"parent": [-1], "tokens": [[]], "reward": [0.0], "depth": [0], "length": [0],
+              "finished": [False]} for _ in prompt_ids]
+    frontier = [(t, 0, []) for t in range(len(prompt_ids))]      # (tree, node, tokens so far)
     generated = 0
     for d, width in enumerate(branching):
         last = d == len(branching) - 1
@@ -501,14 +519,17 @@ def grow_trees(model, tokenizer, prompt_ids: list[list[int]], answers: list[str]
         per_call = max(1, batch_size // width)
         for s in range(0, len(frontier), per_call):
             chunk = frontier[s:s + per_call]
-            ids, mask = common.left_pad([prompt_ids[t] + path for t, _, path in chunk], tokenizer.pad_token_id, device)
-            out = common.generate(model, tokenizer, ids, mask, budget, width, temperature, top_p, top_k).cpu()
-            for r, row in enumerate(out.tolist()):                 # row r is a child of chunk[r // width]
+            ids, mask = common.left_pad([prompt_ids[t] + path for t, _, path in chunk],
+                                        tokenizer.pad_token_id, device)
+            out = common.generate(model, tokenizer, ids, mask, budget, width, temperature, top_p,
+                                  top_k).cpu()
+            for r, row in enumerate(out.tolist()):           # row r is a child of chunk[r // width]
                 t, node, path = chunk[r // width]
                 toks, done = _cut_at_eos(row, eos, budget)
                 tree = trees[t]
-                for key, value in (("parent", node), ("tokens", toks), ("reward", 0.0), ("depth", d + 1),
-                                   ("length", len(path) + len(toks)), ("finished", done)):
+                for key, value in (("parent", node), ("tokens", toks), ("reward", 0.0),
+                                   ("depth", d + 1), ("length", len(path) + len(toks)),
+                                   ("finished", done)):
                     tree[key].append(value)
                 generated += len(toks)
                 child = (t, len(tree["parent"]) - 1, path + toks)
@@ -516,8 +537,8 @@ def grow_trees(model, tokenizer, prompt_ids: list[list[int]], answers: list[str]
                     graded.append(child)
                 elif not last and len(path) + len(toks) < max_completion_length:
                     next_frontier.append(child)
-        scores = (reward_fn or common.reward_fn)([tokenizer.decode(p, skip_special_tokens=True) for _, _, p in graded],
-                           [answers[t] for t, _, _ in graded])
+        texts = [tokenizer.decode(p, skip_special_tokens=True) for _, _, p in graded]
+        scores = (reward_fn or common.reward_fn)(texts, [answers[t] for t, _, _ in graded])
         for (t, node, _), r in zip(graded, scores):
             trees[t]["reward"][node] = r
         frontier = next_frontier
@@ -560,10 +581,12 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1.0
 
 
-def whiten_advantages(advantages: torch.Tensor, prob_mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def whiten_advantages(advantages: torch.Tensor, prob_mask: torch.Tensor,
+                      eps: float = 1e-8) -> torch.Tensor:
     """OPTIONAL (--whiten-advantages; the official code, not the paper): whiten over kept tokens.
 
-        mu = sum(M A) / sum(M);  var = sum(M (A - mu)^2) / (sum(M) - 1);  A' = (A - mu) / sqrt(var + eps)
+        mu = sum(M A) / sum(M);   var = sum(M (A - mu)^2) / (sum(M) - 1)
+        A' = (A - mu) / sqrt(var + eps)
 
     advantages, prob_mask: [b, L] (one micro-batch). Fewer than 2 kept tokens: A unchanged.
     Example: A = [1, 3, 100], M = [1, 1, 0] -> mu 2, var 2 -> [-0.7071, 0.7071, 69.30].
@@ -576,8 +599,9 @@ def whiten_advantages(advantages: torch.Tensor, prob_mask: torch.Tensor, eps: fl
     return (advantages - mu) / torch.sqrt(var + eps)
 
 
-def spo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, prob_mask: torch.Tensor,
-             *, epsilon_low: float, epsilon_high: float, num_masked_tokens: float, beta: float = 0.0,
+def spo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
+             prob_mask: torch.Tensor, *, epsilon_low: float, epsilon_high: float,
+             num_masked_tokens: float, beta: float = 0.0,
              ref_logps: Optional[torch.Tensor] = None,
              completion_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
     """The SPO loss of one micro-batch: PPO's clip on the probability-masked tokens only.
@@ -594,7 +618,8 @@ def spo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Ten
     keep = prob_mask > 0                                                     # [b, L]
     zero = torch.zeros_like(logps)
     s, ratio = clipped_objective(torch.where(keep, logps, zero), torch.where(keep, old_logps, zero),
-                                 torch.where(keep, advantages.to(logps.dtype), zero), epsilon_low, epsilon_high)
+                                 torch.where(keep, advantages.to(logps.dtype), zero), epsilon_low,
+                                 epsilon_high)
     per_token_loss = -s * prob_mask
     if beta > 0.0:  # on every completion token, as grpo.py (the official code masks it too)
         m = completion_mask > 0
@@ -610,7 +635,8 @@ def spo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Ten
         metrics = {"clip_ratio/low_mean": (low * prob_mask).sum() / n,
                    "clip_ratio/high_mean": (high * prob_mask).sum() / n,
                    "clip_ratio/region_mean": ((low + high) * prob_mask).sum() / n,
-                   "approx_kl_old": (k3_kl(torch.where(keep, logps, zero), torch.where(keep, old_logps, zero))
+                   "approx_kl_old": (k3_kl(torch.where(keep, logps, zero),
+                                           torch.where(keep, old_logps, zero))
                                      * prob_mask).sum() / n,
                    "policy_loss": loss.detach()}
         if beta > 0.0:
