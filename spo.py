@@ -89,7 +89,7 @@ class Args:
         "completions per forward/backward (gradient accumulation; same result)"})
     log_completions_every: int = field(default=10, metadata={"range": ">0", "help":
         "write a few completions to completions.jsonl every N steps"})
-    # --- shared base settings: identical in every script (card grpo.md, section 3.2) ---
+    # --- shared base settings: identical in every script (docs/grpo.md, "Defaults") ---
     num_generations: int = field(default=8, metadata={"range": ">=2", "help":
         "G, completions per prompt"})
     prompts_per_step: int = field(default=16, metadata={"range": ">0", "help":
