@@ -1616,7 +1616,7 @@ def run_main(main, args_cls, argv: Optional[list[str]] = None):
     args = parse_args(args_cls, argv)
     algo = Path(inspect.getfile(main)).stem
     try:
-        if args.resume:
+        if getattr(args, "resume", None):  # integrations/train_trl.py has no --resume
             args = resume_args(args, algo)
         check_args(args, algo)
         result = main(args)
