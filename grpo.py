@@ -318,6 +318,7 @@ def main(args: Args) -> dict:
         texts = common.decode_completions(tokenizer, completion_ids)
         answers = [train[i]["answer"] for i in idx for _ in range(G)]
         rewards = torch.tensor(common.reward_fn(texts, answers))                   # [B]
+        rollout = common.rollout_metrics(rewards, completion_ids, completion_mask, eos, G)
         t_gen = time.time() - t0
 
         # ---- 2. one no-grad pass: what the update needs before it starts ----
@@ -372,7 +373,7 @@ def main(args: Args) -> dict:
 
         # ---- 5. log, evaluate, checkpoint (boilerplate) ----
         state["step"] = step
-        metrics = common.rollout_metrics(rewards, completion_ids, completion_mask, eos, G)
+        metrics = dict(rollout)
         metrics.update(avg.means(), **algo_metrics, grad_norm=grad_norm, learning_rate=lr,
                        num_tokens=num_tokens, step_time=time.time() - t0,
                        generation_share=t_gen / (time.time() - t0))

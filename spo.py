@@ -900,8 +900,8 @@ def main(args: Args) -> dict:
         prompt_ids, prompt_mask = batch.prompt_ids, batch.prompt_mask
         completion_ids, completion_mask = batch.completion_ids, batch.completion_mask
         old_logps, advantages, prob_mask = batch.old_logps, batch.advantages, batch.prob_mask
-        algo_metrics, texts, rewards, t_gen = batch.algo_metrics, batch.texts, batch.rewards, \
-            batch.gen_seconds
+        algo_metrics, rollout, t_gen = batch.algo_metrics, batch.rollout, batch.gen_seconds
+        texts, rewards = batch.texts, batch.rewards
         if args.show_credit and step % args.show_credit == 0 and args.variant == "chain":
             toks = [[("|" if s else "") + tokenizer.decode([tok]) for s, tok in zip(*row)]
                     for row in zip(batch.segment_start.tolist(), completion_ids.tolist())]
@@ -955,7 +955,7 @@ def main(args: Args) -> dict:
 
         # ---- 5. log, evaluate, checkpoint (boilerplate) ----
         state["step"] = step
-        metrics = dict(batch.rollout)
+        metrics = dict(rollout)
         metrics.update(avg.means(), **algo_metrics, grad_norm=grad_norm, learning_rate=lr,
                        num_tokens=num_tokens, step_time=time.time() - t0,
                        generation_share=t_gen / (time.time() - t0))
