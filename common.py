@@ -329,7 +329,7 @@ def check_args(args, algo: str) -> None:
 # 3. Tasks. An example is {"id": int, "question": str, "answer": str (the gold number)}.
 # ----------------------------------------------------------------------------------------
 
-ARITH_TRAIN_SIZE = 1000  # the RL prompts: a fixed set, revisited across epochs (DCPO's statistics need that)
+ARITH_TRAIN_SIZE = 1000  # the RL prompts: a fixed set, revisited across epochs (DCPO's statistics)
 ARITH_TEST_SIZE = 500    # held-out, never trained on
 ARITH_SFT_SIZE = 10000   # the warm start's own problems (disjoint from both)
 SYSTEM_PROMPT = ("Solve the problem step by step. "
@@ -494,7 +494,8 @@ def read_gsm8k_jsonl(path: Path) -> list[dict]:
         gold = gsm8k_gold(a, f"{path}:{lineno}")
         out.append(dict(id=len(out), question=q, answer=gold, solution=a))
     if not out:
-        raise UserError(f"{path} holds no examples; point --data-dir at a folder with a non-empty {path.name}")
+        raise UserError(f"{path} holds no examples; point --data-dir at a folder with a non-empty "
+                        f"{path.name}")
     return out
 
 
@@ -517,7 +518,8 @@ def format_prompt(tokenizer, question: str, task: str) -> str:
     if task == "arith" and getattr(tokenizer, "chat_template", None) is None:
         return f"Q:{question}\nA:"
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+        messages = [{"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": question}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return f"Question: {question}\nAnswer: Let's think step by step."
 
@@ -609,7 +611,8 @@ def reward_fn(completions: list[str], answers: list[str]) -> list[float]:
     return [1.0 if is_correct(c, a) else 0.0 for c, a in zip(completions, answers)]
 
 
-def finished_rewards(completions: list[str], answers: list[str], completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+def finished_rewards(completions: list[str], answers: list[str], completion_ids: torch.Tensor,
+                     eos_id: int) -> torch.Tensor:
     """reward_fn, with 0 for a completion that never emitted EOS (truncated = wrong). [B] float."""
     finished = (completion_ids == eos_id).any(1).float().cpu()
     return torch.tensor(reward_fn(completions, answers), dtype=torch.float32) * finished
@@ -782,9 +785,17 @@ def sft_loss(model, tokenizer, rows: list[tuple[list[int], list[int]]]) -> torch
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1))
 
 
+def resolve_device(name: str) -> torch.device:
+    """--device: "auto" is the GPU if there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
@@ -802,20 +813,22 @@ def load_model_and_tokenizer(name: str, device: torch.device, dtype: torch.dtype
         name = str(ensure_tiny_model(seed=0, ops=parse_arith_ops(arith_ops)))
     elif name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
         raise UserError(f"model folder {name} does not exist; pass --model with a Hugging Face id "
-                        "or a folder made by save_pretrained (or --model tiny for the embedded model)")
+                        "or a folder made by save_pretrained (or --model tiny for the embedded "
+                        "model)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not load model {name!r} ({first}); pass --model with a local folder made by "
-                        "save_pretrained, or a hub id that is downloaded or reachable") from None
+        raise UserError(f"could not load model {name!r} ({first}); pass --model with a local "
+                        "folder made by save_pretrained, or a hub id that is downloaded or "
+                        "reachable") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token_id is None:
         raise UserError(f"tokenizer of {name!r} has no EOS token; the completion mask needs one")
     model.to(device)
-    model.eval()  # no dropout, ever: otherwise ratio != 1 on the first pass and the clip fires on noise
+    model.eval()  # no dropout, ever: else ratio != 1 on the first pass and the clip fires on noise
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
@@ -828,7 +841,7 @@ def enable_gradient_checkpointing(model) -> None:
     only in train mode, so the model goes to train mode with every dropout set to 0 (the first
     pass must still see ratio == 1); common.generate switches to eval mode to keep the KV cache.
     """
-    enable = getattr(model, "activation_checkpointing_enable", None)  # the newer name (transformers >= 5.x)
+    enable = getattr(model, "activation_checkpointing_enable", None)  # newer (transformers >= 5)
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
@@ -856,11 +869,13 @@ def tokenize_prompts(tokenizer, examples: list[dict], task: str, max_len: Option
     """Token ids of each example's prompt. Refuses prompts that do not fit the context."""
     out = []
     for ex in examples:
-        ids = tokenizer(format_prompt(tokenizer, ex["question"], task), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(format_prompt(tokenizer, ex["question"], task),
+                        add_special_tokens=False)["input_ids"]
         if max_len is not None and len(ids) + max_completion_length > max_len:
             raise UserError(f"prompt of example {ex['id']} has {len(ids)} tokens, and with "
-                            f"--max-completion-length {max_completion_length} it exceeds the model's "
-                            f"context of {max_len}; shorten the prompt or lower --max-completion-length")
+                            f"--max-completion-length {max_completion_length} it exceeds the "
+                            f"model's context of {max_len}; shorten the prompt or lower "
+                            "--max-completion-length")
         out.append(ids)
     return out
 
@@ -878,8 +893,9 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
-             num_generations: int = 1, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+def generate(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+             max_new_tokens: int, num_generations: int = 1, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0,
              greedy: bool = False, row_keys: Optional[list[int]] = None) -> torch.Tensor:
     """Sample `num_generations` completions per prompt in one batched, KV-cached call.
 
@@ -897,28 +913,32 @@ def generate(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
 
     keyed = row_keys is not None and not greedy
     if keyed and (num_generations != 1 or len(row_keys) != prompt_ids.size(0)):
-        raise ValueError("row_keys needs one key per prompt row and num_generations == 1 (repeat the rows instead)")
+        raise ValueError("row_keys needs one key per prompt row and num_generations == 1 "
+                         "(repeat the rows instead)")
     # Every sampling knob is set explicitly: transformers fills knobs left at None from the
     # model's own generation_config.json, which may hold temperature 0.7 or repetition_penalty.
     # (Greedy decoding ignores the sampling knobs, so they are only set when sampling.)
-    sample = not greedy and not keyed  # keyed sampling picks the token itself; generate() then takes its argmax
-    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=0.0, typical_p=1.0) if sample else {}
+    sample = not greedy and not keyed  # keyed sampling picks the token; generate() takes its argmax
+    sampling = (dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=0.0, typical_p=1.0)
+                if sample else {})
     cfg = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=sample, **sampling, repetition_penalty=1.0,
         no_repeat_ngram_size=0, num_beams=1, num_return_sequences=num_generations if sample else 1,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True)
-    extra = {"logits_processor": [KeyedSampler(row_keys, temperature, top_p, top_k)]} if keyed else {}
-    was_training = model.training  # train mode only under --gradient-checkpointing, which would drop the KV cache
+    extra = ({"logits_processor": [KeyedSampler(row_keys, temperature, top_p, top_k)]}
+             if keyed else {})
+    was_training = model.training  # train mode only under --gradient-checkpointing: no KV cache
     model.eval()
     try:
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=cfg, **extra)
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                             generation_config=cfg, **extra)
     finally:
         model.train(was_training)
     return out[:, prompt_ids.size(1):]
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (lowbias32, C. Wellons) on int64 tensors holding values in [0, 2^32)."""
+    """A 32-bit integer hash (lowbias32, C. Wellons) on int64 tensors with values in [0, 2^32)."""
     m = 0xFFFFFFFF
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & m   # int64 products may wrap; the low 32 bits are still right
@@ -933,7 +953,7 @@ class KeyedSampler:
         p      = softmax(top_p(top_k(logits / T)))            (the same sampler as do_sample)
         u[v]   = (hash(hash(hash(key_r) ^ t) ^ v) + 0.5) / 2^32,   g[v] = -log(-log u[v])
         token  = argmax_v (log p[v] + g[v])                   (Gumbel-max: an exact sample of p)
-                                                               (log p = logits' - logsumexp: argmax of logits' + g)
+                                  (log p = logits' - logsumexp: the argmax of logits' + g)
 
     It returns 0 at that token and -inf elsewhere, and runs under greedy decoding, which takes
     the argmax. The noise is a pure function of (key, t, v): no generator state is shared
@@ -945,7 +965,8 @@ class KeyedSampler:
 
         self.keys = torch.tensor([k & 0xFFFFFFFF for k in keys], dtype=torch.long)
         self.warpers = [TemperatureLogitsWarper(temperature)] + \
-            ([TopKLogitsWarper(top_k)] if top_k > 0 else []) + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+            ([TopKLogitsWarper(top_k)] if top_k > 0 else []) + \
+            ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
         self.start: Optional[int] = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -970,14 +991,16 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int) -> torch
     Built from the index of the first EOS, never from `ids != pad`: with pad == eos a
     pad-based mask would drop the EOS and the policy would never learn to stop.
 
-    >>> completion_mask_from_ids(torch.tensor([[5, 7, 2, 2, 2], [5, 7, 8, 9, 9], [2, 2, 2, 2, 2]]), eos_id=2)
+    >>> completion_mask_from_ids(torch.tensor([[5, 7, 2, 2, 2], [5, 7, 8, 9, 9],
+    ...                                        [2, 2, 2, 2, 2]]), eos_id=2)
     tensor([[1., 1., 1., 0., 0.],
             [1., 1., 1., 1., 1.],
             [1., 0., 0., 0., 0.]])
     """
     is_eos = completion_ids == eos_id                                   # [B, L]
     L = completion_ids.size(1)
-    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], L, dtype=torch.long))
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1),
+                        torch.full_like(is_eos[:, 0], L, dtype=torch.long))
     positions = torch.arange(L, device=completion_ids.device)[None, :]  # [1, L]
     return (positions <= first[:, None]).float()
 
@@ -987,7 +1010,7 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int) -> torch
 # ----------------------------------------------------------------------------------------
 
 
-CHUNK_ELEMENTS = 1 << 22  # fp32 elements per chunk of rows (16 MiB): e.g. 85 rows of Qwen's 49k vocabulary
+CHUNK_ELEMENTS = 1 << 22  # fp32 elements per chunk of rows (16 MiB): 85 rows of a 49k vocabulary
 
 
 def _rows_per_chunk(vocab: int, chunk: Optional[int]) -> int:
@@ -1014,7 +1037,8 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
             if temperature != 1.0:
                 z = z / temperature
             lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
-            logp[s:s + chunk] = z.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+            picked = z.gather(-1, targets[s:s + chunk, None]).squeeze(-1)
+            logp[s:s + chunk] = picked - lse[s:s + chunk]
         ctx.save_for_backward(logits, targets, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
         return logp
@@ -1025,7 +1049,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         T, chunk = ctx.temperature, ctx.chunk
         grad = torch.empty_like(logits)
         for s in range(0, logits.size(0), chunk):
-            z = logits[s:s + chunk].to(torch.float32, copy=True)  # a copy even for fp32 logits: edited in place
+            z = logits[s:s + chunk].to(torch.float32, copy=True)  # a copy even for fp32: edited
             g = grad_logp[s:s + chunk, None].float()             # [c, 1]
             if T != 1.0:
                 z.div_(T)
@@ -1047,13 +1071,15 @@ def selective_log_softmax(logits: torch.Tensor, targets: torch.Tensor, temperatu
     """
     shape = targets.shape
     flat = logits.reshape(-1, logits.size(-1))
-    out = _SelectiveLogSoftmax.apply(flat, targets.reshape(-1), temperature, _rows_per_chunk(flat.size(-1), chunk))
+    out = _SelectiveLogSoftmax.apply(flat, targets.reshape(-1), temperature,
+                                     _rows_per_chunk(flat.size(-1), chunk))
     return out.view(shape)
 
 
 @torch.no_grad()
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, chunk: Optional[int] = None) -> torch.Tensor:
-    """Full-vocabulary entropy of softmax(z / T), chunked, no gradient: H = lse(z) - sum softmax(z)*z."""
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0,
+                        chunk: Optional[int] = None) -> torch.Tensor:
+    """Full-vocabulary entropy of softmax(z / T), chunked, no grad: lse(z) - sum softmax(z) z."""
     flat = logits.reshape(-1, logits.size(-1))
     chunk = _rows_per_chunk(flat.size(-1), chunk)
     out = torch.empty(flat.size(0), dtype=torch.float32, device=logits.device)
@@ -1064,8 +1090,9 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, chunk: O
     return out.view(logits.shape[:-1])
 
 
-def per_token_logps(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
-                    completion_mask: torch.Tensor, temperature: float, with_entropy: bool = False):
+def per_token_logps(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                    completion_ids: torch.Tensor, completion_mask: torch.Tensor, temperature: float,
+                    with_entropy: bool = False):
     """Log-probs [B, L] (fp32) of each completion token under `model`, from logits / T.
 
     Prompts are left-padded, so position ids = cumsum(attention_mask) - 1, which matches what
@@ -1084,21 +1111,47 @@ def per_token_logps(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
     return logps, entropies
 
 
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    """sum(values * mask) / sum(mask), as a float: a per-token metric over the real tokens."""
+    return ((values * mask).sum() / mask.sum()).item()
+
+
+@torch.no_grad()
+def no_grad_pass(fwd, mbs: list, policy=None, reference=None):
+    """Step 2 of every RL loop: one no-grad pass for what the update needs before it starts.
+
+    fwd(model, mb, with_entropy) -> (log-probs [b, L], entropies [b, L] or None) of the rows mb;
+    mbs: the micro-batches covering the batch. Runs `policy` (log-probs AND entropies) and
+    `reference` (log-probs) if given; a model not given costs nothing. Returns (policy log-probs,
+    policy entropies, reference log-probs), each [B, L] in mbs order, or None.
+    The old log-probs need no pass here when nothing reads them before the update: the first
+    optimisation pass runs on the weights that sampled the batch, so its log-probs, detached,
+    ARE the old ones (ratio exactly 1), and that saves a forward.
+    """
+    logps = entropies = ref_logps = None
+    if reference is not None:
+        ref_logps = torch.cat([fwd(reference, mb)[0] for mb in mbs])
+    if policy is not None:
+        outs = [fwd(policy, mb, True) for mb in mbs]
+        logps, entropies = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+    return logps, entropies, ref_logps
+
+
 # ----------------------------------------------------------------------------------------
 # 8. Evaluation: greedy, on a fixed held-out set
 # ----------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, examples: list[dict], task: str, max_new_tokens: int, batch_size: int = 64,
-             return_completions: bool = False):
+def evaluate(model, tokenizer, examples: list[dict], task: str, max_new_tokens: int,
+             batch_size: int = 64, return_completions: bool = False):
     """Greedy pass@1 accuracy on `examples` (and the completions, if asked)."""
     device = next(model.parameters()).device
     correct, texts = 0, []
     for s in range(0, len(examples), batch_size):
         chunk = examples[s:s + batch_size]
-        rows = [tokenizer(format_prompt(tokenizer, ex["question"], task), add_special_tokens=False)["input_ids"]
-                for ex in chunk]
+        rows = [tokenizer(format_prompt(tokenizer, ex["question"], task),
+                          add_special_tokens=False)["input_ids"] for ex in chunk]
         ids, mask = left_pad(rows, tokenizer.pad_token_id, device)
         out = generate(model, tokenizer, ids, mask, max_new_tokens, greedy=True)
         decoded = decode_completions(tokenizer, out)
@@ -1110,7 +1163,8 @@ def evaluate(model, tokenizer, examples: list[dict], task: str, max_new_tokens: 
 
 def decode_completions(tokenizer, completion_ids: torch.Tensor) -> list[str]:
     mask = completion_mask_from_ids(completion_ids, tokenizer.eos_token_id).bool()
-    return [tokenizer.decode(row[m].tolist(), skip_special_tokens=True) for row, m in zip(completion_ids.cpu(), mask.cpu())]
+    return [tokenizer.decode(row[m].tolist(), skip_special_tokens=True)
+            for row, m in zip(completion_ids.cpu(), mask.cpu())]
 
 
 # ----------------------------------------------------------------------------------------
@@ -1141,9 +1195,11 @@ class RunLogger:
         self.metrics.write(json.dumps(row) + "\n")
         self.metrics.flush()
 
-    def log_completions(self, step: int, prompts: list[str], completions: list[str], rewards: list[float]) -> None:
+    def log_completions(self, step: int, prompts: list[str], completions: list[str],
+                        rewards: list[float]) -> None:
         for p, c, r in zip(prompts, completions, rewards):
-            self.samples.write(json.dumps({"step": step, "prompt": p, "completion": c, "reward": r}) + "\n")
+            row = {"step": step, "prompt": p, "completion": c, "reward": r}
+            self.samples.write(json.dumps(row) + "\n")
         self.samples.flush()
 
     def close(self) -> None:
@@ -1162,7 +1218,8 @@ class PromptSampler:
         self._order = self._perm()
 
     def _perm(self) -> list[int]:
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch)).tolist()
+        gen = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return torch.randperm(self.n, generator=gen).tolist()
 
     def next(self, k: int) -> list[int]:
         out = []
@@ -1184,7 +1241,8 @@ class PromptSampler:
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
@@ -1211,7 +1269,8 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict, keep: int = 2) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict,
+                    keep: int = 2) -> Path:
     """Write run_dir/checkpoints/step-N atomically: a temporary folder, then one rename.
 
     The folder loads with AutoModelForCausalLM.from_pretrained. trainer_state.pt holds the
@@ -1276,7 +1335,8 @@ def checkpoints_newest_first(run_dir: Path) -> list[Path]:
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     """The newest checkpoint of a run that verifies, skipping the others (with a note each)."""
     if not (Path(run_dir) / "config.json").exists():
-        raise UserError(f"{run_dir} is not a run folder (no config.json); pass --resume a folder under runs/")
+        raise UserError(f"{run_dir} is not a run folder (no config.json); pass --resume a folder "
+                        "under runs/")
     for ckpt in checkpoints_newest_first(run_dir):
         problem = verify_checkpoint(ckpt)
         if problem is None:
@@ -1360,7 +1420,7 @@ class MetricAverager:
     `approx_kl_old` is averaged over the last pass only: it says how far the passes moved.
     """
     LAST_PASS_ONLY = ("approx_kl_old",)
-    SUMMED = ("policy_loss",)  # each micro-batch holds a part of the step's loss: sum, then mean over passes
+    SUMMED = ("policy_loss",)  # each micro-batch holds a part of the loss: sum, then pass mean
 
     def __init__(self):
         self.sums: dict[str, float] = {}
@@ -1377,8 +1437,8 @@ class MetricAverager:
             self.weights[k] = self.weights.get(k, 0.0) + w
 
     def means(self) -> dict:
-        out = {k: self.sums[k] / (max(self.passes, 1) if k in self.SUMMED else max(self.weights[k], 1e-12))
-               for k in self.sums}
+        out = {k: self.sums[k] / (max(self.passes, 1) if k in self.SUMMED
+                                  else max(self.weights[k], 1e-12)) for k in self.sums}
         out["skipped_updates"] = self.skipped_updates
         out["num_updates"] = self.passes
         return out
@@ -1397,19 +1457,22 @@ def optimizer_step(model, optimizer, max_grad_norm: float, avg: MetricAverager) 
     return grad_norm
 
 
-def rollout_metrics(rewards: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                    eos_id: int, num_generations: int) -> dict:
+def rollout_metrics(rewards: torch.Tensor, completion_ids: torch.Tensor,
+                    completion_mask: torch.Tensor, eos_id: int, num_generations: int) -> dict:
     """Reward and length statistics of one rollout batch, with TRL's metric names."""
     r = rewards.float().view(-1, num_generations)
     lengths = completion_mask.sum(1).float().cpu()
     terminated = (completion_ids == eos_id).any(1).cpu()
     return {
-        "reward": r.mean().item(), "reward_std": r.std(1).mean().item(), "accuracy": (rewards > 0.5).float().mean().item(),
+        "reward": r.mean().item(), "reward_std": r.std(1).mean().item(),
+        "accuracy": (rewards > 0.5).float().mean().item(),
         "frac_reward_zero_std": (r.std(1) < 1e-6).float().mean().item(),
-        "completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
+        "completions/mean_length": lengths.mean().item(),
+        "completions/min_length": lengths.min().item(),
         "completions/max_length": lengths.max().item(),
         "completions/clipped_ratio": 1.0 - terminated.float().mean().item(),
-        "completions/mean_terminated_length": lengths[terminated].mean().item() if terminated.any() else 0.0,
+        "completions/mean_terminated_length": (lengths[terminated].mean().item()
+                                               if terminated.any() else 0.0),
     }
 
 
@@ -1428,16 +1491,23 @@ class Run:
     A checkpoint that does not verify or load (truncated, changed, non-finite) is skipped,
     with one note, for the one before it; metrics.jsonl and completions.jsonl are trimmed to
     the checkpoint's step, and config.json records the resume under "resumed".
+
+    The algorithm's name is the calling script's (grpo.py -> "grpo"). `algo_state` is the
+    method's own state across steps, {name: object with state_dict() / load_state_dict()}
+    (DCPO's SAS statistics, SPO's replay buffer; None for GRPO): each checkpoint saves it in
+    run.state[name], and --resume loads it back into the same object.
     """
 
-    def __init__(self, args, algo: str, model, tokenizer, optimizer, sampler: PromptSampler):
+    def __init__(self, args, model, tokenizer, optimizer, sampler: PromptSampler,
+                 algo_state: Optional[dict] = None):
         import signal
 
+        algo = Path(sys._getframe(1).f_code.co_filename).stem  # the script that made the Run
         self.args, self.algo, self.model, self.tokenizer = args, algo, model, tokenizer
-        self.optimizer, self.sampler = optimizer, sampler
+        self.optimizer, self.sampler, self.algo_state = optimizer, sampler, algo_state or {}
         self.state: dict = {"step": 0}
         self.stop_requested = False
-        self.bad_steps = 0  # steps in a row whose every update was skipped (non-finite loss or gradient)
+        self.bad_steps = 0  # steps in a row with every update skipped (non-finite loss or grad)
         self.stop_signal: Optional[int] = None
         if args.resume:
             self.run_dir = Path(args.resume)
@@ -1491,7 +1561,8 @@ class Run:
         from transformers import AutoModelForCausalLM
 
         try:
-            saved = AutoModelForCausalLM.from_pretrained(ckpt, dtype=next(self.model.parameters()).dtype)
+            dtype = next(self.model.parameters()).dtype
+            saved = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
             trainer = torch.load(ckpt / "trainer_state.pt", weights_only=False)
             weights = saved.state_dict()
             if any(w.is_floating_point() and not torch.isfinite(w).all() for w in weights.values()):
@@ -1502,11 +1573,16 @@ class Run:
         self.optimizer.load_state_dict(trainer["optimizer"])
         self.sampler.load_state_dict(trainer["sampler"])
         self.state = trainer["state"]
+        for name, obj in self.algo_state.items():  # a refusal (UserError) stops the resume
+            if name in self.state:
+                obj.load_state_dict(self.state[name])
         set_rng_state(trainer["rng"])
         return None
 
     def save(self, step: int) -> Path:
-        trainer = {"optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(), "state": self.state}
+        self.state.update({name: obj.state_dict() for name, obj in self.algo_state.items()})
+        trainer = {"optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
+                   "state": self.state}
         return save_checkpoint(self.run_dir, step, self.model, self.tokenizer, trainer)
 
     def log(self, step: int, metrics: dict) -> None:
@@ -1525,11 +1601,11 @@ class Run:
             last = latest_checkpoint(self.run_dir)
             raise TrainingDiverged(
                 f"{self.bad_steps} steps in a row had a non-finite loss or gradient (step {step}). "
-                f"Last good checkpoint: {last or 'none yet'}. Lower --learning-rate, or raise --max-bad-steps "
-                "(0 never stops), then --resume the run")
+                f"Last good checkpoint: {last or 'none yet'}. Lower --learning-rate, or raise "
+                "--max-bad-steps (0 never stops), then --resume the run")
 
-    def end_step(self, step: int, metrics: dict, texts: list[str], rewards: torch.Tensor, idx: list[int],
-                 examples: list[dict], num_generations: int) -> None:
+    def end_step(self, step: int, metrics: dict, texts: list[str], rewards: torch.Tensor,
+                 idx: list[int], examples: list[dict], num_generations: int) -> None:
         self.log(step, metrics)
         if step % self.args.log_completions_every == 0:  # the first group of this batch, as text
             q = examples[idx[0]]["question"]
@@ -1542,7 +1618,8 @@ class Run:
 
         start = self.state["start_accuracy"]
         summary = dict(algo=self.algo, start_accuracy=start, final_accuracy=final_accuracy,
-                       steps=self.state["step"], wall_time_s=round(wall_time, 1), run_dir=str(self.run_dir))
+                       steps=self.state["step"], wall_time_s=round(wall_time, 1),
+                       run_dir=str(self.run_dir))
         summary["status"] = "finished" if self.stop_signal is None else "interrupted"
         if self.stop_signal is not None:
             summary["signal"] = signal.Signals(self.stop_signal).name
@@ -1605,7 +1682,8 @@ def pick_credit_group(rewards: torch.Tensor, num_generations: int) -> Optional[i
 
     Of the groups with a spread, the one whose mean reward is nearest 1/2 (the most even split
     of right and wrong answers, so the most tokens get credit); ties go to the earliest.
-    rewards [B], group-contiguous. Example, G = 4: [0,0,0,0, 1,0,0,0, 1,1,0,0] -> 2; all equal: None.
+    rewards [B], group-contiguous. Example, G = 4: [0,0,0,0, 1,0,0,0, 1,1,0,0] -> 2; all equal:
+    None.
     """
     r = rewards.detach().double().cpu().view(-1, num_generations)           # [groups, G]
     spread = (r.max(1).values - r.min(1).values) > 1e-9
@@ -1640,7 +1718,8 @@ def credit_group_text(step: int, examples: list[dict], idx: list[int], rewards: 
 
 
 def render_credit(tokens: typing.Sequence[typing.Sequence[str]], advantages: torch.Tensor,
-                  completion_mask: torch.Tensor, color: bool = False, flat: Optional[torch.Tensor] = None,
+                  completion_mask: torch.Tensor, color: bool = False,
+                  flat: Optional[torch.Tensor] = None,
                   rewards: Optional[torch.Tensor] = None, decimals: int = 2,
                   marks: Optional[torch.Tensor] = None) -> str:
     """One line per completion; each real token (mask > 0) followed by its advantage.
@@ -1673,21 +1752,25 @@ def render_credit(tokens: typing.Sequence[typing.Sequence[str]], advantages: tor
             elif a == 0.0 or scale == 0.0:
                 parts.append(s)
             else:
-                code = (_GREENS if a > 0 else _REDS)[min(int(abs(a) / scale * len(_GREENS)), len(_GREENS) - 1)]
+                shade = min(int(abs(a) / scale * len(_GREENS)), len(_GREENS) - 1)
+                code = (_GREENS if a > 0 else _REDS)[shade]
                 parts.append(f"\x1b[38;5;{code}m{s}\x1b[0m")
         notes = ([f"r={float(rewards[i]):.2f}"] if rewards is not None else []) + \
                 ([f"GRPO {float(flat[i]):+.{decimals}f}"] if flat is not None else [])
-        lines.append(f"o{i + 1}" + (f" ({', '.join(notes)})" if notes else "") + ": " + "".join(parts))
+        head = f"o{i + 1}" + (f" ({', '.join(notes)})" if notes else "")
+        lines.append(head + ": " + "".join(parts))
     return "\n".join(lines)
 
 
-def credit_view(tokenizer, completion_ids: torch.Tensor, advantages: torch.Tensor, completion_mask: torch.Tensor,
+def credit_view(tokenizer, completion_ids: torch.Tensor, advantages: torch.Tensor,
+                completion_mask: torch.Tensor,
                 flat: Optional[torch.Tensor] = None, rewards: Optional[torch.Tensor] = None,
                 color: Optional[bool] = None, only_diff: bool = False) -> str:
     """render_credit with each token decoded on its own; colour when stdout is a terminal.
     only_diff: mark only the tokens whose advantage differs from `flat` (credit_marks)."""
     lengths = (completion_mask > 0).sum(1).tolist()
-    tokens = [[tokenizer.decode([t]) for t in row[:n]] for row, n in zip(completion_ids.tolist(), lengths)]
+    tokens = [[tokenizer.decode([t]) for t in row[:n]]
+              for row, n in zip(completion_ids.tolist(), lengths)]
     marks = credit_marks(advantages, flat, completion_mask) if only_diff else None
-    return render_credit(tokens, advantages, completion_mask, sys.stdout.isatty() if color is None else color,
-                         flat, rewards, marks=marks)
+    color = sys.stdout.isatty() if color is None else color
+    return render_credit(tokens, advantages, completion_mask, color, flat, rewards, marks=marks)

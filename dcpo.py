@@ -18,7 +18,7 @@ DCPO makes three changes to GRPO, all aimed at wasted gradient:
 
     python dcpo.py                                   # CPU: embedded tiny model + arithmetic task
     python dcpo.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k   # one GPU, a hub model
-    python dcpo.py --no-sas                          # DAC + OTM only (what the released scripts run)
+    python dcpo.py --no-sas                          # DAC + OTM only (the released scripts)
     # the official code's choices where it departs from the paper (docs/dcpo.md, "Defaults"):
     python dcpo.py --eps-low 0.2 --eps-high 0.28 --sas-std unbiased --loss-type grpo
 
@@ -53,7 +53,8 @@ class Args:
         "random seed (python, numpy, torch, prompt order)"})
     model: str = field(default="tiny", metadata={"range": "model", "help":
         "'tiny' (embedded, warm-started on first use), a hub id or a save_pretrained folder"})
-    task: Literal["arith", "gsm8k"] = field(default="arith", metadata={"help": "arith: embedded multi-step arithmetic; gsm8k: grade-school math"})
+    task: Literal["arith", "gsm8k"] = field(default="arith", metadata={"help":
+        "arith: embedded multi-step arithmetic; gsm8k: grade-school math"})
     arith_ops: str = field(default="2-4", metadata={"range": "arith_ops", "help":
         "arith: operations per problem, LO-HI (at least 2; longer chains, longer answers)"})
     data_dir: Optional[str] = field(default=None, metadata={"range": "data_dir", "help":
@@ -72,12 +73,13 @@ class Args:
         "a run folder to continue from its last good checkpoint"})
     device: str = field(default="auto", metadata={"range": "device", "help":
         "auto, cpu, cuda, cuda:1, ..."})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "weights dtype; auto = bfloat16 on a GPU that has it, else float32"})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
+        "help": "weights dtype; auto = bfloat16 on a GPU that has it, else float32"})
     micro_batch_size: int = field(default=32, metadata={"range": ">0", "help":
         "completions per forward/backward (gradient accumulation; same result)"})
     log_completions_every: int = field(default=10, metadata={"range": ">0", "help":
         "write a few completions to completions.jsonl every N steps"})
-    # --- shared base settings: identical in every script (card grpo.md, section 3.2) ---
+    # --- shared base settings: identical in every script (docs/grpo.md, "Defaults") ---
     num_generations: int = field(default=8, metadata={"range": ">=2", "help":
         "G, completions per prompt"})
     prompts_per_step: int = field(default=16, metadata={"range": ">0", "help":
@@ -91,7 +93,9 @@ class Args:
         "gradient-norm clip"})
     max_bad_steps: int = field(default=5, metadata={"range": ">=0", "help":
         "stop after this many steps in a row with a non-finite loss or gradient (0: never)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward: less memory for bigger models, about one more forward of compute"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help":
+        "recompute activations in backward: less memory for bigger models, about one more "
+        "forward of compute"})
     temperature: float = field(default=1.0, metadata={"range": ">0", "help":
         "sampling temperature T (log-probs use logits / T too)"})
     top_p: float = field(default=1.0, metadata={"range": "(0, 1]", "help":
@@ -108,16 +112,22 @@ class Args:
     epsilon_high: float = field(default=0.2, metadata={"range": ">=0", "help":
         "GRPO's fixed upper clip 1 + epsilon_high. DCPO does not clip with it (see --eps-high): "
         "it is only the band of the clip_ratio/fixed_0.2 comparison metrics"})
-    # --- DCPO-specific (card dcpo.md, section 3: the paper by default, the official code's choices as flags) ---
-    loss_type: Literal["otm", "grpo", "dapo", "otm_token_sum"] = field(default="otm", metadata={"help": "otm: token mean per response, summed per prompt, mean over prompts (paper Eq. 8); grpo: otm / G (current official code); dapo: token mean; otm_token_sum: token sum / B (paper-era code)"})
+    # --- DCPO-specific: the paper by default, the official code's choices as flags ---
+    loss_type: Literal["otm", "grpo", "dapo", "otm_token_sum"] = field(default="otm", metadata={
+        "help": "otm: token mean per response, summed per prompt, mean over prompts (paper Eq. "
+        "8); grpo: otm / G (current official code); dapo: token mean; otm_token_sum: token sum "
+        "/ B (paper-era code)"})
     eps_low: float = field(default=0.16, metadata={"range": ">0", "help":
         "DAC lower bound: (1 - r) * r * q <= eps_low (paper 0.16; the official scripts 0.2)"})
     eps_high: float = field(default=0.20, metadata={"range": ">0", "help":
         "DAC upper bound: (r - 1) * r * q <= eps_high (paper 0.20; the official scripts 0.28)"})
     ratio_max: float = field(default=10.0, metadata={"range": ">0", "help":
         "r_max: cap of the upper bound (A > 0) and dual clip (A < 0), paper and code 10"})
-    sas: bool = field(default=True, metadata={"help": "smooth advantage standardisation over each prompt's reward history (paper); --no-sas: this visit's group only, as the released scripts run"})
-    sas_std: Literal["population", "unbiased"] = field(default="population", metadata={"help": "std in SAS: population, divide by G (paper); unbiased, torch.std (official code)"})
+    sas: bool = field(default=True, metadata={"help":
+        "smooth advantage standardisation over each prompt's reward history (paper); --no-sas: "
+        "this visit's group only, as the released scripts run"})
+    sas_std: Literal["population", "unbiased"] = field(default="population", metadata={"help":
+        "std in SAS: population, divide by G (paper); unbiased, torch.std (official code)"})
 
 
 # ----------------------------------------------------------------------------------------
@@ -176,8 +186,10 @@ class PromptStats:
     std convention is stored too, since the stored sigma_tot depends on it.
     """
 
-    def __init__(self, num_generations: int, sas_std: str = "population"):
+    def __init__(self, num_generations: int, sas_std: str = "population",
+                 text_hashes: Optional[dict[int, str]] = None):
         self.num_generations, self.sas_std = num_generations, sas_std
+        self.text_hashes = text_hashes  # id -> prompt_hash(question): load_state_dict checks them
         self.by_id: dict[int, PromptStat] = {}
 
     def state_dict(self) -> dict:
@@ -185,18 +197,23 @@ class PromptStats:
         return {"num_generations": self.num_generations, "sas_std": self.sas_std, "prompts": rows}
 
     def load_state_dict(self, state: dict, text_hashes: Optional[dict[int, str]] = None) -> None:
-        """Restore a saved state; refuse another G, another std, or ids whose prompt text changed."""
+        """Restore a saved state; refuse another G, another std, or ids whose text changed."""
         if state["num_generations"] != self.num_generations:
-            raise UserError(f"the saved SAS statistics assume G = {state['num_generations']} rewards per visit; "
-                            f"resume with --num-generations {state['num_generations']}")
+            raise UserError(f"the saved SAS statistics assume G = {state['num_generations']} "
+                            f"rewards per visit; resume with --num-generations "
+                            f"{state['num_generations']}")
         if state["sas_std"] != self.sas_std:
-            raise UserError(f"the saved SAS statistics use the {state['sas_std']} std; resume with --sas-std {state['sas_std']}")
-        by_id = {int(k): PromptStat(int(v), float(m), float(s), h) for k, v, m, s, h in state["prompts"]}
+            raise UserError(f"the saved SAS statistics use the {state['sas_std']} std; resume "
+                            f"with --sas-std {state['sas_std']}")
+        by_id = {int(k): PromptStat(int(v), float(m), float(s), h)
+                 for k, v, m, s, h in state["prompts"]}
+        text_hashes = self.text_hashes if text_hashes is None else text_hashes
         if text_hashes is not None:
             changed = [k for k, s in by_id.items() if text_hashes.get(k) != s.text_hash]
             if changed:
-                raise UserError(f"{len(changed)} saved prompt ids (e.g. {changed[0]}) now name other questions; "
-                                "resume with the same --task and --data-dir as the run")
+                raise UserError(f"{len(changed)} saved prompt ids (e.g. {changed[0]}) now name "
+                                "other questions; resume with the same --task and --data-dir "
+                                "as the run")
         self.by_id = by_id
 
 
@@ -216,15 +233,17 @@ def sas_blend(a_new: torch.Tensor, a_tot: torch.Tensor, visits: int) -> torch.Te
     return torch.where(sa_new.abs() < sa_tot.abs(), sa_new, sa_tot)
 
 
-def sas_group_advantages(rewards: torch.Tensor, prev: Optional[PromptStat], sas_std: str = "population",
-                         use_sas: bool = True, text_hash: str = "") -> tuple[torch.Tensor, PromptStat]:
+def sas_group_advantages(rewards: torch.Tensor, prev: Optional[PromptStat],
+                         sas_std: str = "population", use_sas: bool = True,
+                         text_hash: str = "") -> tuple[torch.Tensor, PromptStat]:
     """SAS for one visit of one prompt. Pure: returns the prompt's new stat, changes nothing.
 
         i = prev.visits + 1   (1 on the first visit)
         mu_new, sigma_new = mean and std of this visit's G rewards (population: divide by G)
         mu_tot     = ( mu_new + (i-1) * mu_old ) / i
-        sigma_tot^2 = (1/i) * [ sigma_new^2 + (i-1) * sigma_old^2 + ((i-1)/i) * (mu_old - mu_new)^2 ]
-        A_new = (R - mu_new) / sigma_new,  A_tot = (R - mu_tot) / sigma_tot   (0 where sigma < 1e-6)
+        sigma_tot^2 = (1/i) * [ sigma_new^2 + (i-1) * sigma_old^2
+                                + ((i-1)/i) * (mu_old - mu_new)^2 ]
+        A_new = (R - mu_new) / sigma_new,  A_tot = (R - mu_tot) / sigma_tot  (0 if sigma < 1e-6)
         A = sas_blend(A_new, A_tot, i)            (use_sas=False: A = A_new; the stat still updates)
 
     The pooled variance is exact for the population std. With sas_std="unbiased" the same
@@ -237,7 +256,7 @@ def sas_group_advantages(rewards: torch.Tensor, prev: Optional[PromptStat], sas_
         visit 3 [0,0,0,0]: mu_tot 0.4166667, sigma_tot 0.4930066 -> -0.2817181 for all four
     (grpo.py's unbiased std would give 1.5 at visit 1: the factor sqrt(3/4).)
     """
-    r = rewards.detach().to(torch.float64).reshape(-1)      # [G] float64: the running stats stay exact
+    r = rewards.detach().to(torch.float64).reshape(-1)      # [G] float64: the stats stay exact
     if r.numel() < 2:
         raise ValueError(f"SAS needs a group of at least 2 rewards, got {r.numel()}")
     mu_new, sigma_new = r.mean().item(), r.std(unbiased=sas_std == "unbiased").item()
@@ -246,7 +265,8 @@ def sas_group_advantages(rewards: torch.Tensor, prev: Optional[PromptStat], sas_
     else:
         visits, k = prev.visits + 1, prev.visits           # k = i - 1
         mu_tot = (mu_new + k * prev.mean) / visits
-        var_tot = (sigma_new ** 2 + k * prev.std ** 2 + (k / visits) * (prev.mean - mu_new) ** 2) / visits
+        var_tot = (sigma_new ** 2 + k * prev.std ** 2
+                   + (k / visits) * (prev.mean - mu_new) ** 2) / visits
         sigma_tot = max(var_tot, 0.0) ** 0.5
     # no eps anywhere (the paper); a tolerance, not == 0: the std of equal floats can be 1e-17
     a_new = (r - mu_new) / sigma_new if sigma_new >= 1e-6 else torch.zeros_like(r)   # [G]
@@ -255,7 +275,8 @@ def sas_group_advantages(rewards: torch.Tensor, prev: Optional[PromptStat], sas_
     return adv, PromptStat(visits, mu_tot, sigma_tot, text_hash)
 
 
-def sas_advantages(rewards: torch.Tensor, num_generations: int, prompt_ids: list[int], stats: PromptStats,
+def sas_advantages(rewards: torch.Tensor, num_generations: int, prompt_ids: list[int],
+                   stats: PromptStats,
                    use_sas: bool = True, text_hashes: Optional[list[str]] = None
                    ) -> tuple[torch.Tensor, dict[int, PromptStat], dict]:
     """SAS advantages of a rollout batch. Pure: reads `stats`; the caller commits the returned
@@ -281,7 +302,8 @@ def sas_advantages(rewards: torch.Tensor, num_generations: int, prompt_ids: list
         raise ValueError(f"the SAS statistics assume G = {stats.num_generations}, got G = {G}")
     P = rewards.numel() // G
     if len(prompt_ids) != P or P * G != rewards.numel():
-        raise ValueError(f"need one prompt id per group: {rewards.numel()} rewards, G = {G}, {len(prompt_ids)} ids")
+        raise ValueError(f"need one prompt id per group: {rewards.numel()} rewards, G = {G}, "
+                         f"{len(prompt_ids)} ids")
     r = rewards.detach().cpu().view(P, G)                   # [P, G]
     adv = torch.zeros(P, G, dtype=torch.float64)            # [P, G]
     new_stats: dict[int, PromptStat] = {}                   # this batch's visits, so repeats chain
@@ -308,7 +330,8 @@ def sas_advantages(rewards: torch.Tensor, num_generations: int, prompt_ids: list
 # ----------------------------------------------------------------------------------------
 
 # old-probability buckets [lo, hi) of the clip metrics (docs/dcpo.md, "Logged metrics")
-Q_BUCKETS = (("q<0.1", 0.0, 0.1), ("q0.1-0.5", 0.1, 0.5), ("q0.5-0.9", 0.5, 0.9), ("q>=0.9", 0.9, float("inf")))
+Q_BUCKETS = (("q<0.1", 0.0, 0.1), ("q0.1-0.5", 0.1, 0.5), ("q0.5-0.9", 0.5, 0.9),
+             ("q>=0.9", 0.9, float("inf")))
 
 
 def dac_bounds(old_logps: torch.Tensor, eps_low: float = 0.16, eps_high: float = 0.20,
@@ -332,13 +355,14 @@ def dac_bounds(old_logps: torch.Tensor, eps_low: float = 0.16, eps_high: float =
     """
     dtype = torch.promote_types(old_logps.dtype, torch.float32)
     inv_q = torch.exp((-old_logps.detach().to(dtype)).clamp(0.0, 80.0))          # [B, L] 1/q
-    r_low = 0.5 + 0.5 * torch.sqrt((1.0 - 4.0 * eps_low * inv_q).clamp(min=0.0))  # clamp before sqrt
+    r_low = 0.5 + 0.5 * torch.sqrt((1.0 - 4.0 * eps_low * inv_q).clamp(min=0.0))  # clamp, sqrt
     r_high = (0.5 + 0.5 * torch.sqrt(1.0 + 4.0 * eps_high * inv_q)).clamp(max=ratio_max)
     return r_low, r_high
 
 
 def dcpo_per_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
-                        completion_mask: torch.Tensor, eps_low: float = 0.16, eps_high: float = 0.20,
+                        completion_mask: torch.Tensor, eps_low: float = 0.16,
+                        eps_high: float = 0.20,
                         ratio_max: float = 10.0) -> tuple[torch.Tensor, ...]:
     """PPO's clipped loss with the DAC band, plus the dual clip for negative advantages.
 
@@ -403,8 +427,9 @@ def aggregate_loss(per_token_loss: torch.Tensor, completion_mask: torch.Tensor, 
     """
     masked = torch.where(completion_mask > 0, per_token_loss, 0.0)                # [B, L]
     if loss_type in ("otm", "grpo"):
-        per_seq = masked.sum(1) / completion_mask.sum(1).clamp(min=1.0)           # [B] token mean per response
-        return per_seq.sum() / (num_sequences // num_generations if loss_type == "otm" else num_sequences)
+        per_seq = masked.sum(1) / completion_mask.sum(1).clamp(min=1.0)  # [B] token mean each
+        num_prompts = num_sequences // num_generations
+        return per_seq.sum() / (num_prompts if loss_type == "otm" else num_sequences)
     if loss_type == "dapo":
         return masked.sum() / max(num_tokens, 1.0)
     if loss_type == "otm_token_sum":
@@ -413,8 +438,9 @@ def aggregate_loss(per_token_loss: torch.Tensor, completion_mask: torch.Tensor, 
 
 
 def dcpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
-              completion_mask: torch.Tensor, *, eps_low: float, eps_high: float, ratio_max: float, loss_type: str,
-              num_sequences: int, num_tokens: float, num_generations: int, beta: float = 0.0,
+              completion_mask: torch.Tensor, *, eps_low: float, eps_high: float, ratio_max: float,
+              loss_type: str, num_sequences: int, num_tokens: float, num_generations: int,
+              beta: float = 0.0,
               ref_logps: Optional[torch.Tensor] = None,
               fixed_band: tuple[float, float] = (0.2, 0.2)) -> tuple[torch.Tensor, dict]:
     """The DCPO loss of one micro-batch, and its metrics.
@@ -444,15 +470,18 @@ def dcpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
         # select before k3 too: its backward at a NaN would give 0 * NaN = NaN
         kl = torch.where(m, k3_kl(torch.where(m, logps, 0.0), torch.where(m, ref_logps, 0.0)), 0.0)
         per_token_loss = per_token_loss + beta * kl
-    loss = aggregate_loss(per_token_loss, completion_mask, loss_type, num_sequences, num_tokens, num_generations)
+    loss = aggregate_loss(per_token_loss, completion_mask, loss_type, num_sequences, num_tokens,
+                          num_generations)
 
     with torch.no_grad():  # metrics, averaged over the micro-batch's completion tokens
-        q = torch.exp(torch.where(m, old_logps.detach().float(), 0.0).clamp(max=0.0))     # [b, L] old probability
+        # q: each token's old probability, [b, L]
+        q = torch.exp(torch.where(m, old_logps.detach().float(), 0.0).clamp(max=0.0))
         low = m & (adv < 0) & (ratio < r_low)                                          # [b, L]
         high = m & (adv > 0) & (ratio > r_high)
         cap = m & (adv < 0) & (ratio > ratio_max)
         dcpo_clip = low | high | cap
-        fixed_clip = m & (((adv > 0) & (ratio > 1 + fixed_band[1])) | ((adv < 0) & (ratio < 1 - fixed_band[0])))
+        fixed_clip = m & (((adv > 0) & (ratio > 1 + fixed_band[1]))
+                          | ((adv < 0) & (ratio < 1 - fixed_band[0])))
         n = m.sum().clamp(min=1)
         metrics = {"clip_ratio/dcpo": dcpo_clip.sum() / n, "clip_ratio/dcpo_low": low.sum() / n,
                    "clip_ratio/dcpo_high": high.sum() / n, "clip_ratio/dcpo_cap": cap.sum() / n,
@@ -471,14 +500,16 @@ def dcpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
     return loss, {k: float(v) for k, v in metrics.items()}
 
 
-def add_dcpo_metrics(avg: common.MetricAverager, metrics: dict, num_tokens: float, last_pass: bool) -> None:
+def add_dcpo_metrics(avg: common.MetricAverager, metrics: dict, num_tokens: float,
+                     last_pass: bool) -> None:
     """Average a micro-batch's metrics over the update: per-bucket rates weighted by that
     bucket's tokens (so they equal the whole batch's rate exactly), the rest by tokens."""
     rest = dict(metrics)
     for name, _, _ in Q_BUCKETS:
         n_b = rest[f"dac/token_share/{name}"] * num_tokens
-        avg.add({k: rest.pop(k) for k in metrics if k.endswith("/" + name) and not k.startswith("dac/token_share")},
-                weight=n_b, last_pass=last_pass)
+        bucket = [k for k in metrics
+                  if k.endswith("/" + name) and not k.startswith("dac/token_share")]
+        avg.add({k: rest.pop(k) for k in bucket}, weight=n_b, last_pass=last_pass)
     avg.add(rest, weight=num_tokens, last_pass=last_pass)
 
 
@@ -489,7 +520,7 @@ def add_dcpo_metrics(avg: common.MetricAverager, metrics: dict, num_tokens: floa
 
 def main(args: Args) -> dict:
     # ---- setup (boilerplate) ----
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = common.resolve_device(args.device)
     dtype = common.resolve_dtype(args.dtype, device)
     max_len = (common.default_max_len(args.task, args.arith_ops)
                if args.max_completion_length is None else args.max_completion_length)
@@ -504,7 +535,9 @@ def main(args: Args) -> dict:
     model, tokenizer = common.load_model_and_tokenizer(args.model, device, dtype, args.arith_ops)
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
-    train_prompt_ids = common.tokenize_prompts(tokenizer, train, args.task, common.context_length(model), max_len)
+    eos = tokenizer.eos_token_id
+    train_prompt_ids = common.tokenize_prompts(tokenizer, train, args.task,
+                                               common.context_length(model), max_len)
     ref_model = None  # with beta == 0, no reference model is ever built
     if args.beta > 0.0:
         ref_model, _ = common.load_model_and_tokenizer(args.model, device, dtype, args.arith_ops)
@@ -512,79 +545,90 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     sampler = common.PromptSampler(len(train), args.seed)
 
-    run = common.Run(args, "dcpo", model, tokenizer, optimizer, sampler)
-    state = run.state  # step, start accuracy, the method's own state: SAS's per-prompt statistics
-    stats = PromptStats(G, args.sas_std)
-    if "prompt_stats" in state:  # resumed: the same statistics, checked against the same questions
-        stats.load_state_dict(state["prompt_stats"], {ex["id"]: prompt_hash(ex["question"]) for ex in train})
+    # ---- ALGO LOGIC: the method's state across steps, and what it needs before each update ----
+    stats = PromptStats(G, args.sas_std, {ex["id"]: prompt_hash(ex["question"]) for ex in train})
+    algo_state = {"prompt_stats": stats}                # SAS: every prompt's reward history
+    needs_entropy = False                               # DCPO masks no token by entropy
+
+    run = common.Run(args, model, tokenizer, optimizer, sampler, algo_state)
+    state = run.state  # step, start accuracy, and algo_state (restored on --resume)
     if "start_accuracy" not in state:
         state["start_accuracy"] = common.evaluate(model, tokenizer, heldout, args.task, max_len)
         run.logger.log(0, {"eval/accuracy": state["start_accuracy"]})
     eval_acc, t_start = state["start_accuracy"], time.time()
 
-    bar = common.progress(range(state["step"] + 1, args.total_steps + 1), "dcpo")
+    bar = common.progress(range(state["step"] + 1, args.total_steps + 1), run.algo)
     for step in bar:
         t0 = time.time()
         # ---- 1. rollout: G completions for each of P prompts, one batched generate call ----
         idx = sampler.next(P)
-        prompt_ids, prompt_mask = common.left_pad([train_prompt_ids[i] for i in idx], tokenizer.pad_token_id, device)
+        prompt_ids, prompt_mask = common.left_pad([train_prompt_ids[i] for i in idx],
+                                                  tokenizer.pad_token_id, device)
         completion_ids = common.generate(model, tokenizer, prompt_ids, prompt_mask, max_len, G,
                                          args.temperature, args.top_p, args.top_k)
-        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
-        completion_mask = common.completion_mask_from_ids(completion_ids, tokenizer.eos_token_id)  # [B, L]
+        prompt_ids = prompt_ids.repeat_interleave(G, 0)
+        prompt_mask = prompt_mask.repeat_interleave(G, 0)
+        completion_mask = common.completion_mask_from_ids(completion_ids, eos)  # [B, L]
         texts = common.decode_completions(tokenizer, completion_ids)
-        rewards = torch.tensor(common.reward_fn(texts, [train[i]["answer"] for i in idx for _ in range(G)]))
+        answers = [train[i]["answer"] for i in idx for _ in range(G)]
+        rewards = torch.tensor(common.reward_fn(texts, answers))                   # [B]
+        rollout = common.rollout_metrics(rewards, completion_ids, completion_mask, eos, G)
         t_gen = time.time() - t0
 
-        # ---- 2. ALGO LOGIC: SAS advantages, one per completion, from each prompt's reward history ----
-        advantages, new_stats, algo_metrics = sas_advantages(
-            rewards, G, [train[i]["id"] for i in idx], stats, args.sas, [prompt_hash(train[i]["question"]) for i in idx])
-        stats.by_id.update(new_stats)                       # commit this batch's visits
-        state["prompt_stats"] = stats.state_dict()          # run.save checkpoints run.state
-        advantages = advantages.to(device)                                            # [B]
-
-        # ---- 3. ALGO LOGIC: optimisation passes against the sampling weights ----
-        num_tokens = completion_mask.sum().item()
-        old_logps = torch.zeros_like(completion_mask)        # filled by pass 1
-        ref_logps = None
+        # ---- 2. one no-grad pass: what the update needs before it starts ----
         mbs = [slice(s, s + args.micro_batch_size) for s in range(0, B, args.micro_batch_size)]
 
-        def fwd(m, mb, with_entropy=False):  # per-token log-probs [b, L] of micro-batch mb under model m
+        def fwd(m, mb, with_entropy=False):  # log-probs [b, L] (and entropies) of rows mb under m
             return common.per_token_logps(m, prompt_ids[mb], prompt_mask[mb], completion_ids[mb],
                                           completion_mask[mb], args.temperature, with_entropy)
 
-        with torch.no_grad():
-            if ref_model is not None:
-                ref_logps = torch.cat([fwd(ref_model, mb)[0] for mb in mbs])
+        # the reference's log-probs if beta > 0; the policy's entropies if needed first. No old
+        # log-probs: nothing reads them before pass 1, which gives them detached (see no_grad_pass)
+        _, entropies, ref_logps = common.no_grad_pass(fwd, mbs, model if needs_entropy else None,
+                                                      ref_model)
+
+        # ---- 3. ALGO LOGIC: SAS advantages, one per completion, from each prompt's history ----
+        advantages, new_stats, algo_metrics = sas_advantages(
+            rewards, G, [train[i]["id"] for i in idx], stats, args.sas,
+            [prompt_hash(train[i]["question"]) for i in idx])
+        stats.by_id.update(new_stats)                   # commit this batch's visits
+        advantages = advantages.to(device)                                           # [B]
+        algo_metrics["adv/abs_mean"] = advantages.abs().mean().item()
+
+        # ---- 4. ALGO LOGIC: optimisation passes against the sampling weights ----
+        num_tokens = completion_mask.sum().item()
+        old_logps = torch.zeros_like(completion_mask)   # filled by pass 1
         avg = common.MetricAverager()
         for it in range(args.num_iterations):
             for mb in mbs:
-                want_entropy = it == 0
-                logps, ent = fwd(model, mb, want_entropy)
+                logps, ent = fwd(model, mb, with_entropy=it == 0)
                 if it == 0:
                     # On pass 1 the weights ARE the sampling weights: their log-probs are the
                     # old log-probs. Detaching them saves a whole no-grad forward, and ratio == 1.
                     old_logps[mb] = logps.detach()
                 loss, metrics = dcpo_loss(
-                    logps, old_logps[mb], advantages[mb], completion_mask[mb], eps_low=args.eps_low,
-                    eps_high=args.eps_high, ratio_max=args.ratio_max, loss_type=args.loss_type, num_sequences=B,
-                    num_tokens=num_tokens, num_generations=G, beta=args.beta,
+                    logps, old_logps[mb], advantages[mb], completion_mask[mb],
+                    eps_low=args.eps_low, eps_high=args.eps_high, ratio_max=args.ratio_max,
+                    loss_type=args.loss_type, num_sequences=B, num_tokens=num_tokens,
+                    num_generations=G, beta=args.beta,
                     ref_logps=None if ref_logps is None else ref_logps[mb],
                     fixed_band=(args.epsilon, args.epsilon_high))
                 loss.backward()
-                if want_entropy:
-                    metrics["entropy"] = ((ent * completion_mask[mb]).sum() / completion_mask[mb].sum()).item()
-                add_dcpo_metrics(avg, metrics, completion_mask[mb].sum().item(), last_pass=it == args.num_iterations - 1)
+                if it == 0:
+                    metrics["entropy"] = common.masked_mean(ent, completion_mask[mb])
+                add_dcpo_metrics(avg, metrics, completion_mask[mb].sum().item(),
+                                 last_pass=it == args.num_iterations - 1)
             grad_norm = common.optimizer_step(model, optimizer, args.max_grad_norm, avg)
 
-        # ---- 4. log, evaluate, checkpoint (boilerplate) ----
+        # ---- 5. log, evaluate, checkpoint (boilerplate) ----
         state["step"] = step
-        metrics = common.rollout_metrics(rewards, completion_ids, completion_mask, tokenizer.eos_token_id, G)
+        metrics = dict(rollout)
         metrics.update(avg.means(), **algo_metrics, grad_norm=grad_norm, learning_rate=lr,
-                       **{"adv/abs_mean": advantages.abs().mean().item(), "num_tokens": num_tokens,
-                          "step_time": time.time() - t0, "generation_share": t_gen / (time.time() - t0)})
+                       num_tokens=num_tokens, step_time=time.time() - t0,
+                       generation_share=t_gen / (time.time() - t0))
         if step % args.eval_every == 0 or step == args.total_steps:
-            eval_acc = metrics["eval/accuracy"] = common.evaluate(model, tokenizer, heldout, args.task, max_len)
+            eval_acc = metrics["eval/accuracy"] = common.evaluate(model, tokenizer, heldout,
+                                                                  args.task, max_len)
         run.end_step(step, metrics, texts, rewards, idx, train, G)
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", eval_acc=f"{eval_acc:.2f}")
         if step % args.save_every == 0 or step == args.total_steps or run.stop_requested:

@@ -12,7 +12,7 @@ critic. Train with PPO's clipped ratio against the weights that sampled the batc
     python grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k   # one GPU, a hub model
     python grpo.py --loss-type dr_grpo --scale-rewards none          # Dr. GRPO
     python grpo.py --loss-type dapo --epsilon-high 0.28              # DAPO token-mean + clip-higher
-    python grpo.py --top-entropy-quantile 0.2                        # train on the top-20% entropy tokens
+    python grpo.py --top-entropy-quantile 0.2                        # the top-20% entropy tokens
     # the DeepSeekMath recipe (for reference, not our default; docs/grpo.md, "Defaults"):
     python grpo.py --model deepseek-ai/deepseek-math-7b-instruct --task gsm8k --beta 0.04 \\
         --num-generations 64 --num-iterations 1 --max-completion-length 1024 --learning-rate 1e-6
@@ -43,7 +43,8 @@ class Args:
         "random seed (python, numpy, torch, prompt order)"})
     model: str = field(default="tiny", metadata={"range": "model", "help":
         "'tiny' (embedded, warm-started on first use), a hub id or a save_pretrained folder"})
-    task: Literal["arith", "gsm8k"] = field(default="arith", metadata={"help": "arith: embedded multi-step arithmetic; gsm8k: grade-school math"})
+    task: Literal["arith", "gsm8k"] = field(default="arith", metadata={"help":
+        "arith: embedded multi-step arithmetic; gsm8k: grade-school math"})
     arith_ops: str = field(default="2-4", metadata={"range": "arith_ops", "help":
         "arith: operations per problem, LO-HI (at least 2; longer chains, longer answers)"})
     data_dir: Optional[str] = field(default=None, metadata={"range": "data_dir", "help":
@@ -62,12 +63,13 @@ class Args:
         "a run folder to continue from its last good checkpoint"})
     device: str = field(default="auto", metadata={"range": "device", "help":
         "auto, cpu, cuda, cuda:1, ..."})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "weights dtype; auto = bfloat16 on a GPU that has it, else float32"})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
+        "help": "weights dtype; auto = bfloat16 on a GPU that has it, else float32"})
     micro_batch_size: int = field(default=32, metadata={"range": ">0", "help":
         "completions per forward/backward (gradient accumulation; same result)"})
     log_completions_every: int = field(default=10, metadata={"range": ">0", "help":
         "write a few completions to completions.jsonl every N steps"})
-    # --- shared base settings: identical in every script (card grpo.md, section 3.2) ---
+    # --- shared base settings: identical in every script (docs/grpo.md, "Defaults") ---
     num_generations: int = field(default=8, metadata={"range": ">=2", "help":
         "G, completions per prompt"})
     prompts_per_step: int = field(default=16, metadata={"range": ">0", "help":
@@ -81,7 +83,9 @@ class Args:
         "gradient-norm clip"})
     max_bad_steps: int = field(default=5, metadata={"range": ">=0", "help":
         "stop after this many steps in a row with a non-finite loss or gradient (0: never)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward: less memory for bigger models, about one more forward of compute"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help":
+        "recompute activations in backward: less memory for bigger models, about one more "
+        "forward of compute"})
     temperature: float = field(default=1.0, metadata={"range": ">0", "help":
         "sampling temperature T (log-probs use logits / T too)"})
     top_p: float = field(default=1.0, metadata={"range": "(0, 1]", "help":
@@ -97,11 +101,14 @@ class Args:
     epsilon_high: float = field(default=0.2, metadata={"range": ">=0", "help":
         "upper clip: ratio <= 1 + epsilon_high (0.28 = DAPO clip-higher)"})
     # --- GRPO-specific ---
-    loss_type: Literal["grpo", "dapo", "dr_grpo"] = field(default="grpo", metadata={"help": "grpo: per-sequence mean then mean (paper); dapo: token mean; dr_grpo: / (B * L_max)"})
-    scale_rewards: Literal["group", "none"] = field(default="group", metadata={"help": "group: divide by the group std (paper); none: Dr. GRPO"})
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = field(default="grpo", metadata={"help":
+        "grpo: per-sequence mean then mean (paper); dapo: token mean; dr_grpo: / (B * L_max)"})
+    scale_rewards: Literal["group", "none"] = field(default="group", metadata={"help":
+        "group: divide by the group std (paper); none: Dr. GRPO"})
     top_entropy_quantile: float = field(default=1.0, metadata={"range": "(0, 1]", "help":
         "train only on this top share of tokens by entropy (0.2 = 80/20 paper; 1.0 = off)"})
-    mask_truncated_completions: bool = field(default=False, metadata={"help": "drop completions with no EOS from the loss (DAPO overlong filtering)"})
+    mask_truncated_completions: bool = field(default=False, metadata={"help":
+        "drop completions with no EOS from the loss (DAPO overlong filtering)"})
 
 
 # ----------------------------------------------------------------------------------------
@@ -143,7 +150,8 @@ def compute_advantages(rewards: torch.Tensor, num_generations: int, scale_reward
 
 
 def clipped_objective(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
-                      epsilon_low: float, epsilon_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      epsilon_low: float,
+                      epsilon_high: float) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate per token (to MAXIMISE), and the ratio.
 
         rho = exp(clamp(logp - old_logp, -20, 20))
@@ -188,7 +196,8 @@ def entropy_token_mask(entropies: torch.Tensor, completion_mask: torch.Tensor,
 
 
 def aggregate_loss(per_token_loss: torch.Tensor, completion_mask: torch.Tensor, loss_type: str,
-                   num_sequences: int, num_tokens: float, max_completion_length: int) -> torch.Tensor:
+                   num_sequences: int, num_tokens: float,
+                   max_completion_length: int) -> torch.Tensor:
     """Reduce per-token losses [B, L] to a scalar, TRL's `loss_type` names.
 
         grpo    (DeepSeekMath)  (1/B) sum_i (1/|o_i|) sum_t m_it l_it
@@ -213,8 +222,9 @@ def aggregate_loss(per_token_loss: torch.Tensor, completion_mask: torch.Tensor, 
 
 
 def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
-              completion_mask: torch.Tensor, *, epsilon_low: float, epsilon_high: float, loss_type: str,
-              num_sequences: int, num_tokens: float, max_completion_length: int, beta: float = 0.0,
+              completion_mask: torch.Tensor, *, epsilon_low: float, epsilon_high: float,
+              loss_type: str, num_sequences: int, num_tokens: float, max_completion_length: int,
+              beta: float = 0.0,
               ref_logps: Optional[torch.Tensor] = None,
               token_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
     """The GRPO loss of one micro-batch, and its metrics.
@@ -240,7 +250,8 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
         adv_full = adv.expand_as(ratio)
         low = ((adv_full < 0) & (ratio < 1 - epsilon_low)).float()
         high = ((adv_full > 0) & (ratio > 1 + epsilon_high)).float()
-        metrics = {"clip_ratio/low_mean": (low * m).sum() / n, "clip_ratio/high_mean": (high * m).sum() / n,
+        metrics = {"clip_ratio/low_mean": (low * m).sum() / n,
+                   "clip_ratio/high_mean": (high * m).sum() / n,
                    "clip_ratio/region_mean": ((low + high) * m).sum() / n,
                    "approx_kl_old": (k3_kl(logps, old_logps) * m).sum() / n,
                    "policy_loss": loss.detach()}
@@ -256,7 +267,7 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
 
 def main(args: Args) -> dict:
     # ---- setup (boilerplate) ----
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = common.resolve_device(args.device)
     dtype = common.resolve_dtype(args.dtype, device)
     max_len = (common.default_max_len(args.task, args.arith_ops)
                if args.max_completion_length is None else args.max_completion_length)
@@ -271,7 +282,9 @@ def main(args: Args) -> dict:
     model, tokenizer = common.load_model_and_tokenizer(args.model, device, dtype, args.arith_ops)
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
-    train_prompt_ids = common.tokenize_prompts(tokenizer, train, args.task, common.context_length(model), max_len)
+    eos = tokenizer.eos_token_id
+    train_prompt_ids = common.tokenize_prompts(tokenizer, train, args.task,
+                                               common.context_length(model), max_len)
     ref_model = None  # with beta == 0, no reference model is ever built
     if args.beta > 0.0:
         ref_model, _ = common.load_model_and_tokenizer(args.model, device, dtype, args.arith_ops)
@@ -279,83 +292,94 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     sampler = common.PromptSampler(len(train), args.seed)
 
-    run = common.Run(args, "grpo", model, tokenizer, optimizer, sampler)
-    state = run.state  # step, start accuracy, the method's own state (none for GRPO)
+    # ---- ALGO LOGIC: the method's state across steps, and what it needs before each update ----
+    algo_state = {}                                     # none: each batch stands alone
+    needs_entropy = args.top_entropy_quantile < 1.0     # the 80/20 mask ranks every token first
+
+    run = common.Run(args, model, tokenizer, optimizer, sampler, algo_state)
+    state = run.state  # step, start accuracy, and algo_state (restored on --resume)
     if "start_accuracy" not in state:
         state["start_accuracy"] = common.evaluate(model, tokenizer, heldout, args.task, max_len)
         run.logger.log(0, {"eval/accuracy": state["start_accuracy"]})
     eval_acc, t_start = state["start_accuracy"], time.time()
 
-    bar = common.progress(range(state["step"] + 1, args.total_steps + 1), "grpo")
+    bar = common.progress(range(state["step"] + 1, args.total_steps + 1), run.algo)
     for step in bar:
         t0 = time.time()
         # ---- 1. rollout: G completions for each of P prompts, one batched generate call ----
         idx = sampler.next(P)
-        prompt_ids, prompt_mask = common.left_pad([train_prompt_ids[i] for i in idx], tokenizer.pad_token_id, device)
+        prompt_ids, prompt_mask = common.left_pad([train_prompt_ids[i] for i in idx],
+                                                  tokenizer.pad_token_id, device)
         completion_ids = common.generate(model, tokenizer, prompt_ids, prompt_mask, max_len, G,
                                          args.temperature, args.top_p, args.top_k)
-        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
-        completion_mask = common.completion_mask_from_ids(completion_ids, tokenizer.eos_token_id)  # [B, L]
+        prompt_ids = prompt_ids.repeat_interleave(G, 0)
+        prompt_mask = prompt_mask.repeat_interleave(G, 0)
+        completion_mask = common.completion_mask_from_ids(completion_ids, eos)  # [B, L]
         texts = common.decode_completions(tokenizer, completion_ids)
-        rewards = torch.tensor(common.reward_fn(texts, [train[i]["answer"] for i in idx for _ in range(G)]))
+        answers = [train[i]["answer"] for i in idx for _ in range(G)]
+        rewards = torch.tensor(common.reward_fn(texts, answers))                   # [B]
+        rollout = common.rollout_metrics(rewards, completion_ids, completion_mask, eos, G)
         t_gen = time.time() - t0
 
-        # ---- 2. ALGO LOGIC: group-relative advantages, one per completion ----
-        advantages = compute_advantages(rewards, G, args.scale_rewards).to(device)   # [B]
-        algo_metrics = {}
-
-        # ---- 3. ALGO LOGIC: optimisation passes against the sampling weights ----
-        loss_mask = completion_mask
-        if args.mask_truncated_completions:
-            loss_mask = completion_mask * (completion_ids == tokenizer.eos_token_id).any(1, keepdim=True).float()
-        num_tokens = loss_mask.sum().item()
-        old_logps = torch.zeros_like(completion_mask)        # filled by pass 1 (or a no-grad forward)
-        ref_logps, entropies, token_mask = None, None, None
+        # ---- 2. one no-grad pass: what the update needs before it starts ----
         mbs = [slice(s, s + args.micro_batch_size) for s in range(0, B, args.micro_batch_size)]
 
-        def fwd(m, mb, with_entropy=False):  # per-token log-probs [b, L] of micro-batch mb under model m
+        def fwd(m, mb, with_entropy=False):  # log-probs [b, L] (and entropies) of rows mb under m
             return common.per_token_logps(m, prompt_ids[mb], prompt_mask[mb], completion_ids[mb],
                                           completion_mask[mb], args.temperature, with_entropy)
 
-        with torch.no_grad():
-            if ref_model is not None:
-                ref_logps = torch.cat([fwd(ref_model, mb)[0] for mb in mbs])
-            if args.top_entropy_quantile < 1.0:  # the mask needs every entropy before the first loss
-                outs = [fwd(model, mb, True) for mb in mbs]
-                old_logps, entropies = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
-                token_mask, tau = entropy_token_mask(entropies, loss_mask, args.top_entropy_quantile)
-                algo_metrics.update({"entropy_mask/threshold": tau,
-                                     "entropy_mask/kept_fraction": (token_mask.sum() / max(num_tokens, 1)).item(),
-                                     "entropy": ((entropies * completion_mask).sum() / completion_mask.sum()).item()})
+        # the reference's log-probs if beta > 0; the policy's entropies if needed first. No old
+        # log-probs: nothing reads them before pass 1, which gives them detached (see no_grad_pass)
+        _, entropies, ref_logps = common.no_grad_pass(fwd, mbs, model if needs_entropy else None,
+                                                      ref_model)
+
+        # ---- 3. ALGO LOGIC: group-relative advantages, one per completion ----
+        advantages = compute_advantages(rewards, G, args.scale_rewards).to(device)   # [B]
+        algo_metrics = {"adv/abs_mean": advantages.abs().mean().item()}
+
+        # ---- 4. ALGO LOGIC: optimisation passes against the sampling weights ----
+        loss_mask = completion_mask
+        if args.mask_truncated_completions:  # DAPO: no EOS, no loss
+            loss_mask = completion_mask * (completion_ids == eos).any(1, keepdim=True).float()
+        num_tokens = loss_mask.sum().item()
+        token_mask = loss_mask                          # the 80/20 mask gates the policy term
+        if needs_entropy:
+            token_mask, tau = entropy_token_mask(entropies, loss_mask, args.top_entropy_quantile)
+            algo_metrics.update({"entropy_mask/threshold": tau,
+                                 "entropy_mask/kept_fraction": token_mask.sum().item()
+                                 / max(num_tokens, 1)})
+        old_logps = torch.zeros_like(completion_mask)   # filled by pass 1
         avg = common.MetricAverager()
         for it in range(args.num_iterations):
             for mb in mbs:
-                want_entropy = it == 0 and entropies is None
-                logps, ent = fwd(model, mb, want_entropy)
-                if it == 0 and args.top_entropy_quantile >= 1.0:
+                logps, ent = fwd(model, mb, with_entropy=it == 0)
+                if it == 0:
                     # On pass 1 the weights ARE the sampling weights: their log-probs are the
                     # old log-probs. Detaching them saves a whole no-grad forward, and ratio == 1.
                     old_logps[mb] = logps.detach()
                 loss, metrics = grpo_loss(
-                    logps, old_logps[mb], advantages[mb], loss_mask[mb], epsilon_low=args.epsilon,
-                    epsilon_high=args.epsilon_high, loss_type=args.loss_type, num_sequences=B, num_tokens=num_tokens,
+                    logps, old_logps[mb], advantages[mb], loss_mask[mb],
+                    epsilon_low=args.epsilon, epsilon_high=args.epsilon_high,
+                    loss_type=args.loss_type, num_sequences=B, num_tokens=num_tokens,
                     max_completion_length=max_len, beta=args.beta,
                     ref_logps=None if ref_logps is None else ref_logps[mb],
-                    token_mask=None if token_mask is None else token_mask[mb])
+                    token_mask=token_mask[mb])
                 loss.backward()
-                if want_entropy:
-                    metrics["entropy"] = ((ent * completion_mask[mb]).sum() / completion_mask[mb].sum()).item()
-                avg.add(metrics, weight=completion_mask[mb].sum().item(), last_pass=it == args.num_iterations - 1)
+                if it == 0:
+                    metrics["entropy"] = common.masked_mean(ent, completion_mask[mb])
+                avg.add(metrics, weight=completion_mask[mb].sum().item(),
+                        last_pass=it == args.num_iterations - 1)
             grad_norm = common.optimizer_step(model, optimizer, args.max_grad_norm, avg)
 
-        # ---- 4. log, evaluate, checkpoint (boilerplate) ----
+        # ---- 5. log, evaluate, checkpoint (boilerplate) ----
         state["step"] = step
-        metrics = common.rollout_metrics(rewards, completion_ids, completion_mask, tokenizer.eos_token_id, G)
+        metrics = dict(rollout)
         metrics.update(avg.means(), **algo_metrics, grad_norm=grad_norm, learning_rate=lr,
-                       **{"adv/abs_mean": advantages.abs().mean().item(), "num_tokens": num_tokens,
-                          "step_time": time.time() - t0, "generation_share": t_gen / (time.time() - t0)})
+                       num_tokens=num_tokens, step_time=time.time() - t0,
+                       generation_share=t_gen / (time.time() - t0))
         if step % args.eval_every == 0 or step == args.total_steps:
-            eval_acc = metrics["eval/accuracy"] = common.evaluate(model, tokenizer, heldout, args.task, max_len)
+            eval_acc = metrics["eval/accuracy"] = common.evaluate(model, tokenizer, heldout,
+                                                                  args.task, max_len)
         run.end_step(step, metrics, texts, rewards, idx, train, G)
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", eval_acc=f"{eval_acc:.2f}")
         if step % args.save_every == 0 or step == args.total_steps or run.stop_requested:

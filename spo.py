@@ -14,13 +14,13 @@ M-token segments, so the samples behind the values are training data too: a node
 its value minus its parent's. Both train with PPO's clip under a probability mask: only tokens
 with old probability below 0.9 carry their segment's advantage.
 
-    python spo.py                                    # CPU: embedded tiny model + arithmetic task, SPO-chain
+    python spo.py                                    # CPU: tiny model + arithmetic, SPO-chain
     python spo.py --variant tree                     # SPO-tree 6-6-6 (slow on a CPU; see below)
     python spo.py --variant tree --tree-branching 4,4,4 --tree-replay-iters 1   # a lighter tree
-    python spo.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k   # one GPU, a hub model (chain, N = 9)
+    python spo.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k   # one GPU (chain, N = 9)
     python spo.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k --variant tree   # (tree, M = 30)
-    python spo.py --partition stride --whiten-advantages            # the official code's two choices
-    python spo.py --show-credit 10                   # every 10 steps, print one group's segment credit
+    python spo.py --partition stride --whiten-advantages            # the official code's choices
+    python spo.py --show-credit 10                   # print one group's segment credit
 
 Settings. The paper's values are the defaults for a hub model: rho = 0.9, a cutpoint
 interval of 5, N = 9 continuations per boundary, tree 6-6-6 with M = 30 tokens. Two are smaller
@@ -63,7 +63,8 @@ class Args:
         "random seed (python, numpy, torch, prompt order)"})
     model: str = field(default="tiny", metadata={"range": "model", "help":
         "'tiny' (embedded, warm-started on first use), a hub id or a save_pretrained folder"})
-    task: Literal["arith", "gsm8k"] = field(default="arith", metadata={"help": "arith: embedded multi-step arithmetic; gsm8k: grade-school math"})
+    task: Literal["arith", "gsm8k"] = field(default="arith", metadata={"help":
+        "arith: embedded multi-step arithmetic; gsm8k: grade-school math"})
     arith_ops: str = field(default="2-4", metadata={"range": "arith_ops", "help":
         "arith: operations per problem, LO-HI (at least 2; longer chains, longer answers)"})
     data_dir: Optional[str] = field(default=None, metadata={"range": "data_dir", "help":
@@ -82,12 +83,13 @@ class Args:
         "a run folder to continue from its last good checkpoint"})
     device: str = field(default="auto", metadata={"range": "device", "help":
         "auto, cpu, cuda, cuda:1, ..."})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "weights dtype; auto = bfloat16 on a GPU that has it, else float32"})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
+        "help": "weights dtype; auto = bfloat16 on a GPU that has it, else float32"})
     micro_batch_size: int = field(default=32, metadata={"range": ">0", "help":
         "completions per forward/backward (gradient accumulation; same result)"})
     log_completions_every: int = field(default=10, metadata={"range": ">0", "help":
         "write a few completions to completions.jsonl every N steps"})
-    # --- shared base settings: identical in every script (card grpo.md, section 3.2) ---
+    # --- shared base settings: identical in every script (docs/grpo.md, "Defaults") ---
     num_generations: int = field(default=8, metadata={"range": ">=2", "help":
         "G, completions per prompt"})
     prompts_per_step: int = field(default=16, metadata={"range": ">0", "help":
@@ -101,7 +103,9 @@ class Args:
         "gradient-norm clip"})
     max_bad_steps: int = field(default=5, metadata={"range": ">=0", "help":
         "stop after this many steps in a row with a non-finite loss or gradient (0: never)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward: less memory for bigger models, about one more forward of compute"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help":
+        "recompute activations in backward: less memory for bigger models, about one more "
+        "forward of compute"})
     temperature: float = field(default=1.0, metadata={"range": ">0", "help":
         "sampling temperature T (log-probs use logits / T too)"})
     top_p: float = field(default=1.0, metadata={"range": "(0, 1]", "help":
@@ -117,25 +121,31 @@ class Args:
     epsilon_high: float = field(default=0.2, metadata={"range": ">=0", "help":
         "upper clip: ratio <= 1 + epsilon_high (0.28 = DAPO clip-higher)"})
     # --- SPO-specific ---
-    variant: Literal["chain", "tree"] = field(default="chain", metadata={"help": "chain: MC values at cutpoint boundaries (short CoT); tree: a tree of M-token segments (long CoT)"})
+    variant: Literal["chain", "tree"] = field(default="chain", metadata={"help":
+        "chain: MC values at cutpoint boundaries (short CoT); tree: a tree of M-token segments "
+        "(long CoT)"})
     rho: float = field(default=0.9, metadata={"range": "[0, 1]", "help":
         "tokens with old probability < rho are the cutpoints (chain) and the only tokens the "
         "loss keeps"})
     cutpoint_interval: int = field(default=5, metadata={"range": ">0", "help":
         "I, cutpoints per segment (chain): K = ceil(n / I) segments for n cutpoints"})
-    partition: Literal["even", "stride"] = field(default="even", metadata={"help": "even: balanced cutpoint counts (paper); stride: every I-th cutpoint (official code)"})
+    partition: Literal["even", "stride"] = field(default="even", metadata={"help":
+        "even: balanced cutpoint counts (paper); stride: every I-th cutpoint (official code)"})
     num_rollouts: Optional[int] = field(default=None, metadata={"range": ">0", "help":
         f"N, MC continuations per boundary (chain); default {HUB_NUM_ROLLOUTS} (paper) for hub "
         f"models, {TINY_NUM_ROLLOUTS} for the tiny model (CPU time)"})
     mc_batch_size: int = field(default=512, metadata={"range": ">0", "help":
         "rows per batched generate call for MC continuations and tree levels (memory and speed)"})
-    whiten_advantages: bool = field(default=False, metadata={"help": "whiten advantages over the masked tokens of each micro-batch (official code); off = raw advantages (paper)"})
+    whiten_advantages: bool = field(default=False, metadata={"help":
+        "whiten advantages over the masked tokens of each micro-batch (official code); off = raw "
+        "advantages (paper)"})
     tree_branching: str = field(default="6,6,6", metadata={"range": "int_list>0", "help":
         "children per node at each depth (tree); the paper also tests 4,4,4"})
     tree_segment_length: Optional[int] = field(default=None, metadata={"range": ">0", "help":
         f"M, tokens per tree segment; default {HUB_TREE_SEGMENT_LENGTH} (paper) for hub models, "
         f"{TINY_TREE_SEGMENT_LENGTH} for the tiny model's characters"})
-    tree_adv: Literal["unnormalized", "normalized"] = field(default="unnormalized", metadata={"help": "unnormalized: V(n) - V(parent) (code); normalized: divided by the siblings' std"})
+    tree_adv: Literal["unnormalized", "normalized"] = field(default="unnormalized", metadata={
+        "help": "unnormalized: V(n) - V(parent) (code); normalized: divided by the siblings' std"})
     tree_replay_iters: int = field(default=8, metadata={"range": ">0", "help":
         "steps a tree segment may wait in the replay buffer; 1 = on-policy"})
     tree_replay_per_question: int = field(default=32, metadata={"range": ">0", "help":
@@ -150,7 +160,8 @@ class Args:
 # ----------------------------------------------------------------------------------------
 
 
-def probability_mask(old_logps: torch.Tensor, completion_mask: torch.Tensor, rho: float = 0.9) -> torch.Tensor:
+def probability_mask(old_logps: torch.Tensor, completion_mask: torch.Tensor,
+                     rho: float = 0.9) -> torch.Tensor:
     """SPO's probability mask, also the set of chain cutpoints.
 
         M_t = m_t * 1[p_t < rho],   p_t = pi_old(y_t | s_t) = exp(old_logp_t)   (from logits / T)
@@ -168,10 +179,11 @@ def probability_mask(old_logps: torch.Tensor, completion_mask: torch.Tensor, rho
 # ALGO LOGIC: the advantage, SPO-chain
 # ----------------------------------------------------------------------------------------
 
-PrefixKey = tuple[int, tuple[int, ...]]  # a boundary state: (prompt index, response tokens before it)
+PrefixKey = tuple[int, tuple[int, ...]]  # a boundary state: (prompt index, tokens before it)
 
 
-def segment_starts(cutpoints: torch.Tensor, interval: int = 5, partition: str = "even") -> torch.Tensor:
+def segment_starts(cutpoints: torch.Tensor, interval: int = 5,
+                   partition: str = "even") -> torch.Tensor:
     """Where each segment starts: right BEFORE cutpoint u_{c_k}.
 
         U = [u_0 < ... < u_{n-1}], the positions with cutpoints[b, t];  K = ceil(n / I)
@@ -195,7 +207,7 @@ def segment_starts(cutpoints: torch.Tensor, interval: int = 5, partition: str = 
         else:  # even: sizes differ by at most one, the larger ones first
             idx = [j * (n // k) + min(j, n % k) for j in range(k)]
         rows.append([u[c] for c in idx])
-    out = torch.full((len(rows), max(map(len, rows), default=0)), -1, dtype=torch.long)  # [B, K_max]
+    out = torch.full((len(rows), max(map(len, rows), default=0)), -1, dtype=torch.long)  # [B, K]
     for b, r in enumerate(rows):
         out[b, :len(r)] = torch.tensor(r, dtype=torch.long)
     return out
@@ -259,7 +271,7 @@ def chain_advantages(values: torch.Tensor, rewards: torch.Tensor, starts: torch.
     nxt = torch.where(is_last, rewards.to(values.dtype)[:, None], nxt)     # the closing value R
     seg = torch.where(valid, nxt - values, values.new_zeros(()))           # [B, K]
     pos = torch.arange(completion_mask.size(1))[None, :, None]             # [1, L, 1]
-    k_of_t = (valid[:, None, :] & (starts[:, None, :] <= pos)).sum(-1) - 1  # [B, L]; -1 before start
+    k_of_t = (valid[:, None, :] & (starts[:, None, :] <= pos)).sum(-1) - 1  # [B, L]; -1: before
     tok = seg.gather(1, k_of_t.clamp(min=0)) if K > 0 else values.new_zeros(completion_mask.shape)
     keep = (k_of_t >= 0) & (completion_mask > 0)
     return seg, torch.where(keep, tok, values.new_zeros(()))               # [B, K], [B, L]
@@ -293,7 +305,8 @@ def tree_node_values(parent: torch.Tensor, leaf_rewards: torch.Tensor) -> torch.
     return v
 
 
-def tree_advantages(parent: torch.Tensor, values: torch.Tensor, normalized: bool = False) -> torch.Tensor:
+def tree_advantages(parent: torch.Tensor, values: torch.Tensor,
+                    normalized: bool = False) -> torch.Tensor:
     """A node's advantage: its value minus its parent's (= minus the mean of its siblings).
 
         A(n) = V(n) - V(parent(n))                               default (the official code)
@@ -354,8 +367,10 @@ def segment_batch(examples: list[dict], pad_id: int, device=None) -> tuple[torch
     E = len(examples)
     C = max((len(e["context"]) for e in examples), default=1)
     L = max((len(e["response"]) for e in examples), default=1)
-    prompt_ids, prompt_mask = torch.full((E, C), pad_id, dtype=torch.long), torch.zeros(E, C, dtype=torch.long)
-    completion_ids, completion_mask = torch.full((E, L), pad_id, dtype=torch.long), torch.zeros(E, L)
+    prompt_ids = torch.full((E, C), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros(E, C, dtype=torch.long)
+    completion_ids = torch.full((E, L), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros(E, L)
     advantages, old_logps = torch.zeros(E, L), torch.zeros(E, L)
     for i, e in enumerate(examples):
         c, r = len(e["context"]), len(e["response"])
@@ -406,21 +421,23 @@ def draw_replay(buffer: list[dict], step: int, max_age: int, per_question: int,
 
 
 def _cut_at_eos(row: list[int], eos_id: int, budget: int) -> tuple[list[int], bool]:
-    """The tokens of one generated row up to its first EOS (kept) or its budget; finished = EOS seen."""
+    """A generated row's tokens up to its first EOS (kept) or its budget; finished = EOS seen."""
     row = row[:budget]
     return (row[:row.index(eos_id) + 1], True) if eos_id in row else (row, False)
 
 
 def mc_stream_key(seed: int, prefix: PrefixKey, j: int) -> int:
-    """The random-stream key of the j-th MC continuation of a boundary state (stable across runs)."""
+    """The random-stream key of a boundary state's j-th MC continuation (stable across runs)."""
     return zlib.crc32(f"{seed}:{prefix[0]}:{','.join(map(str, prefix[1]))}:{j}".encode())
 
 
 @torch.no_grad()
 def mc_rollout_rewards(model, tokenizer, prefixes: list[PrefixKey], prompt_ids: list[list[int]],
-                       answers: list[str], num_rollouts: int, max_completion_length: int, temperature: float = 1.0,
-                       top_p: float = 1.0, top_k: int = 0, batch_size: int = 512, greedy: bool = False,
-                       reward_fn: Optional[Callable] = None, seed: int = 0) -> tuple[torch.Tensor, int]:
+                       answers: list[str], num_rollouts: int, max_completion_length: int,
+                       temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                       batch_size: int = 512, greedy: bool = False,
+                       reward_fn: Optional[Callable] = None,
+                       seed: int = 0) -> tuple[torch.Tensor, int]:
     """N continuations of every boundary state, scored by the verifier (SPO-chain's Monte Carlo).
 
         input_p  = prompt_ids[prompt of p] + prefix tokens of p      (ids end to end, never text)
@@ -448,28 +465,33 @@ def mc_rollout_rewards(model, tokenizer, prefixes: list[PrefixKey], prompt_ids: 
         ids, mask = common.left_pad(rows, tokenizer.pad_token_id, device)
         budget = max_completion_length - len(prefixes[chunk[0]][1])  # the shortest prefix's
         if greedy:
-            out = common.generate(model, tokenizer, ids, mask, budget, greedy=True).cpu().repeat_interleave(N, 0)
+            out = common.generate(model, tokenizer, ids, mask, budget, greedy=True).cpu()
+            out = out.repeat_interleave(N, 0)
         else:  # N rows per prefix, each with its own stream
             keys = [mc_stream_key(seed, prefixes[p], j) for p in chunk for j in range(N)]
-            out = common.generate(model, tokenizer, ids.repeat_interleave(N, 0), mask.repeat_interleave(N, 0), budget,
-                                  1, temperature, top_p, top_k, row_keys=keys).cpu()
+            out = common.generate(model, tokenizer, ids.repeat_interleave(N, 0),
+                                  mask.repeat_interleave(N, 0), budget, 1, temperature, top_p,
+                                  top_k, row_keys=keys).cpu()
         texts, finished = [], []
-        for r, row in enumerate(out.tolist()):                      # row r = (chunk[r // N], j = r % N)
+        for r, row in enumerate(out.tolist()):                # row r = (chunk[r // N], j = r % N)
             prefix = list(prefixes[chunk[r // N]][1])
             cont, done = _cut_at_eos(row, eos, max_completion_length - len(prefix))
             tokens += len(cont)
             texts.append(tokenizer.decode(prefix + cont, skip_special_tokens=True))
             finished.append(done)
-        scores = (reward_fn or common.reward_fn)(texts, [answers[prefixes[p][0]] for p in chunk for _ in range(N)])
-        scores = torch.tensor(scores, dtype=torch.float32) * torch.tensor(finished, dtype=torch.float32)
+        golds = [answers[prefixes[p][0]] for p in chunk for _ in range(N)]
+        scores = torch.tensor((reward_fn or common.reward_fn)(texts, golds), dtype=torch.float32)
+        scores = scores * torch.tensor(finished, dtype=torch.float32)
         rewards[chunk] = scores.view(len(chunk), N)                   # unfinished -> 0
     return rewards, tokens
 
 
 @torch.no_grad()
-def grow_trees(model, tokenizer, prompt_ids: list[list[int]], answers: list[str], branching: list[int],
-               segment_length: int, max_completion_length: int, temperature: float = 1.0, top_p: float = 1.0,
-               top_k: int = 0, batch_size: int = 512, reward_fn: Optional[Callable] = None) -> tuple[list[dict], int]:
+def grow_trees(model, tokenizer, prompt_ids: list[list[int]], answers: list[str],
+               branching: list[int], segment_length: int, max_completion_length: int,
+               temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+               batch_size: int = 512,
+               reward_fn: Optional[Callable] = None) -> tuple[list[dict], int]:
     """SPO-tree's sampling: one tree per prompt, grown level by level in batched generate calls.
 
         level d: every open node (all prompts at once) gets branching[d] children of M new tokens
@@ -485,9 +507,9 @@ def grow_trees(model, tokenizer, prompt_ids: list[list[int]], answers: list[str]
     [-1, 0, 0], the first a graded leaf, the second an unfinished leaf (last level) with 0.
     """
     device, eos = next(model.parameters()).device, tokenizer.eos_token_id
-    trees = [{"parent": [-1], "tokens": [[]], "reward": [0.0], "depth": [0], "length": [0], "finished": [False]}
-             for _ in prompt_ids]
-    frontier = [(t, 0, []) for t in range(len(prompt_ids))]      # (tree, node, response tokens so far)
+    trees = [{"parent": [-1], "tokens": [[]], "reward": [0.0], "depth": [0], "length": [0],
+              "finished": [False]} for _ in prompt_ids]
+    frontier = [(t, 0, []) for t in range(len(prompt_ids))]      # (tree, node, tokens so far)
     generated = 0
     for d, width in enumerate(branching):
         last = d == len(branching) - 1
@@ -497,14 +519,17 @@ def grow_trees(model, tokenizer, prompt_ids: list[list[int]], answers: list[str]
         per_call = max(1, batch_size // width)
         for s in range(0, len(frontier), per_call):
             chunk = frontier[s:s + per_call]
-            ids, mask = common.left_pad([prompt_ids[t] + path for t, _, path in chunk], tokenizer.pad_token_id, device)
-            out = common.generate(model, tokenizer, ids, mask, budget, width, temperature, top_p, top_k).cpu()
-            for r, row in enumerate(out.tolist()):                 # row r is a child of chunk[r // width]
+            ids, mask = common.left_pad([prompt_ids[t] + path for t, _, path in chunk],
+                                        tokenizer.pad_token_id, device)
+            out = common.generate(model, tokenizer, ids, mask, budget, width, temperature, top_p,
+                                  top_k).cpu()
+            for r, row in enumerate(out.tolist()):           # row r is a child of chunk[r // width]
                 t, node, path = chunk[r // width]
                 toks, done = _cut_at_eos(row, eos, budget)
                 tree = trees[t]
-                for key, value in (("parent", node), ("tokens", toks), ("reward", 0.0), ("depth", d + 1),
-                                   ("length", len(path) + len(toks)), ("finished", done)):
+                for key, value in (("parent", node), ("tokens", toks), ("reward", 0.0),
+                                   ("depth", d + 1), ("length", len(path) + len(toks)),
+                                   ("finished", done)):
                     tree[key].append(value)
                 generated += len(toks)
                 child = (t, len(tree["parent"]) - 1, path + toks)
@@ -512,8 +537,8 @@ def grow_trees(model, tokenizer, prompt_ids: list[list[int]], answers: list[str]
                     graded.append(child)
                 elif not last and len(path) + len(toks) < max_completion_length:
                     next_frontier.append(child)
-        scores = (reward_fn or common.reward_fn)([tokenizer.decode(p, skip_special_tokens=True) for _, _, p in graded],
-                           [answers[t] for t, _, _ in graded])
+        texts = [tokenizer.decode(p, skip_special_tokens=True) for _, _, p in graded]
+        scores = (reward_fn or common.reward_fn)(texts, [answers[t] for t, _, _ in graded])
         for (t, node, _), r in zip(graded, scores):
             trees[t]["reward"][node] = r
         frontier = next_frontier
@@ -528,7 +553,8 @@ def grow_trees(model, tokenizer, prompt_ids: list[list[int]], answers: list[str]
 
 
 def clipped_objective(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
-                      epsilon_low: float, epsilon_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      epsilon_low: float,
+                      epsilon_high: float) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate per token (to MAXIMISE), and the ratio.
 
         rho = exp(clamp(logp - old_logp, -20, 20))
@@ -555,10 +581,12 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1.0
 
 
-def whiten_advantages(advantages: torch.Tensor, prob_mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def whiten_advantages(advantages: torch.Tensor, prob_mask: torch.Tensor,
+                      eps: float = 1e-8) -> torch.Tensor:
     """OPTIONAL (--whiten-advantages; the official code, not the paper): whiten over kept tokens.
 
-        mu = sum(M A) / sum(M);  var = sum(M (A - mu)^2) / (sum(M) - 1);  A' = (A - mu) / sqrt(var + eps)
+        mu = sum(M A) / sum(M);   var = sum(M (A - mu)^2) / (sum(M) - 1)
+        A' = (A - mu) / sqrt(var + eps)
 
     advantages, prob_mask: [b, L] (one micro-batch). Fewer than 2 kept tokens: A unchanged.
     Example: A = [1, 3, 100], M = [1, 1, 0] -> mu 2, var 2 -> [-0.7071, 0.7071, 69.30].
@@ -571,8 +599,9 @@ def whiten_advantages(advantages: torch.Tensor, prob_mask: torch.Tensor, eps: fl
     return (advantages - mu) / torch.sqrt(var + eps)
 
 
-def spo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, prob_mask: torch.Tensor,
-             *, epsilon_low: float, epsilon_high: float, num_masked_tokens: float, beta: float = 0.0,
+def spo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
+             prob_mask: torch.Tensor, *, epsilon_low: float, epsilon_high: float,
+             num_masked_tokens: float, beta: float = 0.0,
              ref_logps: Optional[torch.Tensor] = None,
              completion_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
     """The SPO loss of one micro-batch: PPO's clip on the probability-masked tokens only.
@@ -589,7 +618,8 @@ def spo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Ten
     keep = prob_mask > 0                                                     # [b, L]
     zero = torch.zeros_like(logps)
     s, ratio = clipped_objective(torch.where(keep, logps, zero), torch.where(keep, old_logps, zero),
-                                 torch.where(keep, advantages.to(logps.dtype), zero), epsilon_low, epsilon_high)
+                                 torch.where(keep, advantages.to(logps.dtype), zero), epsilon_low,
+                                 epsilon_high)
     per_token_loss = -s * prob_mask
     if beta > 0.0:  # on every completion token, as grpo.py (the official code masks it too)
         m = completion_mask > 0
@@ -605,12 +635,202 @@ def spo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Ten
         metrics = {"clip_ratio/low_mean": (low * prob_mask).sum() / n,
                    "clip_ratio/high_mean": (high * prob_mask).sum() / n,
                    "clip_ratio/region_mean": ((low + high) * prob_mask).sum() / n,
-                   "approx_kl_old": (k3_kl(torch.where(keep, logps, zero), torch.where(keep, old_logps, zero))
+                   "approx_kl_old": (k3_kl(torch.where(keep, logps, zero),
+                                           torch.where(keep, old_logps, zero))
                                      * prob_mask).sum() / n,
                    "policy_loss": loss.detach()}
         if beta > 0.0:
             metrics["kl"] = (kl * completion_mask).sum() / completion_mask.sum().clamp(min=1.0)
     return loss, {k: float(v) for k, v in metrics.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# ALGO LOGIC: the two rollout builders. Each samples, runs the no-grad pass for the old
+# log-probs and computes the advantages; both return one SpoBatch, so the update is written once
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class SpoBatch:
+    """What SPO's update trains on, whichever variant built it: E rows, each a context and the
+    tokens after it, with one advantage per token (the one layout of spo.py).
+
+        prompt_ids, prompt_mask          [E, C]  left-padded contexts. chain: the prompt;
+                                                 tree: the prompt + the segment's ancestors
+        completion_ids, completion_mask  [E, L]  right-padded. chain: a whole response;
+                                                 tree: one segment (a leaf's EOS included)
+        old_logps                        [E, L]  log-probs under the weights that sampled the row
+        advantages                       [E, L]  chain: its segment's A on every token; tree: A(n)
+        prob_mask                        [E, L]  1 on the tokens the loss keeps (p_old < rho)
+        segment_start                    [E, L]  True where a segment starts (for --show-credit)
+        entropy                          mean entropy of the newly sampled tokens (no-grad pass)
+        rollout                          reward and length metrics of the step's whole responses
+        algo_metrics                     spo/* metrics of the builder
+        texts, rewards                   whole responses and their rewards; the first
+                                         group_size are one prompt's, for completions.jsonl
+        gen_seconds, mc_seconds          sampling time, and the part of it spent on the values
+    """
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    old_logps: torch.Tensor
+    advantages: torch.Tensor
+    prob_mask: torch.Tensor
+    segment_start: torch.Tensor
+    entropy: float
+    rollout: dict
+    algo_metrics: dict
+    texts: list[str]
+    rewards: torch.Tensor
+    group_size: int
+    gen_seconds: float
+    mc_seconds: float
+
+
+class ReplayBuffer:
+    """SPO-tree's segments waiting to be trained on (draw_replay), saved with every checkpoint."""
+
+    def __init__(self):
+        self.segments: list[dict] = []
+
+    def state_dict(self) -> list[dict]:
+        return self.segments
+
+    def load_state_dict(self, state: list[dict]) -> None:
+        self.segments = list(state)
+
+
+def old_logps_and_entropies(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                            temperature: float, micro_batch_size: int):
+    """One no-grad pass (common.no_grad_pass): log-probs and entropies [E, L] of every row."""
+    def fwd(m, mb, with_entropy=False):
+        return common.per_token_logps(m, prompt_ids[mb], prompt_mask[mb], completion_ids[mb],
+                                      completion_mask[mb], temperature, with_entropy)
+
+    mbs = [slice(s, s + micro_batch_size) for s in range(0, len(completion_ids), micro_batch_size)]
+    logps, entropies, _ = common.no_grad_pass(fwd, mbs, model)
+    return logps, entropies
+
+
+def chain_batch(model, tokenizer, args, prompts: list[list[int]], answers: list[str], device,
+                max_len: int, num_rollouts: int, sample_kw: dict) -> SpoBatch:
+    """SPO-chain: G responses per prompt, cut at low-probability tokens, MC values per cut."""
+    t0, G, eos = time.time(), args.num_generations, tokenizer.eos_token_id
+    B = G * len(prompts)
+    # ---- rollout: G completions for each of P prompts, one batched generate call ----
+    prompt_ids, prompt_mask = common.left_pad(prompts, tokenizer.pad_token_id, device)
+    completion_ids = common.generate(model, tokenizer, prompt_ids, prompt_mask, max_len, G,
+                                     args.temperature, args.top_p, args.top_k)
+    prompt_ids = prompt_ids.repeat_interleave(G, 0)
+    prompt_mask = prompt_mask.repeat_interleave(G, 0)
+    completion_mask = common.completion_mask_from_ids(completion_ids, eos)              # [B, L]
+    texts = common.decode_completions(tokenizer, completion_ids)
+    # an unfinished response scores 0, like an unfinished MC continuation (paper)
+    rewards = common.finished_rewards(texts, [a for a in answers for _ in range(G)],
+                                      completion_ids, eos)
+    t_gen = time.time() - t0
+    # ---- old log-probs: one no-grad forward BEFORE the advantages ----
+    # grpo.py takes pass 1's log-probs as the old ones, since its advantages never look at
+    # them. SPO's cutpoints are the tokens with pi_old < rho, so the advantages need them
+    # first. Same weights, same layout: pass 1 of the update still sees ratio == 1 exactly.
+    old_logps, entropies = old_logps_and_entropies(model, prompt_ids, prompt_mask,
+                                                   completion_ids, completion_mask,
+                                                   args.temperature, args.micro_batch_size)
+    # ---- segments, their MC values, and the advantages ----
+    prob_mask = probability_mask(old_logps, completion_mask, args.rho)                 # [B, L]
+    starts = segment_starts(prob_mask.cpu() > 0, args.cutpoint_interval, args.partition)  # [B, K]
+    prefixes, index = plan_mc_prefixes(completion_ids.cpu(), starts, torch.arange(B) // G)
+    t_mc = time.time()
+    mc_seed = int(torch.randint(2**31 - 1, (1,)).item())  # from the global RNG: resumes exactly
+    mc_rewards, mc_tokens = mc_rollout_rewards(model, tokenizer, prefixes, prompts, answers,
+                                               num_rollouts, max_len, **sample_kw,
+                                               seed=mc_seed)                         # [P', N]
+    t_mc = time.time() - t_mc
+    values = mc_values(mc_rewards, index)                                              # [B, K]
+    seg_adv, advantages = chain_advantages(values, rewards, starts, completion_mask.cpu())
+    segs, seg_abs = (starts >= 0).sum(1).float(), seg_adv[starts >= 0].abs()
+    some = seg_abs.numel() > 0
+    algo_metrics = {
+        "spo/segments_per_response": segs.mean().item(),
+        "spo/segments_per_response_max": segs.max().item(),
+        "spo/cutpoints_per_response": prob_mask.sum(1).mean().item(),
+        "spo/mc_rollouts": mc_rewards.numel(), "spo/mc_tokens": mc_tokens,
+        "spo/mc_dedup_saved": int((starts >= 0).sum()) - len(prefixes),
+        "spo/v_hat_std": mc_rewards.std(1, unbiased=False).mean().item() if len(prefixes) else 0.0,
+        "spo/seg_adv_abs_mean": seg_abs.mean().item() if some else 0.0,
+        "spo/seg_adv_zero_frac": (seg_abs == 0).float().mean().item() if some else 0.0}
+    segment_start = torch.zeros(completion_ids.shape, dtype=torch.bool)
+    rows, cols = (starts >= 0).nonzero(as_tuple=True)
+    segment_start[rows, starts[rows, cols]] = True
+    return SpoBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, old_logps,
+                    advantages.to(device), prob_mask, segment_start,
+                    common.masked_mean(entropies, completion_mask),
+                    common.rollout_metrics(rewards, completion_ids, completion_mask, eos, G),
+                    algo_metrics, texts, rewards, G, t_gen, t_mc)
+
+
+def tree_batch(model, tokenizer, args, prompts: list[list[int]], answers: list[str], device,
+               idx: list[int], step: int, replay: ReplayBuffer, branching: list[int],
+               segment_length: int, max_len: int, sample_kw: dict) -> SpoBatch:
+    """SPO-tree: one tree per prompt; each node with A != 0 is a segment to train on."""
+    t0, pad = time.time(), tokenizer.pad_token_id
+    # ---- rollout: one tree per prompt, grown level by level (one batched call per level) ----
+    trees, mc_tokens = grow_trees(model, tokenizer, prompts, answers, branching, segment_length,
+                                  max_len, **sample_kw)
+    t_gen = time.time() - t0
+    # ---- node values and advantages; one segment per node with A != 0 ----
+    new = []
+    for q, prompt, tree in zip(idx, prompts, trees):
+        parent = torch.tensor(tree["parent"])
+        values = tree_node_values(parent, torch.tensor(tree["reward"]))
+        adv = tree_advantages(parent, values, args.tree_adv == "normalized")
+        for ctx, resp, a in zip(*tree_examples(parent, tree["tokens"], adv, prompt)):
+            new.append({"question": q, "step": step, "context": ctx, "response": resp,
+                        "advantage": a})
+    drawn, replay.segments = draw_replay(replay.segments + new, step, args.tree_replay_iters,
+                                         args.tree_replay_per_question, random)
+    # ---- old log-probs: a no-grad forward over the new segments, stored with them ----
+    # A replayed segment keeps the log-probs of the weights that sampled it: its ratio
+    # drifts from 1 over the steps it waits, and the clip handles that.
+    todo = [e for e in drawn + replay.segments if "old_logps" not in e]
+    entropy = 0.0
+    if todo:
+        p_ids, p_mask, c_ids, c_mask, _, _ = segment_batch(todo, pad, device)
+        lp, ent = old_logps_and_entropies(model, p_ids, p_mask, c_ids, c_mask,
+                                          args.temperature, args.micro_batch_size)
+        entropy = common.masked_mean(ent, c_mask)
+        for e, row in zip(todo, lp.cpu()):
+            e["old_logps"] = row[:len(e["response"])].clone()
+    prompt_ids, prompt_mask, completion_ids, completion_mask, advantages, old_logps = \
+        segment_batch(drawn, pad, device)                                               # [E, L]
+    prob_mask = probability_mask(old_logps, completion_mask, args.rho)                  # [E, L]
+    leaves = [(t, i) for t in trees for inner in [set(t["parent"])]
+              for i in range(1, len(t["parent"])) if i not in inner]
+    leaf = {k: torch.tensor([float(t[k][i]) for t, i in leaves])
+            for k in ("reward", "depth", "finished", "length")}
+    algo_metrics = {
+        "spo/tree_nodes": sum(len(t["parent"]) for t in trees) / len(prompts),
+        "spo/mc_rollouts": len(leaves), "spo/mc_tokens": mc_tokens,
+        "spo/early_leaf_frac": (leaf["depth"] < len(branching)).float().mean().item(),
+        "spo/nonzero_segments": len(new) / len(prompts), "spo/trained_segments": len(drawn),
+        "spo/replay_size": len(replay.segments),
+        "spo/replay_age_mean": sum(step - e["step"] for e in drawn) / max(len(drawn), 1),
+        "spo/seg_adv_abs_mean": sum(abs(e["advantage"]) for e in new) / max(len(new), 1)}
+    rollout = {"reward": leaf["reward"].mean().item(),
+               "accuracy": (leaf["reward"] > 0.5).float().mean().item(),
+               "completions/mean_length": leaf["length"].mean().item(),
+               "completions/clipped_ratio": 1.0 - leaf["finished"].mean().item()}
+    first = trees[0]  # the first tree's leaves, as whole responses, are the step's samples
+    first_leaves = [i for t, i in leaves if t is first]
+    texts = [tokenizer.decode(tree_path_tokens(first, i), skip_special_tokens=True)
+             for i in first_leaves]
+    segment_start = torch.zeros(completion_ids.shape, dtype=torch.bool)
+    segment_start[:, 0] = True
+    return SpoBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, old_logps,
+                    advantages, prob_mask, segment_start, entropy, rollout, algo_metrics, texts,
+                    torch.tensor([first["reward"][i] for i in first_leaves]), len(texts),
+                    t_gen, t_gen)
 
 
 # ----------------------------------------------------------------------------------------
@@ -620,12 +840,7 @@ def spo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Ten
 
 def main(args: Args) -> dict:
     # ---- setup (boilerplate) ----
-    tiny = args.model == common.TINY
-    N = (TINY_NUM_ROLLOUTS if tiny else HUB_NUM_ROLLOUTS) if args.num_rollouts is None else args.num_rollouts
-    M = ((TINY_TREE_SEGMENT_LENGTH if tiny else HUB_TREE_SEGMENT_LENGTH) if args.tree_segment_length is None
-         else args.tree_segment_length)
-    branching = [int(b) for b in args.tree_branching.split(",")]  # checked: see its "range"
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = common.resolve_device(args.device)
     dtype = common.resolve_dtype(args.dtype, device)
     max_len = (common.default_max_len(args.task, args.arith_ops)
                if args.max_completion_length is None else args.max_completion_length)
@@ -640,7 +855,9 @@ def main(args: Args) -> dict:
     model, tokenizer = common.load_model_and_tokenizer(args.model, device, dtype, args.arith_ops)
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
-    train_prompt_ids = common.tokenize_prompts(tokenizer, train, args.task, common.context_length(model), max_len)
+    eos = tokenizer.eos_token_id
+    train_prompt_ids = common.tokenize_prompts(tokenizer, train, args.task,
+                                               common.context_length(model), max_len)
     ref_model = None  # with beta == 0, no reference model is ever built
     if args.beta > 0.0:
         ref_model, _ = common.load_model_and_tokenizer(args.model, device, dtype, args.arith_ops)
@@ -648,169 +865,104 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     sampler = common.PromptSampler(len(train), args.seed)
 
-    run = common.Run(args, "spo", model, tokenizer, optimizer, sampler)
-    state = run.state  # step, start accuracy, SPO-tree's replay buffer (saved with each checkpoint)
+    # ---- ALGO LOGIC: the method's state across steps, and its sampling settings ----
+    replay = ReplayBuffer()                             # SPO-tree's segments waiting their turn
+    algo_state = {"replay": replay}
+    tiny = args.model == common.TINY
+    N = ((TINY_NUM_ROLLOUTS if tiny else HUB_NUM_ROLLOUTS) if args.num_rollouts is None
+         else args.num_rollouts)
+    M = ((TINY_TREE_SEGMENT_LENGTH if tiny else HUB_TREE_SEGMENT_LENGTH)
+         if args.tree_segment_length is None else args.tree_segment_length)
+    branching = [int(b) for b in args.tree_branching.split(",")]  # checked: see its "range"
+    sample_kw = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                     batch_size=args.mc_batch_size)
+
+    run = common.Run(args, model, tokenizer, optimizer, sampler, algo_state)
+    state = run.state  # step, start accuracy, and algo_state (restored on --resume)
     if "start_accuracy" not in state:
         state["start_accuracy"] = common.evaluate(model, tokenizer, heldout, args.task, max_len)
         run.logger.log(0, {"eval/accuracy": state["start_accuracy"]})
     eval_acc, t_start = state["start_accuracy"], time.time()
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    sample_kw = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, batch_size=args.mc_batch_size)
 
-    def no_grad_logps(p_ids, p_mask, c_ids, c_mask):  # old log-probs and entropies [E, L], micro-batched
-        mbs = [slice(s, s + args.micro_batch_size) for s in range(0, len(c_ids), args.micro_batch_size)]
-        with torch.no_grad():
-            outs = [common.per_token_logps(model, p_ids[mb], p_mask[mb], c_ids[mb], c_mask[mb], args.temperature, True)
-                    for mb in mbs]
-        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
-
-    bar = common.progress(range(state["step"] + 1, args.total_steps + 1), "spo")
+    bar = common.progress(range(state["step"] + 1, args.total_steps + 1), run.algo)
     for step in bar:
         t0 = time.time()
+        # ---- 1.-3. ALGO LOGIC: rollout, old log-probs (no-grad pass), advantages ----
+        # by the variant's builder; both return one SpoBatch (its docstring is the layout)
         idx = sampler.next(P)
         prompts, answers = [train_prompt_ids[i] for i in idx], [train[i]["answer"] for i in idx]
         if args.variant == "chain":
-            # ---- 1. rollout: G completions for each of P prompts, one batched generate call ----
-            prompt_ids, prompt_mask = common.left_pad(prompts, pad, device)
-            completion_ids = common.generate(model, tokenizer, prompt_ids, prompt_mask, max_len, G,
-                                             args.temperature, args.top_p, args.top_k)
-            prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
-            completion_mask = common.completion_mask_from_ids(completion_ids, eos)                   # [B, L]
-            texts = common.decode_completions(tokenizer, completion_ids)
-            # an unfinished response scores 0, like an unfinished MC continuation (paper: "0 if unfinished")
-            rewards = common.finished_rewards(texts, [a for a in answers for _ in range(G)], completion_ids, eos)
-            t_gen = time.time() - t0
-            # ---- 2. old log-probs: one no-grad forward BEFORE the advantages ----
-            # grpo.py takes pass 1's log-probs as the old ones, since its advantages never look
-            # at them. SPO's cutpoints are the tokens with pi_old < rho, so the advantages need
-            # them first. Same weights, same layout: pass 1 below still sees ratio == 1 exactly.
-            old_logps, entropies = no_grad_logps(prompt_ids, prompt_mask, completion_ids, completion_mask)
-            entropy = ((entropies * completion_mask).sum() / completion_mask.sum()).item()
-
-            # ---- 3. ALGO LOGIC: segments, their MC values, and the advantages ----
-            prob_mask = probability_mask(old_logps, completion_mask, args.rho)                     # [B, L]
-            starts = segment_starts(prob_mask.cpu() > 0, args.cutpoint_interval, args.partition)   # [B, K]
-            prefixes, index = plan_mc_prefixes(completion_ids.cpu(), starts, torch.arange(B) // G)
-            t_mc = time.time()
-            mc_seed = int(torch.randint(2**31 - 1, (1,)).item())  # from the global RNG: resumes exactly
-            mc_rewards, mc_tokens = mc_rollout_rewards(model, tokenizer, prefixes, prompts, answers, N, max_len,
-                                                       **sample_kw, seed=mc_seed)                  # [P', N]
-            t_mc = time.time() - t_mc
-            values = mc_values(mc_rewards, index)                                                  # [B, K]
-            seg_adv, advantages = chain_advantages(values, rewards, starts, completion_mask.cpu())
-            advantages = advantages.to(device)                                                     # [B, L]
-            segs, seg_abs = (starts >= 0).sum(1).float(), seg_adv[starts >= 0].abs()
-            algo_metrics = {
-                "spo/segments_per_response": segs.mean().item(), "spo/segments_per_response_max": segs.max().item(),
-                "spo/cutpoints_per_response": prob_mask.sum(1).mean().item(),
-                "spo/mc_rollouts": mc_rewards.numel(), "spo/mc_tokens": mc_tokens,
-                "spo/mc_dedup_saved": int((starts >= 0).sum()) - len(prefixes),
-                "spo/v_hat_std": mc_rewards.std(1, unbiased=False).mean().item() if len(prefixes) else 0.0,
-                "spo/seg_adv_abs_mean": seg_abs.mean().item() if seg_abs.numel() else 0.0,
-                "spo/seg_adv_zero_frac": (seg_abs == 0).float().mean().item() if seg_abs.numel() else 0.0}
-            rollout = common.rollout_metrics(rewards, completion_ids, completion_mask, eos, G)
-            log_texts, log_rewards, log_n = texts, rewards, G
-            if args.show_credit and step % args.show_credit == 0:  # a group whose rewards differ
-                toks = [[("|" if t in row_starts else "") + tokenizer.decode([tok]) for t, tok in enumerate(ids)]
-                        for ids, row_starts in zip(completion_ids.tolist(), starts.tolist())]
-                bar.write(common.credit_group_text(step, train, idx, rewards, G, lambda g: (
-                    "'|' starts a segment; only the tokens SPO trains (p < rho) are marked:\n"
-                    + common.render_credit(toks[g], advantages[g], completion_mask[g],
-                                           color=sys.stdout.isatty(), rewards=rewards[g],
-                                           marks=prob_mask[g] > 0))))
+            batch = chain_batch(model, tokenizer, args, prompts, answers, device, max_len, N,
+                                sample_kw)
         else:
-            # ---- 1. rollout: one tree per prompt, grown level by level (one batched call per level) ----
-            trees, mc_tokens = grow_trees(model, tokenizer, prompts, answers, branching, M, max_len, **sample_kw)
-            t_gen = t_mc = time.time() - t0
-
-            # ---- 2. ALGO LOGIC: node values and advantages; one segment per node with A != 0 ----
-            new = []
-            for q, prompt, tree in zip(idx, prompts, trees):
-                parent = torch.tensor(tree["parent"])
-                values = tree_node_values(parent, torch.tensor(tree["reward"]))
-                adv = tree_advantages(parent, values, args.tree_adv == "normalized")
-                for ctx, resp, a in zip(*tree_examples(parent, tree["tokens"], adv, prompt)):
-                    new.append({"question": q, "step": step, "context": ctx, "response": resp, "advantage": a})
-            drawn, state["replay"] = draw_replay(state.get("replay", []) + new, step, args.tree_replay_iters,
-                                                 args.tree_replay_per_question, random)
-
-            # ---- 3. old log-probs: a no-grad forward over the new segments, stored with them ----
-            # A replayed segment keeps the log-probs of the weights that sampled it: its ratio
-            # drifts from 1 over the steps it waits, and the clip handles that.
-            todo = [e for e in drawn + state["replay"] if "old_logps" not in e]
-            entropy = 0.0
-            if todo:
-                p_ids, p_mask, c_ids, c_mask, _, _ = segment_batch(todo, pad, device)
-                lp, ent = no_grad_logps(p_ids, p_mask, c_ids, c_mask)
-                entropy = ((ent * c_mask).sum() / c_mask.sum()).item()
-                for e, row in zip(todo, lp.cpu()):
-                    e["old_logps"] = row[:len(e["response"])].clone()
-            prompt_ids, prompt_mask, completion_ids, completion_mask, advantages, old_logps = \
-                segment_batch(drawn, pad, device)                                                  # [E, L]
-            prob_mask = probability_mask(old_logps, completion_mask, args.rho)                     # [E, L]
-            leaves = [(t, i) for t in trees for inner in [set(t["parent"])] for i in range(1, len(t["parent"]))
-                      if i not in inner]
-            leaf = {k: torch.tensor([float(t[k][i]) for t, i in leaves])
-                    for k in ("reward", "depth", "finished", "length")}
-            algo_metrics = {
-                "spo/tree_nodes": sum(len(t["parent"]) for t in trees) / P, "spo/mc_rollouts": len(leaves),
-                "spo/mc_tokens": mc_tokens,
-                "spo/early_leaf_frac": (leaf["depth"] < len(branching)).float().mean().item(),
-                "spo/nonzero_segments": len(new) / P, "spo/trained_segments": len(drawn),
-                "spo/replay_size": len(state["replay"]),
-                "spo/replay_age_mean": sum(step - e["step"] for e in drawn) / max(len(drawn), 1),
-                "spo/seg_adv_abs_mean": sum(abs(e["advantage"]) for e in new) / max(len(new), 1)}
-            rollout = {"reward": leaf["reward"].mean().item(), "accuracy": (leaf["reward"] > 0.5).float().mean().item(),
-                       "completions/mean_length": leaf["length"].mean().item(),
-                       "completions/clipped_ratio": 1.0 - leaf["finished"].mean().item()}
-            first = trees[0]  # the first tree's leaves, as whole responses, are the step's sample completions
-            first_leaves = [i for t, i in leaves if t is first]
-            log_texts = [tokenizer.decode(tree_path_tokens(first, i), skip_special_tokens=True) for i in first_leaves]
-            log_rewards, log_n = torch.tensor([first["reward"][i] for i in first_leaves]), len(first_leaves)
+            batch = tree_batch(model, tokenizer, args, prompts, answers, device, idx, step,
+                               replay, branching, M, max_len, sample_kw)
+        prompt_ids, prompt_mask = batch.prompt_ids, batch.prompt_mask
+        completion_ids, completion_mask = batch.completion_ids, batch.completion_mask
+        old_logps, advantages, prob_mask = batch.old_logps, batch.advantages, batch.prob_mask
+        algo_metrics, rollout, t_gen = batch.algo_metrics, batch.rollout, batch.gen_seconds
+        texts, rewards = batch.texts, batch.rewards
+        if args.show_credit and step % args.show_credit == 0 and args.variant == "chain":
+            toks = [[("|" if s else "") + tokenizer.decode([tok]) for s, tok in zip(*row)]
+                    for row in zip(batch.segment_start.tolist(), completion_ids.tolist())]
+            bar.write(common.credit_group_text(step, train, idx, rewards, G, lambda g: (
+                "'|' starts a segment; only the tokens SPO trains (p < rho) are marked:\n"
+                + common.render_credit(toks[g], advantages[g], completion_mask[g],
+                                       color=sys.stdout.isatty(), rewards=rewards[g],
+                                       marks=prob_mask[g] > 0))))
 
         # ---- 4. ALGO LOGIC: optimisation passes on the masked tokens, against pi_old ----
-        num_masked = prob_mask.sum().item()           # Z of the whole optimizer step
-        algo_metrics["spo/mask_keep_frac"] = num_masked / max(completion_mask.sum().item(), 1.0)
+        num_tokens = prob_mask.sum().item()             # Z of the whole optimizer step
+        algo_metrics["spo/mask_keep_frac"] = num_tokens / max(completion_mask.sum().item(), 1.0)
         # A row whose kept tokens all have A = 0 adds exactly 0 to the loss and its gradient
         # (beta = 0, no whitening), so it skips the passes; Z still counts its kept tokens.
-        live = (prob_mask * advantages != 0).any(1) | (args.beta > 0.0) | args.whiten_advantages    # [B_train]
+        live = ((prob_mask * advantages != 0).any(1) | (args.beta > 0.0)
+                | args.whiten_advantages)                                              # [E]
         rows = live.nonzero().squeeze(1)
         algo_metrics["spo/trained_rows"] = len(rows)
-        mbs = [rows[s:s + args.micro_batch_size] for s in range(0, len(rows), args.micro_batch_size)]
+        mbs = [rows[s:s + args.micro_batch_size]
+               for s in range(0, len(rows), args.micro_batch_size)]
 
-        def fwd(m, mb):  # per-token log-probs [b, L] of the rows mb under model m
+        def fwd(m, mb, with_entropy=False):  # log-probs [b, L] (and entropies) of rows mb under m
             return common.per_token_logps(m, prompt_ids[mb], prompt_mask[mb], completion_ids[mb],
-                                          completion_mask[mb], args.temperature)[0]
+                                          completion_mask[mb], args.temperature, with_entropy)
 
-        ref_logps = None  # one [b, L] tensor per micro-batch, for all passes
+        ref_logps = None  # beta > 0: one [b, L] tensor per micro-batch, for all passes
         if ref_model is not None:
             with torch.no_grad():
-                ref_logps = [fwd(ref_model, mb) for mb in mbs]
+                ref_logps = [fwd(ref_model, mb)[0] for mb in mbs]
         avg = common.MetricAverager()
-        grad_norm, skip = 0.0, not mbs              # Z = 0 or every A = 0: nothing to learn, no step
+        grad_norm, skip = 0.0, not mbs          # Z = 0 or every A = 0: nothing to learn, no step
         if skip:
             avg.add({"policy_loss": 0.0}, weight=1.0)
         for it in range(0 if skip else args.num_iterations):
             for j, mb in enumerate(mbs):
-                adv = whiten_advantages(advantages[mb], prob_mask[mb]) if args.whiten_advantages else advantages[mb]
+                adv = advantages[mb]
+                if args.whiten_advantages:
+                    adv = whiten_advantages(adv, prob_mask[mb])
                 loss, metrics = spo_loss(
-                    fwd(model, mb), old_logps[mb], adv, prob_mask[mb], epsilon_low=args.epsilon,
-                    epsilon_high=args.epsilon_high, num_masked_tokens=num_masked, beta=args.beta,
-                    ref_logps=None if ref_logps is None else ref_logps[j], completion_mask=completion_mask[mb])
+                    fwd(model, mb)[0], old_logps[mb], adv, prob_mask[mb],
+                    epsilon_low=args.epsilon, epsilon_high=args.epsilon_high,
+                    num_masked_tokens=num_tokens, beta=args.beta,
+                    ref_logps=None if ref_logps is None else ref_logps[j],
+                    completion_mask=completion_mask[mb])
                 loss.backward()
-                avg.add(metrics, weight=prob_mask[mb].sum().item(), last_pass=it == args.num_iterations - 1)
+                avg.add(metrics, weight=prob_mask[mb].sum().item(),
+                        last_pass=it == args.num_iterations - 1)
             grad_norm = common.optimizer_step(model, optimizer, args.max_grad_norm, avg)
+        algo_metrics.update({"entropy": batch.entropy, "spo/skipped_step": float(skip),
+                             "spo/mc_time_share": batch.mc_seconds / (time.time() - t0)})
 
         # ---- 5. log, evaluate, checkpoint (boilerplate) ----
         state["step"] = step
         metrics = dict(rollout)
-        metrics.update(avg.means(), **algo_metrics, grad_norm=grad_norm, learning_rate=lr, entropy=entropy,
-                       **{"spo/skipped_step": float(skip), "num_tokens": num_masked,
-                          "step_time": time.time() - t0, "generation_share": t_gen / (time.time() - t0),
-                          "spo/mc_time_share": t_mc / (time.time() - t0)})
+        metrics.update(avg.means(), **algo_metrics, grad_norm=grad_norm, learning_rate=lr,
+                       num_tokens=num_tokens, step_time=time.time() - t0,
+                       generation_share=t_gen / (time.time() - t0))
         if step % args.eval_every == 0 or step == args.total_steps:
-            eval_acc = metrics["eval/accuracy"] = common.evaluate(model, tokenizer, heldout, args.task, max_len)
-        run.end_step(step, metrics, log_texts, log_rewards, idx, train, log_n)
+            eval_acc = metrics["eval/accuracy"] = common.evaluate(model, tokenizer, heldout,
+                                                                  args.task, max_len)
+        run.end_step(step, metrics, texts, rewards, idx, train, batch.group_size)
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", eval_acc=f"{eval_acc:.2f}")
         if step % args.save_every == 0 or step == args.total_steps or run.stop_requested:
             run.save(step)

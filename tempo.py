@@ -12,20 +12,18 @@ so it puts extra credit on the branching tokens only. Sampling, clipped loss and
 
     python tempo.py                                  # CPU: embedded tiny model + arithmetic task
     python tempo.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k   # one GPU, a hub model
-    python tempo.py --show-credit 10                 # every 10 steps, print one group's per-token credit
-    python tempo.py --td-coef 0                      # ablation: exactly GRPO (td_coef is our extension)
-    python tempo.py --loss-type dapo --epsilon-high 0.28      # the official code's loss (token-mean, clip 0.2/0.28)
-    # the official scripts' recipe (for reference, not our default; docs/tempo.md, "Defaults"; the
-    # paper trains on MATH, which this repo does not ship). Their rollout is cut into 8 mini-batch
-    # optimizer steps (1 epoch), so steps 2-8 see ratios away from 1 and the clip acts; here every pass
-    # is one full-batch step, so with --num-iterations 1 the ratio stays 1 and the clip never acts:
+    python tempo.py --show-credit 10                 # print one group's per-token credit
+    python tempo.py --td-coef 0                      # ablation: exactly GRPO (our extension)
+    python tempo.py --loss-type dapo --epsilon-high 0.28   # the official code's loss and clip
+    # the official scripts' recipe, for reference (docs/tempo.md, "Defaults": why the clip never
+    # acts here with --num-iterations 1; the paper trains on MATH, which this repo does not ship):
     python tempo.py --model Qwen/Qwen3-1.7B --task gsm8k --num-generations 7 --loss-type dapo \\
         --epsilon-high 0.28 --num-iterations 1 --max-completion-length 2048 --learning-rate 1e-6
 
 Watch `tempo/frac_tokens_td_nonzero`: the share of tokens whose advantage differs from GRPO's.
 Near 0, TEMPO is GRPO plus a correction on the first tokens (samples at T = 1 diverge early).
-As in grpo.py, watch `reward` and `eval/accuracy`, not the loss: on the first pass the ratio is 1,
-so the loss VALUE is minus the mean advantage (near 0: the TD term need not cancel in a group).
+As in grpo.py, watch `reward` and `eval/accuracy`, not the loss: on the first pass the ratio is
+1, so the loss VALUE is minus the mean advantage (near 0: the TD term need not cancel in a group).
 """
 from __future__ import annotations
 
@@ -43,13 +41,14 @@ HUB_LEARNING_RATE = 1e-6
 
 @dataclass
 class Args:
-    """TEMPO (Tran et al. 2025): GRPO with tree-estimated per-token advantages; grpo.py's variants kept."""
+    """TEMPO (Tran et al. 2025): GRPO with tree-estimated per-token advantages."""
     # --- run ---
     seed: int = field(default=0, metadata={"range": "[0, SEED_MAX]", "help":
         "random seed (python, numpy, torch, prompt order)"})
     model: str = field(default="tiny", metadata={"range": "model", "help":
         "'tiny' (embedded, warm-started on first use), a hub id or a save_pretrained folder"})
-    task: Literal["arith", "gsm8k"] = field(default="arith", metadata={"help": "arith: embedded multi-step arithmetic; gsm8k: grade-school math"})
+    task: Literal["arith", "gsm8k"] = field(default="arith", metadata={"help":
+        "arith: embedded multi-step arithmetic; gsm8k: grade-school math"})
     arith_ops: str = field(default="2-4", metadata={"range": "arith_ops", "help":
         "arith: operations per problem, LO-HI (at least 2; longer chains, longer answers)"})
     data_dir: Optional[str] = field(default=None, metadata={"range": "data_dir", "help":
@@ -68,12 +67,13 @@ class Args:
         "a run folder to continue from its last good checkpoint"})
     device: str = field(default="auto", metadata={"range": "device", "help":
         "auto, cpu, cuda, cuda:1, ..."})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "weights dtype; auto = bfloat16 on a GPU that has it, else float32"})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
+        "help": "weights dtype; auto = bfloat16 on a GPU that has it, else float32"})
     micro_batch_size: int = field(default=32, metadata={"range": ">0", "help":
         "completions per forward/backward (gradient accumulation; same result)"})
     log_completions_every: int = field(default=10, metadata={"range": ">0", "help":
         "write a few completions to completions.jsonl every N steps"})
-    # --- shared base settings: identical in every script (card grpo.md, section 3.2) ---
+    # --- shared base settings: identical in every script (docs/grpo.md, "Defaults") ---
     num_generations: int = field(default=8, metadata={"range": ">=2", "help":
         "G, completions per prompt"})
     prompts_per_step: int = field(default=16, metadata={"range": ">0", "help":
@@ -87,7 +87,9 @@ class Args:
         "gradient-norm clip"})
     max_bad_steps: int = field(default=5, metadata={"range": ">=0", "help":
         "stop after this many steps in a row with a non-finite loss or gradient (0: never)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward: less memory for bigger models, about one more forward of compute"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help":
+        "recompute activations in backward: less memory for bigger models, about one more "
+        "forward of compute"})
     temperature: float = field(default=1.0, metadata={"range": ">0", "help":
         "sampling temperature T (log-probs use logits / T too)"})
     top_p: float = field(default=1.0, metadata={"range": "(0, 1]", "help":
@@ -102,12 +104,15 @@ class Args:
         "lower clip: ratio >= 1 - epsilon"})
     epsilon_high: float = field(default=0.2, metadata={"range": ">=0", "help":
         "upper clip: ratio <= 1 + epsilon_high (0.28 = DAPO clip-higher)"})
-    # --- from grpo.py, unchanged: TEMPO changes only the advantage ---
-    loss_type: Literal["grpo", "dapo", "dr_grpo"] = field(default="grpo", metadata={"help": "grpo: per-sequence mean then mean (paper); dapo: token mean; dr_grpo: / (B * L_max)"})
-    scale_rewards: Literal["group", "none"] = field(default="group", metadata={"help": "group: divide by the group std (paper); none: Dr. GRPO"})
+    # --- GRPO-specific ---
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = field(default="grpo", metadata={"help":
+        "grpo: per-sequence mean then mean (paper); dapo: token mean; dr_grpo: / (B * L_max)"})
+    scale_rewards: Literal["group", "none"] = field(default="group", metadata={"help":
+        "group: divide by the group std (paper); none: Dr. GRPO"})
     top_entropy_quantile: float = field(default=1.0, metadata={"range": "(0, 1]", "help":
         "train only on this top share of tokens by entropy (0.2 = 80/20 paper; 1.0 = off)"})
-    mask_truncated_completions: bool = field(default=False, metadata={"help": "drop completions with no EOS from the loss (DAPO overlong filtering)"})
+    mask_truncated_completions: bool = field(default=False, metadata={"help":
+        "drop completions with no EOS from the loss (DAPO overlong filtering)"})
     # --- TEMPO-specific ---
     td_coef: float = field(default=1.0, metadata={"range": ">=0", "help":
         "c, weight of the tree TD term: 1.0 = paper; 0 = GRPO exactly (the knob is our extension)"})
@@ -117,7 +122,7 @@ class Args:
 
 
 # ----------------------------------------------------------------------------------------
-# ALGO LOGIC: GRPO's advantage, unchanged (TEMPO adds a per-token term to it; see below)
+# ALGO LOGIC: the advantage
 # ----------------------------------------------------------------------------------------
 
 
@@ -166,8 +171,8 @@ class PrefixTree:
     group: torch.Tensor      # [N] the group of s
 
 
-def build_prefix_tree(completion_ids: torch.Tensor, completion_mask: torch.Tensor, rewards: torch.Tensor,
-                      num_generations: int) -> PrefixTree:
+def build_prefix_tree(completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                      rewards: torch.Tensor, num_generations: int) -> PrefixTree:
     """Prefix-to-Tree (P2T): the exact token-level prefix tree of every group, with its values.
 
         D(s) = { k in group : o_k begins with prefix s }   real tokens only (mask > 0)
@@ -217,18 +222,20 @@ def tree_td(tree: PrefixTree, completion_mask: torch.Tensor) -> torch.Tensor:
     """
     prev, nxt = tree.node_ids[:, :-1].clamp(min=0), tree.node_ids[:, 1:].clamp(min=0)  # [B, L]
     gate = (completion_mask.cpu() > 0) & tree.branching[prev]
-    return torch.where(gate, tree.values[nxt] - tree.values[prev], torch.zeros((), dtype=torch.float64))
+    zero = torch.zeros((), dtype=torch.float64)
+    return torch.where(gate, tree.values[nxt] - tree.values[prev], zero)
 
 
-def tempo_advantages(rewards: torch.Tensor, td: torch.Tensor, completion_mask: torch.Tensor, num_generations: int,
-                     td_coef: float = 1.0, scale_rewards: str = "group", eps_std: float = 1e-4) -> torch.Tensor:
+def tempo_advantages(rewards: torch.Tensor, td: torch.Tensor, completion_mask: torch.Tensor,
+                     num_generations: int, td_coef: float = 1.0, scale_rewards: str = "group",
+                     eps_std: float = 1e-4) -> torch.Tensor:
     """TEMPO advantage per token (what the official code computes; docs/tempo.md, "The math"):
 
         A_i,t = [ (r_i - mu_g) + c * delta_i,t ] / (sigma_g + eps_std)   scale_rewards="group"
         A_i,t =   (r_i - mu_g) + c * delta_i,t                           scale_rewards="none"
         A_i,t = 0 exactly if sigma_g < 1e-6 (all rewards equal), and where m = 0
-        mu_g, sigma_g: group mean and UNBIASED std, as compute_advantages; the TD term is divided
-        by the REWARD std too. c = td_coef is OUR extension (the paper has none: c = 1); c = 0 is GRPO.
+        mu_g, sigma_g: group mean and UNBIASED std, as compute_advantages; the TD term is
+        divided by the REWARD std too. c = td_coef is OUR extension (the paper's c = 1); 0 = GRPO.
 
     rewards [B], td [B, L] (tree_td), completion_mask [B, L] -> advantages [B, L] (rewards' dtype).
     Example (as above, eps_std = 0): mu = 0.5, sigma = 0.5773503, A(o1) = [1.154701, 0.577350,
@@ -245,10 +252,11 @@ def tempo_advantages(rewards: torch.Tensor, td: torch.Tensor, completion_mask: t
     return torch.where(keep, num, torch.zeros_like(num))          # where, not *: never 0 * NaN
 
 
-def compute_tempo_advantages(rewards: torch.Tensor, num_generations: int, completion_ids: torch.Tensor,
-                             completion_mask: torch.Tensor, td_coef: float = 1.0, scale_rewards: str = "group",
+def compute_tempo_advantages(rewards: torch.Tensor, num_generations: int,
+                             completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                             td_coef: float = 1.0, scale_rewards: str = "group",
                              eps_std: float = 1e-4) -> tuple[torch.Tensor, dict[str, float]]:
-    """Tree -> TD -> advantage: (advantages [B, L], tempo/* metrics); rewards [B], ids and mask [B, L].
+    """Tree -> TD -> advantage: (advantages [B, L], tempo/* metrics); rewards [B], ids, mask [B, L].
 
         A_i,t = [ (r_i - mu_g) + c * (V(s_i,t+1) - V(s_i,t)) ] / (sigma_g + eps_std)
 
@@ -257,19 +265,21 @@ def compute_tempo_advantages(rewards: torch.Tensor, num_generations: int, comple
     """
     tree = build_prefix_tree(completion_ids, completion_mask, rewards, num_generations)
     td = tree_td(tree, completion_mask)                           # [B, L] float64
-    adv = tempo_advantages(rewards, td, completion_mask, num_generations, td_coef, scale_rewards, eps_std)
+    adv = tempo_advantages(rewards, td, completion_mask, num_generations, td_coef, scale_rewards,
+                           eps_std)
     return adv, tree_metrics(tree, td, completion_mask, rewards, num_generations, td_coef)
 
 
-def tree_metrics(tree: PrefixTree, td: torch.Tensor, completion_mask: torch.Tensor, rewards: torch.Tensor,
-                 num_generations: int, td_coef: float = 1.0) -> dict[str, float]:
+def tree_metrics(tree: PrefixTree, td: torch.Tensor, completion_mask: torch.Tensor,
+                 rewards: torch.Tensor, num_generations: int,
+                 td_coef: float = 1.0) -> dict[str, float]:
     """What the tree did (docs/tempo.md, metrics); if it branches nowhere, TEMPO is GRPO. Floats:
 
         tempo/frac_tokens_td_nonzero      #{(i,t) : m_i,t = 1, delta_i,t != 0} / sum m
         tempo/branch_nodes_per_group_mean, _max   branching nodes per group
         tempo/unique_depth_mean           mean_i min{ t : |D(s_i,t)| = 1 } (|o_i| if o_i has a twin)
-        tempo/td_abs_share                sum |c delta| / sum |(r - mu) + c delta|  (masked, unscaled)
-        tempo/first_token_td_share        sum_i |delta_i,0| / sum |delta|  (the root-branching effect)
+        tempo/td_abs_share           sum |c delta| / sum |(r - mu) + c delta|  (masked, unscaled)
+        tempo/first_token_td_share   sum_i |delta_i,0| / sum |delta|  (the root-branching effect)
 
     td, completion_mask [B, L]; rewards [B]. Example (as above): frac = 9/13, branch nodes 3,
     unique depths 3, 3, 2, 1 -> 2.25, td_abs_share = (8/3) / 8.5, first_token_td_share = 0.375.
@@ -280,14 +290,14 @@ def tree_metrics(tree: PrefixTree, td: torch.Tensor, completion_mask: torch.Tens
     first_unique = torch.where(unique.any(1), unique.long().argmax(1), m.sum(1))  # [B]
     r = rewards.detach().cpu().double().view(-1, G)
     total = (((r - r.mean(1, keepdim=True)).view(-1, 1) + td_coef * td).abs() * m).sum()
-    td_abs = td.abs() * m                                                         # [B, L]
+    td_abs, td_sum = td.abs() * m, (td.abs() * m).sum()                           # [B, L], []
     return {
         "tempo/frac_tokens_td_nonzero": float(((td != 0) & m).sum()) / max(int(m.sum()), 1),
         "tempo/branch_nodes_per_group_mean": float(branch_per_group.double().mean()),
         "tempo/branch_nodes_per_group_max": float(branch_per_group.max()),
         "tempo/unique_depth_mean": float(first_unique.double().mean()),
         "tempo/td_abs_share": float(abs(td_coef) * td_abs.sum() / total) if total > 0 else 0.0,
-        "tempo/first_token_td_share": float(td_abs[:, 0].sum() / td_abs.sum()) if td_abs.sum() > 0 else 0.0,
+        "tempo/first_token_td_share": float(td_abs[:, 0].sum() / td_sum) if td_sum > 0 else 0.0,
     }
 
 
@@ -297,7 +307,8 @@ def tree_metrics(tree: PrefixTree, td: torch.Tensor, completion_mask: torch.Tens
 
 
 def clipped_objective(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
-                      epsilon_low: float, epsilon_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      epsilon_low: float,
+                      epsilon_high: float) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate per token (to MAXIMISE), and the ratio.
 
         rho = exp(clamp(logp - old_logp, -20, 20))
@@ -342,7 +353,8 @@ def entropy_token_mask(entropies: torch.Tensor, completion_mask: torch.Tensor,
 
 
 def aggregate_loss(per_token_loss: torch.Tensor, completion_mask: torch.Tensor, loss_type: str,
-                   num_sequences: int, num_tokens: float, max_completion_length: int) -> torch.Tensor:
+                   num_sequences: int, num_tokens: float,
+                   max_completion_length: int) -> torch.Tensor:
     """Reduce per-token losses [B, L] to a scalar, TRL's `loss_type` names.
 
         grpo    (DeepSeekMath)  (1/B) sum_i (1/|o_i|) sum_t m_it l_it
@@ -367,8 +379,9 @@ def aggregate_loss(per_token_loss: torch.Tensor, completion_mask: torch.Tensor, 
 
 
 def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
-              completion_mask: torch.Tensor, *, epsilon_low: float, epsilon_high: float, loss_type: str,
-              num_sequences: int, num_tokens: float, max_completion_length: int, beta: float = 0.0,
+              completion_mask: torch.Tensor, *, epsilon_low: float, epsilon_high: float,
+              loss_type: str, num_sequences: int, num_tokens: float, max_completion_length: int,
+              beta: float = 0.0,
               ref_logps: Optional[torch.Tensor] = None,
               token_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
     """The GRPO loss of one micro-batch, and its metrics.
@@ -394,7 +407,8 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
         adv_full = adv.expand_as(ratio)
         low = ((adv_full < 0) & (ratio < 1 - epsilon_low)).float()
         high = ((adv_full > 0) & (ratio > 1 + epsilon_high)).float()
-        metrics = {"clip_ratio/low_mean": (low * m).sum() / n, "clip_ratio/high_mean": (high * m).sum() / n,
+        metrics = {"clip_ratio/low_mean": (low * m).sum() / n,
+                   "clip_ratio/high_mean": (high * m).sum() / n,
                    "clip_ratio/region_mean": ((low + high) * m).sum() / n,
                    "approx_kl_old": (k3_kl(logps, old_logps) * m).sum() / n,
                    "policy_loss": loss.detach()}
@@ -410,7 +424,7 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
 
 def main(args: Args) -> dict:
     # ---- setup (boilerplate) ----
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = common.resolve_device(args.device)
     dtype = common.resolve_dtype(args.dtype, device)
     max_len = (common.default_max_len(args.task, args.arith_ops)
                if args.max_completion_length is None else args.max_completion_length)
@@ -425,7 +439,9 @@ def main(args: Args) -> dict:
     model, tokenizer = common.load_model_and_tokenizer(args.model, device, dtype, args.arith_ops)
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
-    train_prompt_ids = common.tokenize_prompts(tokenizer, train, args.task, common.context_length(model), max_len)
+    eos = tokenizer.eos_token_id
+    train_prompt_ids = common.tokenize_prompts(tokenizer, train, args.task,
+                                               common.context_length(model), max_len)
     ref_model = None  # with beta == 0, no reference model is ever built
     if args.beta > 0.0:
         ref_model, _ = common.load_model_and_tokenizer(args.model, device, dtype, args.arith_ops)
@@ -433,32 +449,54 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     sampler = common.PromptSampler(len(train), args.seed)
 
-    run = common.Run(args, "tempo", model, tokenizer, optimizer, sampler)
-    state = run.state  # step, start accuracy, the method's own state (none for TEMPO: the tree is per batch)
+    # ---- ALGO LOGIC: the method's state across steps, and what it needs before each update ----
+    algo_state = {}                                     # none: each batch stands alone
+    needs_entropy = args.top_entropy_quantile < 1.0     # the 80/20 mask ranks every token first
+
+    run = common.Run(args, model, tokenizer, optimizer, sampler, algo_state)
+    state = run.state  # step, start accuracy, and algo_state (restored on --resume)
     if "start_accuracy" not in state:
         state["start_accuracy"] = common.evaluate(model, tokenizer, heldout, args.task, max_len)
         run.logger.log(0, {"eval/accuracy": state["start_accuracy"]})
     eval_acc, t_start = state["start_accuracy"], time.time()
 
-    bar = common.progress(range(state["step"] + 1, args.total_steps + 1), "tempo")
+    bar = common.progress(range(state["step"] + 1, args.total_steps + 1), run.algo)
     for step in bar:
         t0 = time.time()
         # ---- 1. rollout: G completions for each of P prompts, one batched generate call ----
         idx = sampler.next(P)
-        prompt_ids, prompt_mask = common.left_pad([train_prompt_ids[i] for i in idx], tokenizer.pad_token_id, device)
+        prompt_ids, prompt_mask = common.left_pad([train_prompt_ids[i] for i in idx],
+                                                  tokenizer.pad_token_id, device)
         completion_ids = common.generate(model, tokenizer, prompt_ids, prompt_mask, max_len, G,
                                          args.temperature, args.top_p, args.top_k)
-        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
-        completion_mask = common.completion_mask_from_ids(completion_ids, tokenizer.eos_token_id)  # [B, L]
+        prompt_ids = prompt_ids.repeat_interleave(G, 0)
+        prompt_mask = prompt_mask.repeat_interleave(G, 0)
+        completion_mask = common.completion_mask_from_ids(completion_ids, eos)  # [B, L]
         texts = common.decode_completions(tokenizer, completion_ids)
-        rewards = torch.tensor(common.reward_fn(texts, [train[i]["answer"] for i in idx for _ in range(G)]))
+        answers = [train[i]["answer"] for i in idx for _ in range(G)]
+        rewards = torch.tensor(common.reward_fn(texts, answers))                   # [B]
+        rollout = common.rollout_metrics(rewards, completion_ids, completion_mask, eos, G)
         t_gen = time.time() - t0
 
-        # ---- 2. ALGO LOGIC: TEMPO advantages, one per token: GRPO's + the prefix tree's TD term ----
+        # ---- 2. one no-grad pass: what the update needs before it starts ----
+        mbs = [slice(s, s + args.micro_batch_size) for s in range(0, B, args.micro_batch_size)]
+
+        def fwd(m, mb, with_entropy=False):  # log-probs [b, L] (and entropies) of rows mb under m
+            return common.per_token_logps(m, prompt_ids[mb], prompt_mask[mb], completion_ids[mb],
+                                          completion_mask[mb], args.temperature, with_entropy)
+
+        # the reference's log-probs if beta > 0; the policy's entropies if needed first. No old
+        # log-probs: nothing reads them before pass 1, which gives them detached (see no_grad_pass)
+        _, entropies, ref_logps = common.no_grad_pass(fwd, mbs, model if needs_entropy else None,
+                                                      ref_model)
+
+        # ---- 3. ALGO LOGIC: TEMPO advantages, one per token: GRPO's + the tree's TD term ----
         # The tree needs only token ids and rewards (no model, no vocabulary): cheap on the CPU.
-        advantages, algo_metrics = compute_tempo_advantages(rewards, G, completion_ids.cpu(), completion_mask.cpu(),
-                                                            args.td_coef, args.scale_rewards)
+        advantages, algo_metrics = compute_tempo_advantages(
+            rewards, G, completion_ids.cpu(), completion_mask.cpu(), args.td_coef,
+            args.scale_rewards)
         advantages = advantages.to(device)                                           # [B, L]
+        algo_metrics["adv/abs_mean"] = common.masked_mean(advantages.abs(), completion_mask)
         if args.show_credit and step % args.show_credit == 0:  # a group whose rewards differ
             flat = compute_advantages(rewards, G, args.scale_rewards)  # GRPO's, [B]
             bar.write(common.credit_group_text(step, train, idx, rewards, G, lambda g: (
@@ -466,59 +504,49 @@ def main(args: Args) -> dict:
                 + common.credit_view(tokenizer, completion_ids[g], advantages[g],
                                      completion_mask[g], flat[g], rewards[g], only_diff=True))))
 
-        # ---- 3. ALGO LOGIC: optimisation passes against the sampling weights ----
+        # ---- 4. ALGO LOGIC: optimisation passes against the sampling weights ----
         loss_mask = completion_mask
-        if args.mask_truncated_completions:
-            loss_mask = completion_mask * (completion_ids == tokenizer.eos_token_id).any(1, keepdim=True).float()
+        if args.mask_truncated_completions:  # DAPO: no EOS, no loss
+            loss_mask = completion_mask * (completion_ids == eos).any(1, keepdim=True).float()
         num_tokens = loss_mask.sum().item()
-        old_logps = torch.zeros_like(completion_mask)        # filled by pass 1 (or a no-grad forward)
-        ref_logps, entropies, token_mask = None, None, None
-        mbs = [slice(s, s + args.micro_batch_size) for s in range(0, B, args.micro_batch_size)]
-
-        def fwd(m, mb, with_entropy=False):  # per-token log-probs [b, L] of micro-batch mb under model m
-            return common.per_token_logps(m, prompt_ids[mb], prompt_mask[mb], completion_ids[mb],
-                                          completion_mask[mb], args.temperature, with_entropy)
-
-        with torch.no_grad():
-            if ref_model is not None:
-                ref_logps = torch.cat([fwd(ref_model, mb)[0] for mb in mbs])
-            if args.top_entropy_quantile < 1.0:  # the mask needs every entropy before the first loss
-                outs = [fwd(model, mb, True) for mb in mbs]
-                old_logps, entropies = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
-                token_mask, tau = entropy_token_mask(entropies, loss_mask, args.top_entropy_quantile)
-                algo_metrics.update({"entropy_mask/threshold": tau,
-                                     "entropy_mask/kept_fraction": (token_mask.sum() / max(num_tokens, 1)).item(),
-                                     "entropy": ((entropies * completion_mask).sum() / completion_mask.sum()).item()})
+        token_mask = loss_mask                          # the 80/20 mask gates the policy term
+        if needs_entropy:
+            token_mask, tau = entropy_token_mask(entropies, loss_mask, args.top_entropy_quantile)
+            algo_metrics.update({"entropy_mask/threshold": tau,
+                                 "entropy_mask/kept_fraction": token_mask.sum().item()
+                                 / max(num_tokens, 1)})
+        old_logps = torch.zeros_like(completion_mask)   # filled by pass 1
         avg = common.MetricAverager()
         for it in range(args.num_iterations):
             for mb in mbs:
-                want_entropy = it == 0 and entropies is None
-                logps, ent = fwd(model, mb, want_entropy)
-                if it == 0 and args.top_entropy_quantile >= 1.0:
+                logps, ent = fwd(model, mb, with_entropy=it == 0)
+                if it == 0:
                     # On pass 1 the weights ARE the sampling weights: their log-probs are the
                     # old log-probs. Detaching them saves a whole no-grad forward, and ratio == 1.
                     old_logps[mb] = logps.detach()
                 loss, metrics = grpo_loss(
-                    logps, old_logps[mb], advantages[mb], loss_mask[mb], epsilon_low=args.epsilon,
-                    epsilon_high=args.epsilon_high, loss_type=args.loss_type, num_sequences=B, num_tokens=num_tokens,
+                    logps, old_logps[mb], advantages[mb], loss_mask[mb],
+                    epsilon_low=args.epsilon, epsilon_high=args.epsilon_high,
+                    loss_type=args.loss_type, num_sequences=B, num_tokens=num_tokens,
                     max_completion_length=max_len, beta=args.beta,
                     ref_logps=None if ref_logps is None else ref_logps[mb],
-                    token_mask=None if token_mask is None else token_mask[mb])
+                    token_mask=token_mask[mb])
                 loss.backward()
-                if want_entropy:
-                    metrics["entropy"] = ((ent * completion_mask[mb]).sum() / completion_mask[mb].sum()).item()
-                avg.add(metrics, weight=completion_mask[mb].sum().item(), last_pass=it == args.num_iterations - 1)
+                if it == 0:
+                    metrics["entropy"] = common.masked_mean(ent, completion_mask[mb])
+                avg.add(metrics, weight=completion_mask[mb].sum().item(),
+                        last_pass=it == args.num_iterations - 1)
             grad_norm = common.optimizer_step(model, optimizer, args.max_grad_norm, avg)
 
-        # ---- 4. log, evaluate, checkpoint (boilerplate) ----
+        # ---- 5. log, evaluate, checkpoint (boilerplate) ----
         state["step"] = step
-        metrics = common.rollout_metrics(rewards, completion_ids, completion_mask, tokenizer.eos_token_id, G)
+        metrics = dict(rollout)
         metrics.update(avg.means(), **algo_metrics, grad_norm=grad_norm, learning_rate=lr,
-                       **{"adv/abs_mean": ((advantages.abs() * completion_mask).sum() / completion_mask.sum()).item(),
-                          "num_tokens": num_tokens,
-                          "step_time": time.time() - t0, "generation_share": t_gen / (time.time() - t0)})
+                       num_tokens=num_tokens, step_time=time.time() - t0,
+                       generation_share=t_gen / (time.time() - t0))
         if step % args.eval_every == 0 or step == args.total_steps:
-            eval_acc = metrics["eval/accuracy"] = common.evaluate(model, tokenizer, heldout, args.task, max_len)
+            eval_acc = metrics["eval/accuracy"] = common.evaluate(model, tokenizer, heldout,
+                                                                  args.task, max_len)
         run.end_step(step, metrics, texts, rewards, idx, train, G)
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", eval_acc=f"{eval_acc:.2f}")
         if step % args.save_every == 0 or step == args.total_steps or run.stop_requested:

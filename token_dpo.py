@@ -62,7 +62,8 @@ class Args:
         "random seed (python, numpy, torch, prompt order)"})
     model: str = field(default="tiny", metadata={"range": "model", "help":
         "'tiny' (embedded, warm-started on first use), a hub id or a save_pretrained folder"})
-    task: Literal["arith", "gsm8k"] = field(default="arith", metadata={"help": "arith: embedded multi-step arithmetic; gsm8k: grade-school math"})
+    task: Literal["arith", "gsm8k"] = field(default="arith", metadata={"help":
+        "arith: embedded multi-step arithmetic; gsm8k: grade-school math"})
     arith_ops: str = field(default="2-4", metadata={"range": "arith_ops", "help":
         "arith: operations per problem, LO-HI (at least 2; longer chains, longer answers)"})
     data_dir: Optional[str] = field(default=None, metadata={"range": "data_dir", "help":
@@ -82,7 +83,8 @@ class Args:
         "a run folder to continue from its last good checkpoint"})
     device: str = field(default="auto", metadata={"range": "device", "help":
         "auto, cpu, cuda, cuda:1, ..."})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "weights dtype; auto = bfloat16 on a GPU that has it, else float32"})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
+        "help": "weights dtype; auto = bfloat16 on a GPU that has it, else float32"})
     micro_batch_size: int = field(default=32, metadata={"range": ">0", "help":
         "sequences per forward/backward, a pair being 2 (gradient accumulation; same result)"})
     log_completions_every: int = field(default=10, metadata={"range": ">0", "help":
@@ -99,7 +101,9 @@ class Args:
         "gradient-norm clip"})
     max_bad_steps: int = field(default=5, metadata={"range": ">=0", "help":
         "stop after this many steps in a row with a non-finite loss or gradient (0: never)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward: less memory for bigger models, about one more forward of compute"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help":
+        "recompute activations in backward: less memory for bigger models, about one more "
+        "forward of compute"})
     temperature: float = field(default=1.0, metadata={"range": ">0", "help":
         "sampling temperature for pair building (log-probs always use T = 1)"})
     top_p: float = field(default=1.0, metadata={"range": "(0, 1]", "help":
@@ -893,7 +897,7 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     sampler = common.PromptSampler(len(train), args.seed)
 
-    run = common.Run(args, "token_dpo", model, tokenizer, optimizer, sampler)
+    run = common.Run(args, model, tokenizer, optimizer, sampler)
     state = run.state  # step, start accuracy, and the round: its number, its pairs, the batches left
     for key, value in {"round": 0, "rounds_trained": 0, "pairs": [], "queue": []}.items():
         state.setdefault(key, value)

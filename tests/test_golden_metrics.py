@@ -1,0 +1,129 @@
+"""Golden metrics: a fixed-seed 4-step run of every script gives the metrics it gave before.
+
+Each case below runs `python {script}.py` in this process (common.run_main, the embedded warm
+tiny model, the real verifier) and compares its metrics.jsonl, timing fields dropped, with
+tests/fixtures/golden_metrics.json: same rows, same keys, integers equal, floats at rtol 1e-6.
+It guards refactors: a change that moves any number is a change of behaviour.
+
+The tiny model's warm start and its forward passes run on the CPU's own kernels, so the numbers
+hold for one CPU and one torch. The fixture records both; on another machine the test skips
+with the reason. After an intended change of behaviour (or on a new machine), regenerate:
+
+    OMP_NUM_THREADS=1 python tests/test_golden_metrics.py --regenerate
+
+and commit the fixture with the change that explains it.
+"""
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+FIXTURE = ROOT / "tests" / "fixtures" / "golden_metrics.json"
+TIMING = ("time", "step_time", "generation_share", "spo/mc_time_share", "cdpo/sft_seconds")
+RTOL = 1e-6
+
+BASE = ["--model", "tiny", "--total-steps", "4", "--prompts-per-step", "4", "--num-generations", "4",
+        "--eval-size", "4", "--eval-every", "2", "--save-every", "100", "--log-completions-every", "2",
+        "--max-completion-length", "40"]
+SPO = ["--num-rollouts", "2", "--tree-branching", "2,2", "--tree-segment-length", "6",
+       "--tree-replay-per-question", "4"]
+DPO = ["--total-steps", "3", "--prompts-per-round", "4", "--epochs-per-round", "1"]
+CASES = {
+    "grpo": ("grpo", []),
+    "grpo_entropy_beta": ("grpo", ["--top-entropy-quantile", "0.2", "--beta", "0.04"]),
+    "tempo": ("tempo", []),
+    "dcpo": ("dcpo", []),
+    "spo_chain": ("spo", ["--variant", "chain", *SPO]),
+    "spo_tree": ("spo", ["--variant", "tree", *SPO]),
+    "token_dpo_tdpo2": ("token_dpo", ["--loss", "tdpo2", *DPO]),
+    "token_dpo_cdpo": ("token_dpo", ["--loss", "cdpo", "--ce-sft-steps", "2", "--ce-sft-rows", "4",
+                                     *DPO]),
+}
+
+
+def machine() -> dict:
+    """What the numbers depend on: torch, its CPU kernel level, the CPU's vector flags."""
+    flags = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1]
+                break
+    except OSError:
+        pass
+    vector = sorted(f for f in flags.split() if f.startswith(("avx", "amx", "fma", "f16c", "sse")))
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_flags": " ".join(vector)}
+
+
+def run_case(name: str, out_dir: Path) -> list[dict]:
+    import common
+
+    script, extra = CASES[name]
+    mod = __import__(script)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a reduction's order, hence its last bit, depends on the threads
+    try:
+        common.run_main(mod.main, mod.Args, [*BASE, *extra, "--output-dir", str(out_dir)])
+    finally:
+        torch.set_num_threads(threads)
+    (run_dir,) = list(out_dir.iterdir())
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def same(got, want) -> bool:
+    if isinstance(want, float) or isinstance(got, float):
+        if math.isnan(want) or math.isnan(got):
+            return math.isnan(want) and math.isnan(got)
+        return math.isclose(got, want, rel_tol=RTOL, abs_tol=1e-9)
+    return got == want
+
+
+def load_fixture() -> dict:
+    if not FIXTURE.exists():
+        pytest.skip(f"no {FIXTURE.name}; make it with python tests/test_golden_metrics.py --regenerate")
+    fixture = json.loads(FIXTURE.read_text())
+    if fixture["machine"] != machine():
+        pytest.skip(f"fixture made on {fixture['machine']}, this machine is {machine()}: the warm "
+                    "start's kernels differ; regenerate here (see the module docstring)")
+    return fixture
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_metrics_equal_the_fixture(name, tmp_path):
+    want = load_fixture()["runs"][name]
+    got = run_case(name, tmp_path)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want):
+        assert sorted(g) == sorted(w), f"{name} step {w['step']}: keys differ"
+        bad = {k: (g[k], w[k]) for k in w if not same(g[k], w[k])}
+        assert not bad, f"{name} step {w['step']}: (got, fixture) {bad}"
+
+
+def regenerate() -> None:
+    import tempfile
+
+    runs = {}
+    for name in CASES:
+        with tempfile.TemporaryDirectory() as tmp:
+            runs[name] = run_case(name, Path(tmp))
+        print(f"{name}: {len(runs[name])} rows", file=sys.stderr)
+    FIXTURE.parent.mkdir(exist_ok=True)
+    FIXTURE.write_text(json.dumps({"machine": machine(), "runs": runs}, indent=1) + "\n")
+    print(f"wrote {FIXTURE}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--regenerate"]:
+        sys.exit("usage: python tests/test_golden_metrics.py --regenerate")
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ[var] = "1"
+    os.chdir(ROOT)
+    regenerate()
