@@ -352,7 +352,7 @@ def main(args: Args) -> dict:
         avg = common.MetricAverager()
         for it in range(args.num_iterations):
             for mb in mbs:
-                logps, ent = fwd(model, mb, with_entropy=it == 0)
+                logps, ent = fwd(model, mb, with_entropy=it == 0 and entropies is None)
                 if it == 0:
                     # On pass 1 the weights ARE the sampling weights: their log-probs are the
                     # old log-probs. Detaching them saves a whole no-grad forward, and ratio == 1.
@@ -366,7 +366,8 @@ def main(args: Args) -> dict:
                     token_mask=token_mask[mb])
                 loss.backward()
                 if it == 0:
-                    metrics["entropy"] = common.masked_mean(ent, completion_mask[mb])
+                    metrics["entropy"] = common.masked_mean(  # step 2 has them for the 80/20 mask
+                        entropies[mb] if ent is None else ent, completion_mask[mb])
                 avg.add(metrics, weight=completion_mask[mb].sum().item(),
                         last_pass=it == args.num_iterations - 1)
             grad_norm = common.optimizer_step(model, optimizer, args.max_grad_norm, avg)
