@@ -3,15 +3,19 @@
 grpo.py, tempo.py, dcpo.py, spo.py and token_dpo.py import this file for the parts that are
 the same in all of them, so that each script shows its own algorithm and little else:
 
-  1. CLI            parse_args(Args): argparse built from a dataclass, one help line per field
-  2. errors         fail(msg): one clear line on stderr, exit code 2
-  3. tasks          the embedded arithmetic task, GSM8K from JSONL, prompt formatting
-  4. verifiers      extract_answer / is_correct / reward_fn: bounded, never eval or exec
-  5. models         the embedded tiny model (built, warm-started by SFT, cached), HF loading
-  6. sampling       batched KV-cached generation, the completion mask (first EOS included)
-  7. log-probs      per-token log-probs of completion tokens only, without an fp32 vocab copy
-  8. evaluation     greedy held-out accuracy
-  9. runs           run folder, config.json, metrics.jsonl, completions, atomic checkpoints
+  1. CLI             parse_args(Args): argparse built from a dataclass, one help line per field
+  2. errors          UserError -> one clear line on stderr, exit code 2; every flag's range
+  3. tasks           the embedded arithmetic task, GSM8K from JSONL, prompt formatting
+  4. verifiers       extract_answer / is_correct / reward_fn: bounded, never eval or exec
+  5. models          any Hugging Face causal LM (and `--model tiny`), frozen copies
+  6. sampling        batched KV-cached generation, the completion mask (first EOS included)
+  7. log-probs       per-token log-probs of completion tokens only, without an fp32 vocab copy;
+                     the no-grad pass (step 2 of every RL loop); hidden states for a chunked head
+  8. evaluation      greedy held-out accuracy
+  9. runs            run folder, config.json, metrics.jsonl, atomic checkpoints, resume, Run
+ 10. pairs           preference pairs for token_dpo.py: a JSONL file, tokenised, batched
+ 11. credit view     one group's completions, each token with its advantage, as text
+ 12. tiny model      the embedded model: character tokenizer, Llama config, warm start (SFT)
 
 The advantage and the loss of each method live in that method's own file, on purpose.
 """
@@ -619,13 +623,10 @@ def finished_rewards(completions: list[str], answers: list[str], completion_ids:
 
 
 # ----------------------------------------------------------------------------------------
-# 5. Models: the embedded tiny model and any Hugging Face causal LM, loaded the same way
+# 5. Models: any Hugging Face causal LM and the embedded tiny model, loaded the same way
 # ----------------------------------------------------------------------------------------
 
-TINY = "tiny"  # the --model value that selects the embedded model
-TINY_VERSION = "v3"
-TINY_TARGET_ACC = (0.10, 0.60)  # the warm start stops inside this band of held-out accuracy
-TINY_STOP_ACC = 0.30            # ... at the first evaluation at or above this, leaving room for RL
+TINY = "tiny"  # the --model value that selects the embedded model (section 12 builds it)
 
 
 def seed_everything(seed: int) -> None:
@@ -634,155 +635,6 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("TOKENCREDIT_CACHE", Path.home() / ".cache" / "tokencredit"))
-
-
-def build_char_tokenizer(vocab_size: Optional[int] = None):
-    """A character-level tokenizer in Hugging Face format: one token per printable ASCII char.
-
-    vocab_size pads the vocabulary with filler tokens "<t123>" (never produced by encoding), so
-    that a random model with a large vocabulary can decode whatever it samples (benchmarks).
-    """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<eos>", "<unk>"]
-    chars = [chr(c) for c in range(32, 127)] + ["\n"]
-    vocab = {tok: i for i, tok in enumerate(specials + chars)}
-    vocab.update({f"<t{i}>": i for i in range(len(vocab), vocab_size or 0)})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                   unk_token="<unk>", padding_side="left")
-
-
-def tiny_context(ops: tuple[int, int] = ARITH_OPS) -> int:
-    """The tiny model's context for a length setting: 256, or the power of two that holds the
-    longest prompt ('Q:' + 3 * HI + 2 characters + '\\nA:') plus arith_completion_length.
-
-    256 up to 19 operations (12 * HI + 19 tokens at most); 512 from 20 to 32.
-    """
-    need = 3 * ops[1] + 7 + arith_completion_length(ops)
-    return max(256, 1 << (need - 1).bit_length())
-
-
-def build_tiny_model(vocab_size: int, pad_id: int, eos_id: int, context: int = 256):
-    """A ~1.8M-parameter Llama built from a transformers config (no dropout anywhere)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=192, intermediate_size=512,
-                         num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=6,
-                         max_position_embeddings=context, tie_word_embeddings=True,
-                         pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=None,
-                         attention_dropout=0.0)
-    return LlamaForCausalLM(config)
-
-
-def cpu_has_bf16() -> bool:
-    """True on an x86 CPU with native bf16 matmuls (AVX512-BF16 or AMX), where bf16 autocast is
-    several times faster than fp32; elsewhere bf16 is emulated and slower."""
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # an older or non-x86 build of torch
-        return False
-
-
-def ensure_tiny_model(seed: int = 0, quiet: bool = False, ops: tuple[int, int] = ARITH_OPS) -> Path:
-    """Return the folder of the warm-started tiny model, building it first if it is not cached.
-
-    The warm start is a short supervised fine-tune on the arithmetic task's training split
-    (prompt -> chain-of-thought solution). It stops at the first evaluation whose held-out
-    greedy accuracy reaches TINY_STOP_ACC (it must then lie in TINY_TARGET_ACC), so
-    reinforcement learning has room to improve it. It is deterministic for a seed on one
-    machine, and the folder loads with AutoModelForCausalLM.from_pretrained.
-
-    Each length setting `ops` (see arith_problem) has its own warm start, on its own problems,
-    under the same rule, with the context of tiny_context(ops). The default's folder name
-    carries no setting, so the cache built before the setting existed is still used.
-    """
-    from tqdm import tqdm
-
-    tag = "" if tuple(ops) == ARITH_OPS else f"-ops{ops[0]}-{ops[1]}"
-    path = cache_root() / f"tiny-arith-{TINY_VERSION}{tag}-seed{seed}"
-    if (path / "warm_start.json").exists():
-        return path
-    seed_everything(seed)
-    tokenizer = build_char_tokenizer()
-    model = build_tiny_model(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id,
-                             tiny_context(ops))
-    test = arith_dataset("test", ops=ops)[:200]
-    rows = sft_rows(tokenizer, arith_dataset("sft", ops=ops))
-    eval_tokens = max(64, arith_completion_length(ops))  # 64 for the default setting, as before
-    # On a CPU with bf16 instructions the SFT runs its matmuls in bf16 (autocast: the weights and
-    # the optimizer stay fp32) with plain attention, whose bf16 backward is much faster than SDPA's
-    # at these shapes: 0.16 s per step instead of 0.35 s on 2 cores. Elsewhere it runs in fp32.
-    # Either way it is deterministic for a seed on one machine, and the stopping rule below, not
-    # the step count, sets how good the warm start is.
-    bf16 = cpu_has_bf16()
-    attn = model.config._attn_implementation  # what every later run uses
-    if bf16:
-        model.set_attn_implementation("eager")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    batch_size, max_steps, eval_every = 64, 3000, 50
-    gen = torch.Generator().manual_seed(seed)
-    t0, acc, step = time.time(), 0.0, 0
-    bar = tqdm(range(1, max_steps + 1), desc="warm start (SFT of the tiny model)", disable=quiet, leave=False)
-    for step in bar:
-        batch = [rows[i] for i in torch.randint(len(rows), (batch_size,), generator=gen).tolist()]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = sft_loss(model, tokenizer, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if step % eval_every == 0:
-            acc = evaluate(model, tokenizer, test, "arith", eval_tokens, batch_size=200)
-            bar.set_postfix(loss=f"{loss.item():.3f}", heldout_acc=f"{acc:.2f}")
-            if acc >= TINY_STOP_ACC:
-                break
-    model.set_attn_implementation(attn)
-    if not TINY_TARGET_ACC[0] <= acc <= TINY_TARGET_ACC[1]:
-        raise RuntimeError(f"tiny-model warm start ended at held-out accuracy {acc:.2f}, outside {TINY_TARGET_ACC}")
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    info = dict(seed=seed, sft_steps=step, heldout_accuracy=acc, seconds=round(time.time() - t0, 1),
-                arith_ops=f"{ops[0]}-{ops[1]}",
-                sft_matmuls="bf16 autocast" if bf16 else "fp32",
-                parameters=sum(p.numel() for p in model.parameters()))
-    (tmp / "warm_start.json").write_text(json.dumps(info, indent=2))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)  # atomic: a half-written model is never cached
-    if not quiet:
-        print(f"warm start: {step} SFT steps, held-out accuracy {acc:.3f}, {info['seconds']}s -> {path}")
-    return path
-
-
-def sft_rows(tokenizer, examples: list[dict]) -> list[tuple[list[int], list[int]]]:
-    """Tokenise each (prompt, solution + EOS) pair once, before training."""
-    eos = tokenizer.eos_token_id
-    return [(tokenizer(format_prompt(tokenizer, ex["question"], "arith"), add_special_tokens=False)["input_ids"],
-             tokenizer(ex["solution"], add_special_tokens=False)["input_ids"] + [eos]) for ex in examples]
-
-
-def sft_loss(model, tokenizer, rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
-    """Mean next-token cross-entropy on the target tokens only. rows: (prompt ids, target ids)."""
-    width = max(len(p) + len(t) for p, t in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full_like(ids, -100)
-    attn = torch.zeros_like(ids)
-    for i, (p, t) in enumerate(rows):  # right padding is fine for teacher forcing
-        ids[i, : len(p) + len(t)] = torch.tensor(p + t)
-        labels[i, len(p): len(p) + len(t)] = torch.tensor(t)
-        attn[i, : len(p) + len(t)] = 1
-    ids, labels, attn = (t.to(next(model.parameters()).device) for t in (ids, labels, attn))
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]  # [N, W-1, V]
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -831,6 +683,12 @@ def load_model_and_tokenizer(name: str, device: torch.device, dtype: torch.dtype
     model.eval()  # no dropout, ever: else ratio != 1 on the first pass and the clip fires on noise
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def load_frozen(name: str, device: torch.device, dtype: torch.dtype, arith_ops: str = "2-4"):
+    """A model that never trains (a reference, a guidance model): loaded as above, no gradients."""
+    model, _ = load_model_and_tokenizer(name, device, dtype, arith_ops)
+    return model.requires_grad_(False)
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -1090,6 +948,16 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0,
     return out.view(logits.shape[:-1])
 
 
+def model_inputs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                 completion_mask: torch.Tensor) -> dict:
+    """input_ids, attention_mask and position_ids [B, P+L] of left-padded prompts followed by
+    their completions. Position ids = cumsum(attention_mask) - 1, what generation used."""
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)                  # [B, P+L]
+    attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)    # [B, P+L]
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+
 def per_token_logps(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                     completion_ids: torch.Tensor, completion_mask: torch.Tensor, temperature: float,
                     with_entropy: bool = False):
@@ -1100,15 +968,42 @@ def per_token_logps(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     logits are never built. Logit j predicts token j+1, so the final one is dropped.
     Returns (logps, entropies or None).
     """
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)                  # [B, P+L]
-    attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)    # [B, P+L]
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     L = completion_ids.size(1)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+    logits = model(**model_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask),
                    logits_to_keep=L + 1, use_cache=False).logits[:, :-1]         # [B, L, V]
     logps = selective_log_softmax(logits, completion_ids, temperature)         # [B, L]
     entropies = entropy_from_logits(logits, temperature) if with_entropy else None
     return logps, entropies
+
+
+def response_hidden_states(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                           completion_ids: torch.Tensor,
+                           completion_mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states [B, L, H] at the positions that predict each completion token.
+
+    The model body runs without its LM head, so no [B, L, V] logits are built: a caller applies
+    the head a chunk of positions at a time (token_dpo.py's full-vocabulary KL and cDPO's score).
+    Inputs as per_token_logps (model_inputs). Needs check_plain_lm_head to hold for the model.
+    """
+    hidden = model.get_decoder()(**model_inputs(prompt_ids, prompt_mask, completion_ids,
+                                                completion_mask),
+                                 use_cache=False).last_hidden_state             # [B, P+L, H]
+    P, L = prompt_ids.size(1), completion_ids.size(1)
+    return hidden[:, P - 1:P - 1 + L]                              # hidden j predicts token j+1
+
+
+def check_plain_lm_head(model, device) -> None:
+    """Refuse a model whose logits are not head(last hidden state) (e.g. soft-capped logits):
+    response_hidden_states followed by the head would not give its distributions."""
+    ids = torch.tensor([[1, 2, 3]], device=device)
+    with torch.no_grad():
+        full = model(input_ids=ids).logits.float()
+        hidden = model.get_decoder()(input_ids=ids).last_hidden_state
+        ours = model.get_output_embeddings()(hidden).float()
+    if not torch.allclose(full, ours, rtol=1e-2, atol=1e-2 * max(1.0, full.abs().max().item())):
+        raise UserError("this model transforms its logits after the LM head (e.g. soft-capping), "
+                        "which token_dpo.py does not reproduce; pass --model with a plain causal "
+                        "LM (Llama, Qwen, ...)")
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
@@ -1394,6 +1289,11 @@ def resume_args(args, algo: str):
     """
     config = check_run_dir(args.resume, algo)
     names = [f.name for f in dataclasses.fields(args) if f.init]
+    unknown = sorted(set(config) - set(names) - {"algo", "resumed"})
+    if unknown:  # a flag renamed or dropped since the run began: never resume it with a default
+        flags = ", ".join("--" + n.replace("_", "-") for n in unknown)
+        raise UserError(f"--resume {args.resume}: its config.json has {flags}, which this "
+                        f"{algo}.py does not know (made by another version); start a new run")
     values = {n: config[n] for n in names if n in config}
     changed = {}
     for name in sorted(getattr(args, "given", ())):
@@ -1670,7 +1570,89 @@ def run_main(main, args_cls, argv: Optional[list[str]] = None):
 
 
 # ----------------------------------------------------------------------------------------
-# 10. Credit view: one group's completions, each token with its advantage (model-free)
+# 10. Preference pairs (token_dpo.py): a JSONL file of pairs, tokenised, batched
+# ----------------------------------------------------------------------------------------
+# A pair of token ids is {"prompt": [int], "chosen": [int], "rejected": [int]}; each response
+# ends with its EOS, as a finished answer does.
+
+PAIRS_FIELDS = ('each line must be a JSON object with non-empty string fields "prompt", '
+                '"chosen" and "rejected"')
+
+
+def read_preference_jsonl(path: str) -> list[dict]:
+    """Rows {"prompt": str, "chosen": str, "rejected": str} of a JSONL file (extra keys ignored).
+
+    Any bad line raises UserError with one line "<path>:<line>: <problem>; <fix>".
+    """
+    fields = PAIRS_FIELDS
+    if not Path(path).is_file():
+        raise UserError(f"--pairs-file {path} does not exist; pass a JSONL file, one pair per "
+                        f"line ({fields})")
+    rows = []
+    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+        for lineno, line in enumerate(fh, 1):
+            check_utf8(line, f"{path}:{lineno}", "--pairs-file")  # one line, no traceback
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); {fields}") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object, got "
+                                f"{type(row).__name__}; {fields}")
+            for key in ("prompt", "chosen", "rejected"):
+                if not isinstance(row.get(key), str) or not row[key].strip():
+                    problem = "missing" if key not in row else "not a non-empty string"
+                    raise UserError(f"{path}:{lineno}: '{key}' is {problem}; {fields}")
+            if row["chosen"] == row["rejected"]:
+                raise UserError(f"{path}:{lineno}: 'chosen' equals 'rejected', which carries no "
+                                "preference; drop the line or fix one answer")
+            rows.append({k: row[k] for k in ("prompt", "chosen", "rejected")})
+    if not rows:
+        raise UserError(f"{path} holds no pairs; {fields}")
+    return rows
+
+
+def tokenize_pairs(rows: list[dict], tokenizer, task: str, context: Optional[int]) -> list[dict]:
+    """Text pairs -> token-id pairs. The prompt is formatted like the task's prompts; a response
+    is tokenised on its own (no merge across the boundary) and ends with EOS."""
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    out = []
+    for i, r in enumerate(rows, 1):
+        prompt = ids(format_prompt(tokenizer, r["prompt"], task))
+        chosen, rejected = (ids(r[k]) + [tokenizer.eos_token_id] for k in ("chosen", "rejected"))
+        n = len(prompt) + max(len(chosen), len(rejected))
+        if context is not None and n > context:
+            raise UserError(f"pair {i} of --pairs-file has {n} tokens, more than the model's "
+                            f"context of {context}; shorten it or drop it")
+        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return out
+
+
+def right_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[[5,6],[7]] -> ids [[5,6],[7,pad]], mask [[1,1],[1,0]] (float, from the lengths: a pad
+    id inside a row is still a token)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width))
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1.0
+    return ids.to(device), mask.to(device)
+
+
+def collate_pairs(pairs: list[dict], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """N pairs -> one batch of 2N sequences, [chosen_1..chosen_N; rejected_1..rejected_N]:
+    prompt ids/mask [2N, P] (left-padded), completion ids/mask [2N, L] (right-padded)."""
+    prompt_ids, prompt_mask = left_pad([p["prompt"] for p in pairs] * 2, pad_id, device)
+    responses = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    completion_ids, completion_mask = right_pad(responses, pad_id, device)
+    return prompt_ids, prompt_mask, completion_ids, completion_mask
+
+
+# ----------------------------------------------------------------------------------------
+# 11. Credit view: one group's completions, each token with its advantage (model-free)
 # ----------------------------------------------------------------------------------------
 
 _GREENS = (151, 114, 77, 40, 46)    # 256-colour ANSI codes, weakest to strongest
@@ -1774,3 +1756,166 @@ def credit_view(tokenizer, completion_ids: torch.Tensor, advantages: torch.Tenso
     marks = credit_marks(advantages, flat, completion_mask) if only_diff else None
     color = sys.stdout.isatty() if color is None else color
     return render_credit(tokens, advantages, completion_mask, color, flat, rewards, marks=marks)
+
+
+# ----------------------------------------------------------------------------------------
+# 12. The embedded tiny model: a character tokenizer, a 1.8M-parameter Llama, its warm start
+# ----------------------------------------------------------------------------------------
+# Only `--model tiny` reaches this section (load_model_and_tokenizer calls ensure_tiny_model).
+
+TINY_VERSION = "v3"
+TINY_TARGET_ACC = (0.10, 0.60)  # the warm start stops inside this band of held-out accuracy
+TINY_STOP_ACC = 0.30            # ... at the first evaluation at or above this, leaving room for RL
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TOKENCREDIT_CACHE", Path.home() / ".cache" / "tokencredit"))
+
+
+def build_char_tokenizer(vocab_size: Optional[int] = None):
+    """A character-level tokenizer in Hugging Face format: one token per printable ASCII char.
+
+    vocab_size pads the vocabulary with filler tokens "<t123>" (never produced by encoding), so
+    that a random model with a large vocabulary can decode whatever it samples (benchmarks).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    vocab.update({f"<t{i}>": i for i in range(len(vocab), vocab_size or 0)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>", padding_side="left")
+
+
+def tiny_context(ops: tuple[int, int] = ARITH_OPS) -> int:
+    """The tiny model's context for a length setting: 256, or the power of two that holds the
+    longest prompt ('Q:' + 3 * HI + 2 characters + '\\nA:') plus arith_completion_length.
+
+    256 up to 19 operations (12 * HI + 19 tokens at most); 512 from 20 to 32.
+    """
+    need = 3 * ops[1] + 7 + arith_completion_length(ops)
+    return max(256, 1 << (need - 1).bit_length())
+
+
+def build_tiny_model(vocab_size: int, pad_id: int, eos_id: int, context: int = 256):
+    """A ~1.8M-parameter Llama built from a transformers config (no dropout anywhere)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=192, intermediate_size=512,
+                         num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=6,
+                         max_position_embeddings=context, tie_word_embeddings=True,
+                         pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=None,
+                         attention_dropout=0.0)
+    return LlamaForCausalLM(config)
+
+
+def cpu_has_bf16() -> bool:
+    """True on an x86 CPU with native bf16 matmuls (AVX512-BF16 or AMX), where bf16 autocast is
+    several times faster than fp32; elsewhere bf16 is emulated and slower."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # an older or non-x86 build of torch
+        return False
+
+
+def ensure_tiny_model(seed: int = 0, quiet: bool = False, ops: tuple[int, int] = ARITH_OPS) -> Path:
+    """Return the folder of the warm-started tiny model, building it first if it is not cached.
+
+    The warm start is a short supervised fine-tune on the arithmetic task's training split
+    (prompt -> chain-of-thought solution). It stops at the first evaluation whose held-out
+    greedy accuracy reaches TINY_STOP_ACC (it must then lie in TINY_TARGET_ACC), so
+    reinforcement learning has room to improve it. It is deterministic for a seed on one
+    machine, and the folder loads with AutoModelForCausalLM.from_pretrained.
+
+    Each length setting `ops` (see arith_problem) has its own warm start, on its own problems,
+    under the same rule, with the context of tiny_context(ops). The default's folder name
+    carries no setting, so the cache built before the setting existed is still used.
+    """
+    from tqdm import tqdm
+
+    tag = "" if tuple(ops) == ARITH_OPS else f"-ops{ops[0]}-{ops[1]}"
+    path = cache_root() / f"tiny-arith-{TINY_VERSION}{tag}-seed{seed}"
+    if (path / "warm_start.json").exists():
+        return path
+    seed_everything(seed)
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_model(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id,
+                             tiny_context(ops))
+    test = arith_dataset("test", ops=ops)[:200]
+    rows = sft_rows(tokenizer, arith_dataset("sft", ops=ops))
+    eval_tokens = max(64, arith_completion_length(ops))  # 64 for the default setting, as before
+    # On a CPU with bf16 instructions the SFT runs its matmuls in bf16 (autocast: the weights and
+    # the optimizer stay fp32) with plain attention, whose bf16 backward is much faster than SDPA's
+    # at these shapes: 0.16 s per step instead of 0.35 s on 2 cores. Elsewhere it runs in fp32.
+    # Either way it is deterministic for a seed on one machine, and the stopping rule below, not
+    # the step count, sets how good the warm start is.
+    bf16 = cpu_has_bf16()
+    attn = model.config._attn_implementation  # what every later run uses
+    if bf16:
+        model.set_attn_implementation("eager")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    batch_size, max_steps, eval_every = 64, 3000, 50
+    gen = torch.Generator().manual_seed(seed)
+    t0, acc, step = time.time(), 0.0, 0
+    bar = tqdm(range(1, max_steps + 1), desc="warm start (SFT of the tiny model)", disable=quiet,
+               leave=False)
+    for step in bar:
+        batch = [rows[i] for i in torch.randint(len(rows), (batch_size,), generator=gen).tolist()]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = sft_loss(model, tokenizer, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % eval_every == 0:
+            acc = evaluate(model, tokenizer, test, "arith", eval_tokens, batch_size=200)
+            bar.set_postfix(loss=f"{loss.item():.3f}", heldout_acc=f"{acc:.2f}")
+            if acc >= TINY_STOP_ACC:
+                break
+    model.set_attn_implementation(attn)
+    if not TINY_TARGET_ACC[0] <= acc <= TINY_TARGET_ACC[1]:
+        raise RuntimeError(f"tiny-model warm start ended at held-out accuracy {acc:.2f}, "
+                           f"outside {TINY_TARGET_ACC}")
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    info = dict(seed=seed, sft_steps=step, heldout_accuracy=acc, seconds=round(time.time() - t0, 1),
+                arith_ops=f"{ops[0]}-{ops[1]}",
+                sft_matmuls="bf16 autocast" if bf16 else "fp32",
+                parameters=sum(p.numel() for p in model.parameters()))
+    (tmp / "warm_start.json").write_text(json.dumps(info, indent=2))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)  # atomic: a half-written model is never cached
+    if not quiet:
+        print(f"warm start: {step} SFT steps, held-out accuracy {acc:.3f}, "
+              f"{info['seconds']}s -> {path}")
+    return path
+
+
+def sft_rows(tokenizer, examples: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """Tokenise each (prompt, solution + EOS) pair once, before training."""
+    eos = tokenizer.eos_token_id
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return [(ids(format_prompt(tokenizer, ex["question"], "arith")), ids(ex["solution"]) + [eos])
+            for ex in examples]
+
+
+def sft_loss(model, tokenizer, rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """Mean next-token cross-entropy on the target tokens only. rows: (prompt ids, target ids)."""
+    width = max(len(p) + len(t) for p, t in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    attn = torch.zeros_like(ids)
+    for i, (p, t) in enumerate(rows):  # right padding is fine for teacher forcing
+        ids[i, : len(p) + len(t)] = torch.tensor(p + t)
+        labels[i, len(p): len(p) + len(t)] = torch.tensor(t)
+        attn[i, : len(p) + len(t)] = 1
+    ids, labels, attn = (t.to(next(model.parameters()).device) for t in (ids, labels, attn))
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]  # [N, W-1, V]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1))

@@ -408,8 +408,9 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1.0
 
 
-def aggregate_loss(per_token_loss: torch.Tensor, completion_mask: torch.Tensor, loss_type: str,
-                   num_sequences: int, num_tokens: float, num_generations: int) -> torch.Tensor:
+def dcpo_aggregate_loss(per_token_loss: torch.Tensor, completion_mask: torch.Tensor,
+                        loss_type: str, num_sequences: int, num_tokens: float,
+                        num_generations: int) -> torch.Tensor:
     """Reduce per-token losses [B, L] to a scalar.
 
         otm           (paper Eq. 8)      (1/P) sum_i (1/|o_i|) sum_t m_it l_it     P = B / G prompts
@@ -446,7 +447,7 @@ def dcpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
     """The DCPO loss of one micro-batch, and its metrics.
 
         l_it = dcpo_per_token_loss_it + beta * k3_it      (DCPO itself uses beta = 0)
-        L    = aggregate_loss(l, m, loss_type)
+        L    = dcpo_aggregate_loss(l, m, loss_type)
 
     logps, old_logps, ref_logps, completion_mask: [b, L]; advantages [b] or [b, L].
     Metrics, over this micro-batch's completion tokens (add them with add_dcpo_metrics):
@@ -470,8 +471,8 @@ def dcpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
         # select before k3 too: its backward at a NaN would give 0 * NaN = NaN
         kl = torch.where(m, k3_kl(torch.where(m, logps, 0.0), torch.where(m, ref_logps, 0.0)), 0.0)
         per_token_loss = per_token_loss + beta * kl
-    loss = aggregate_loss(per_token_loss, completion_mask, loss_type, num_sequences, num_tokens,
-                          num_generations)
+    loss = dcpo_aggregate_loss(per_token_loss, completion_mask, loss_type, num_sequences,
+                               num_tokens, num_generations)
 
     with torch.no_grad():  # metrics, averaged over the micro-batch's completion tokens
         # q: each token's old probability, [b, L]

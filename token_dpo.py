@@ -17,10 +17,10 @@ token of the rejected answer by how "critical" it is: 1 - c_t, where c_t is the 
 probability under the contrast of two models briefly fine-tuned each round, one on the round's
 correct answers and one on its incorrect ones.
 
-    python token_dpo.py                               # CPU: embedded tiny model + arithmetic, TDPO2
+    python token_dpo.py                               # CPU: tiny model + arithmetic, TDPO2
     python token_dpo.py --loss dpo                    # plain DPO (also: tdpo1, tgdpo, cdpo)
     python token_dpo.py --loss cdpo --show-credit 1   # cDPO, printing one rejected answer's weights
-    python token_dpo.py --pairs-file pairs.jsonl      # your own {"prompt", "chosen", "rejected"} lines
+    python token_dpo.py --pairs-file pairs.jsonl      # your own {prompt, chosen, rejected} lines
     python token_dpo.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k   # one GPU, a hub model
 
 On a CPU the default run takes about 2-3 minutes after the warm start: 7 rounds of 128 prompts x
@@ -29,6 +29,12 @@ greedy accuracy from 0.375: TDPO2 0.475, TDPO1 0.49, DPO 0.465, TGDPO 0.425 (one
 problems, so about +-3.5 points of noise); on the last round's fresh samples the sequence KL to
 the reference was 0.82 nats for TDPO2 against 1.39 for DPO.
 
+The loop is grpo.py's, one optimizer step a step: a step that finds no batch left opens a new
+round (1. rollout, 2. a no-grad pass over the fresh samples, 3. the round's pairs), then
+4. one optimizer step on a batch of pairs, 5. log, evaluate, checkpoint. Two flags differ from
+the RL scripts' on purpose: --pairs-per-step (pairs, not prompts, per optimizer step) and
+--sampling-temperature (it shapes only the data: DPO's log-probs always use T = 1).
+
 The loss starts at ln 2 = 0.693 exactly (policy = reference, so every log-ratio is 0), and the
 first TDPO step equals the DPO step (the KL's gradient is 0 there). `logps/chosen` often FALLS
 while training works: watch `rewards/margins`, `rewards/accuracies` and `eval/accuracy`.
@@ -36,11 +42,10 @@ while training works: watch `rewards/margins`, `rewards/accuracies` and `eval/ac
 from __future__ import annotations
 
 import copy
-import json
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Literal, Optional
 
 import torch
@@ -56,7 +61,7 @@ HUB_LEARNING_RATE = 1e-6
 
 @dataclass
 class Args:
-    """Token-level DPO (DPO, TDPO1, TDPO2, TGDPO) on verified on-policy pairs, in rounds."""
+    """Token-level DPO (DPO, TDPO1, TDPO2, TGDPO, cDPO) on verified on-policy pairs, in rounds."""
     # --- run ---
     seed: int = field(default=0, metadata={"range": "[0, SEED_MAX]", "help":
         "random seed (python, numpy, torch, prompt order)"})
@@ -69,7 +74,7 @@ class Args:
     data_dir: Optional[str] = field(default=None, metadata={"range": "data_dir", "help":
         "folder with GSM8K train.jsonl/test.jsonl (default: ../shared/data/gsm8k)"})
     total_steps: int = field(default=80, metadata={"range": ">0", "help":
-        "optimizer steps, each on a batch of prompts_per_step pairs (a round with no pairs uses "
+        "optimizer steps, each on a batch of pairs_per_step pairs (a round with no pairs uses "
         "one step)"})
     eval_every: int = field(default=20, metadata={"range": ">0", "help":
         "greedy held-out evaluation every N steps"})
@@ -89,11 +94,11 @@ class Args:
         "sequences per forward/backward, a pair being 2 (gradient accumulation; same result)"})
     log_completions_every: int = field(default=10, metadata={"range": ">0", "help":
         "write the first group of every N-th round's samples to completions.jsonl"})
-    # --- shared base settings: identical in every script (docs/grpo.md) ---
+    # --- shared base settings: identical in every script (docs/grpo.md, "Defaults") ---
     num_generations: int = field(default=8, metadata={"range": ">=1", "help":
         "G, completions sampled per prompt to build pairs"})
-    prompts_per_step: int = field(default=16, metadata={"range": ">0", "help":
-        "pairs per optimizer step"})
+    pairs_per_step: int = field(default=16, metadata={"range": ">0", "help":
+        "pairs per optimizer step (the RL scripts' --prompts-per-step, counted in pairs)"})
     learning_rate: Optional[float] = field(default=None, metadata={"range": ">0", "help":
         f"AdamW lr; default {HUB_LEARNING_RATE} for hub models, {TINY_LEARNING_RATE} for the "
         "tiny model"})
@@ -104,8 +109,9 @@ class Args:
     gradient_checkpointing: bool = field(default=False, metadata={"help":
         "recompute activations in backward: less memory for bigger models, about one more "
         "forward of compute"})
-    temperature: float = field(default=1.0, metadata={"range": ">0", "help":
-        "sampling temperature for pair building (log-probs always use T = 1)"})
+    sampling_temperature: float = field(default=1.0, metadata={"range": ">0", "help":
+        "temperature of the rounds' samples; unlike the RL scripts' --temperature it never "
+        "touches the log-probs, which always use T = 1"})
     top_p: float = field(default=1.0, metadata={"range": "(0, 1]", "help":
         "nucleus sampling for pair building"})
     top_k: int = field(default=0, metadata={"range": ">=0", "help":
@@ -133,20 +139,84 @@ class Args:
         "TGDPO guidance model (same tokenizer); default: the policy after the first DPO round"})
     kl_chunk_size: int = field(default=256, metadata={"range": ">0", "help":
         "response positions per chunk of the full-vocabulary log-softmax (memory vs speed)"})
-    ce_beta: float = field(default=1.0, metadata={"range": ">=0",
-        "help": "cDPO: lambda in log c = (1+lambda) log pi_pos - lambda log pi_neg - log Z (the "
-                "paper's beta); 0 = the positive model's own probability"})
-    ce_sft_steps: int = field(default=30, metadata={"range": ">=0",
-        "help": "cDPO: AdamW steps of each round's positive and negative fine-tune (each from a "
-                "fresh copy of the reference)"})
-    ce_sft_rows: int = field(default=32, metadata={"range": ">0",
-        "help": "cDPO: rows per fine-tune step, drawn with replacement from the positive (or "
-                "negative) set"})
-    ce_sft_lr: float = field(default=3e-4, metadata={"range": ">0",
-        "help": "cDPO: learning rate of the positive and negative fine-tunes (the paper's 3e-4)"})
-    show_credit: int = field(default=0, metadata={"range": ">=0",
-        "help": "cDPO: every N rounds print one rejected answer with each token's weight w_t "
-                "(colour on a terminal); 0 = off"})
+    ce_beta: float = field(default=1.0, metadata={"range": ">=0", "help":
+        "cDPO: lambda in log c = (1+lambda) log pi_pos - lambda log pi_neg - log Z (the "
+        "paper's beta); 0 = the positive model's own probability"})
+    ce_sft_steps: int = field(default=30, metadata={"range": ">=0", "help":
+        "cDPO: AdamW steps of each round's positive and negative fine-tune (each from a "
+        "fresh copy of the reference)"})
+    ce_sft_rows: int = field(default=32, metadata={"range": ">0", "help":
+        "cDPO: rows per fine-tune step, drawn with replacement from the positive (or "
+        "negative) set"})
+    ce_sft_lr: float = field(default=3e-4, metadata={"range": ">0", "help":
+        "cDPO: learning rate of the positive and negative fine-tunes (the paper's 3e-4)"})
+    show_credit: int = field(default=0, metadata={"range": ">=0", "help":
+        "cDPO: every N rounds print one rejected answer with each token's weight w_t "
+        "(colour on a terminal); 0 = off"})
+
+
+# ----------------------------------------------------------------------------------------
+# ALGO LOGIC: on-policy, verified pairs (what the advantage is to the RL scripts)
+# ----------------------------------------------------------------------------------------
+
+
+def build_pairs(rewards: torch.Tensor, completion_ids: torch.Tensor,
+                completion_mask: torch.Tensor, num_generations: int, pairs_per_prompt: int,
+                generator: torch.Generator) -> tuple[list[tuple[int, int, int]], dict]:
+    """Pair a verified-correct answer with a verified-incorrect one of the same prompt.
+
+        group g = rows [g*G, (g+1)*G);  C = {i : r_i > 0.5},  W = the rest (truncated: r = 0)
+        C or W empty -> skip the prompt (counted as all-correct or all-wrong)
+        else shuffle C and W, zip them: pairs (C[k], W[k]) without reuse, at most
+        pairs_per_prompt; a pair whose response token ids are identical is skipped (no signal)
+
+    rewards [B]; completion_ids, completion_mask [B, L] (mask 1 up to and incl. the first EOS).
+    Returns [(g, chosen_row, rejected_row)] and counts pairs/built, pairs/skipped_all_correct,
+    pairs/skipped_all_wrong, pairs/skipped_identical.
+
+    Example, G = 4: rewards [1,0,0,1, 1,1,1,1, 0,0,0,0, 0,1,0,0] -> (0, 0 or 3, 1 or 2) and
+    (3, 13, 12/14/15); one prompt skipped all-correct and one all-wrong.
+    """
+    G = num_generations
+    lengths = completion_mask.sum(-1).long().tolist()
+    ids, correct = completion_ids.tolist(), (rewards > 0.5).tolist()
+    pairs, counts = [], {"pairs/skipped_all_correct": 0, "pairs/skipped_all_wrong": 0,
+                         "pairs/skipped_identical": 0}
+    for g in range(len(correct) // G):
+        C = [i for i in range(g * G, (g + 1) * G) if correct[i]]
+        W = [i for i in range(g * G, (g + 1) * G) if not correct[i]]
+        if not C or not W:
+            counts["pairs/skipped_all_correct" if C else "pairs/skipped_all_wrong"] += 1
+            continue
+        C = [C[k] for k in torch.randperm(len(C), generator=generator).tolist()]
+        W = [W[k] for k in torch.randperm(len(W), generator=generator).tolist()]
+        made = 0
+        for c, w in zip(C, W):
+            if made == pairs_per_prompt:
+                break
+            if ids[c][:lengths[c]] == ids[w][:lengths[w]]:  # not with a deterministic verifier
+                counts["pairs/skipped_identical"] += 1
+                continue
+            pairs.append((g, c, w))
+            made += 1
+    return pairs, {"pairs/built": len(pairs), **counts}
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    """Index of the first token where a and b differ (the shorter length if one is a prefix)."""
+    return next((t for t, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def pair_stats(pairs: list[dict]) -> dict:
+    """Mean response lengths (sums grow with length: watch for length bias) and where pairs
+    diverge."""
+    if not pairs:
+        return {}
+    n = len(pairs)
+    return {"pairs/len_chosen": sum(len(p["chosen"]) for p in pairs) / n,
+            "pairs/len_rejected": sum(len(p["rejected"]) for p in pairs) / n,
+            "pairs/first_diff_pos": sum(first_difference(p["chosen"], p["rejected"])
+                                        for p in pairs) / n}
 
 
 # ----------------------------------------------------------------------------------------
@@ -158,20 +228,22 @@ KL_MIN = -1e-6  # a KL is >= 0; fp32 rounding stays above this, a bug does not
 
 def _chunk_terms(h: torch.Tensor, h_ref: torch.Tensor, ids: torch.Tensor, head: Callable,
                  ref_head: Callable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """log pi_theta(y_t), log pi_ref(y_t) and KL_t for c positions: h, h_ref [c, H], ids [c] -> [c] x 3."""
-    logp = torch.log_softmax(head(h).float(), dim=-1)                  # [c, V] fp32, this chunk only
-    with torch.no_grad():                                              # the reference never gets a gradient
-        logq = torch.log_softmax(ref_head(h_ref).float(), dim=-1)      # [c, V]
+    """log pi_theta(y_t), log pi_ref(y_t) and KL_t for c positions: h, h_ref [c, H], ids [c]
+    -> [c] x 3."""
+    logp = torch.log_softmax(head(h).float(), dim=-1)              # [c, V] fp32, this chunk only
+    with torch.no_grad():                                          # the reference: no gradient
+        logq = torch.log_softmax(ref_head(h_ref).float(), dim=-1)  # [c, V]
     q = logq.exp()
     # log_softmax keeps log q finite where softmax().log() gives log 0 = -inf and 0 * -inf = NaN.
     # The where also zeroes terms with q == 0 exactly (a -inf logit): they contribute 0.
-    kl = torch.where(q > 0, q * (logq - logp), 0.0).sum(-1)            # [c]
-    return logp.gather(-1, ids[:, None]).squeeze(-1), logq.gather(-1, ids[:, None]).squeeze(-1), kl
+    kl = torch.where(q > 0, q * (logq - logp), 0.0).sum(-1)        # [c]
+    pick = lambda x: x.gather(-1, ids[:, None]).squeeze(-1)        # noqa: E731
+    return pick(logp), pick(logq), kl
 
 
-def token_logps_and_kl(hidden: torch.Tensor, ref_hidden: torch.Tensor, completion_ids: torch.Tensor,
-                       completion_mask: torch.Tensor, head: Optional[Callable] = None,
-                       ref_head: Optional[Callable] = None,
+def token_logps_and_kl(hidden: torch.Tensor, ref_hidden: torch.Tensor,
+                       completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                       head: Optional[Callable] = None, ref_head: Optional[Callable] = None,
                        chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token log-probs of both models and the forward KL from the reference, at T = 1.
 
@@ -195,10 +267,11 @@ def token_logps_and_kl(hidden: torch.Tensor, ref_hidden: torch.Tensor, completio
     identity = lambda x: x  # noqa: E731
     head, ref_head = head or identity, ref_head or identity
     keep = completion_mask > 0                                                    # [N, L]
-    h, h_ref, ids = hidden[keep], ref_hidden[keep].detach(), completion_ids[keep]  # [T, H], [T, H], [T]
+    h, h_ref, ids = hidden[keep], ref_hidden[keep].detach(), completion_ids[keep]  # [T, H], [T]
     parts = []
     for s in range(0, ids.numel(), chunk_size):
-        args = (h[s:s + chunk_size], h_ref[s:s + chunk_size], ids[s:s + chunk_size], head, ref_head)
+        args = (h[s:s + chunk_size], h_ref[s:s + chunk_size], ids[s:s + chunk_size], head,
+                ref_head)
         if torch.is_grad_enabled() and h.requires_grad:
             parts.append(checkpoint(_chunk_terms, *args, use_reentrant=False))
         else:
@@ -208,8 +281,10 @@ def token_logps_and_kl(hidden: torch.Tensor, ref_hidden: torch.Tensor, completio
         return zeros, zeros, zeros
     logp, ref_logp, kl = (torch.cat(x) for x in zip(*parts))                      # [T] each
     if kl.detach().min() < KL_MIN:
-        raise FloatingPointError(f"negative KL_t ({kl.detach().min().item():.3g}): check the order of the models")
-    return zeros.masked_scatter(keep, logp), zeros.masked_scatter(keep, ref_logp).detach(), zeros.masked_scatter(keep, kl)
+        raise FloatingPointError(f"negative KL_t ({kl.detach().min().item():.3g}): check the "
+                                 "order of the models")
+    scatter = lambda x: zeros.masked_scatter(keep, x)                             # noqa: E731
+    return scatter(logp), scatter(ref_logp).detach(), scatter(kl)
 
 
 # ----------------------------------------------------------------------------------------
@@ -228,17 +303,25 @@ def _reduce(per_pair: torch.Tensor, reduction: str) -> torch.Tensor:
     return {"mean": per_pair.mean, "sum": per_pair.sum, "none": lambda: per_pair}[reduction]()
 
 
-def _pair_metrics(z, losses, beta, rho_w, rho_l, logps_w, logps_l, seqkl_w=None, seqkl_l=None) -> dict:
+def _pair_metrics(z, losses, beta, rho_w, rho_l, logps_w, logps_l, seqkl_w=None,
+                  seqkl_l=None) -> dict:
     """TRL's names: rewards = beta * rho (what TRL logs), logps = sums of policy log-probs."""
     r_w, r_l = beta * rho_w.detach(), beta * rho_l.detach()                      # [N]
     m = {"loss": losses.detach().mean(), "z/mean": z.detach().mean(),
-         "rewards/chosen": r_w.mean(), "rewards/rejected": r_l.mean(), "rewards/margins": (r_w - r_l).mean(),
-         "rewards/accuracies": (r_w > r_l).float().mean(),
+         "rewards/chosen": r_w.mean(), "rewards/rejected": r_l.mean(),
+         "rewards/margins": (r_w - r_l).mean(), "rewards/accuracies": (r_w > r_l).float().mean(),
          "logps/chosen": logps_w.detach().mean(), "logps/rejected": logps_l.detach().mean()}
     if seqkl_w is not None:
         kw, kr = seqkl_w.detach(), seqkl_l.detach()
         m.update({"kl/chosen": kw.mean(), "kl/rejected": kr.mean(), "kl/margin": (kr - kw).mean()})
     return {k: float(v) for k, v in m.items()}
+
+
+def _seq_kls(chosen_kl, rejected_kl, chosen_mask, rejected_mask) -> tuple:
+    """SeqKL(y_w), SeqKL(y_l) [N] for the kl/* metrics, or (None, None) without the KL."""
+    if chosen_kl is None:
+        return None, None
+    return masked_sum(chosen_kl, chosen_mask), masked_sum(rejected_kl, rejected_mask)
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
@@ -248,7 +331,7 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
              reduction: str = "mean") -> tuple[torch.Tensor, dict]:
     """DPO (Rafailov et al. 2023), per pair:
 
-        rho(y) = sum_t [log pi_theta(y_t|s_t) - log pi_ref(y_t|s_t)] * m_t     (a sum, no length norm)
+        rho(y) = sum_t [log pi_theta(y_t|s_t) - log pi_ref(y_t|s_t)] * m_t   (a sum, no length norm)
         z = beta * [rho(y_w) - rho(y_l)],   L = softplus(-z) = -log sigmoid(z),  mean over pairs
 
     All [N, L]: policy_* (with gradient), ref_* (without), masks (1 on response tokens incl.
@@ -266,13 +349,14 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     Example: rho(y_w) = ln(.5/.4) + ln(.6/.5) = ln 1.5 = 0.4054651, rho(y_l) =
     ln(.3/.4) + ln(.8/.6) = 0 -> z = 0.0405465, L = 0.6730794. At pi_theta = pi_ref, L = ln 2.
     """
-    rho_w = masked_sum(policy_chosen_logps - ref_chosen_logps, chosen_mask)      # [N]
+    rho_w = masked_sum(policy_chosen_logps - ref_chosen_logps, chosen_mask)        # [N]
     rho_l = masked_sum(policy_rejected_logps - ref_rejected_logps, rejected_mask)  # [N]
     z = beta * (rho_w - rho_l)                                                     # [N]
     losses = F.softplus(-z)  # never log(sigmoid(z)): it underflows to log 0 for z << 0
-    kls = (None, None) if chosen_kl is None else (masked_sum(chosen_kl, chosen_mask), masked_sum(rejected_kl, rejected_mask))
-    metrics = _pair_metrics(z, losses, beta, rho_w, rho_l, masked_sum(policy_chosen_logps, chosen_mask),
-                            masked_sum(policy_rejected_logps, rejected_mask), *kls)
+    metrics = _pair_metrics(z, losses, beta, rho_w, rho_l,
+                            masked_sum(policy_chosen_logps, chosen_mask),
+                            masked_sum(policy_rejected_logps, rejected_mask),
+                            *_seq_kls(chosen_kl, rejected_kl, chosen_mask, rejected_mask))
     return _reduce(losses, reduction), metrics
 
 
@@ -298,9 +382,9 @@ def tdpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
     Example: SeqKL(y_w) = 0.0462264, SeqKL(y_l) = 0.1304650. TDPO1: z = 0.0405465 -
     0.1 * 0.0842386 = 0.0321226, L = 0.6772148. TDPO2 (alpha 0.5): z = 0.0363346, L = 0.6751449.
     """
-    rho_w = masked_sum(policy_chosen_logps - ref_chosen_logps, chosen_mask)      # [N]
+    rho_w = masked_sum(policy_chosen_logps - ref_chosen_logps, chosen_mask)        # [N]
     rho_l = masked_sum(policy_rejected_logps - ref_rejected_logps, rejected_mask)  # [N]
-    seqkl_w, seqkl_l = masked_sum(chosen_kl, chosen_mask), masked_sum(rejected_kl, rejected_mask)  # [N]
+    seqkl_w, seqkl_l = _seq_kls(chosen_kl, rejected_kl, chosen_mask, rejected_mask)  # [N]
     if version == 1:
         z = beta * (rho_w - rho_l) - beta * (seqkl_l - seqkl_w)
     elif version == 2:
@@ -308,7 +392,8 @@ def tdpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
     else:
         raise ValueError(f"TDPO version must be 1 or 2, got {version}")
     losses = F.softplus(-z)                                                        # [N]
-    metrics = _pair_metrics(z, losses, beta, rho_w, rho_l, masked_sum(policy_chosen_logps, chosen_mask),
+    metrics = _pair_metrics(z, losses, beta, rho_w, rho_l,
+                            masked_sum(policy_chosen_logps, chosen_mask),
                             masked_sum(policy_rejected_logps, rejected_mask), seqkl_w, seqkl_l)
     metrics["rewards_tdpo/chosen"] = float((beta * (rho_w + seqkl_w)).detach().mean())
     metrics["rewards_tdpo/rejected"] = float((beta * (rho_l + seqkl_l)).detach().mean())
@@ -318,14 +403,16 @@ def tdpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
 def tgdpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
                ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
                guidance_chosen_logps: torch.Tensor, guidance_rejected_logps: torch.Tensor,
-               chosen_mask: torch.Tensor, rejected_mask: torch.Tensor, beta: float = 0.1, alpha: float = 0.5,
-               chosen_kl: Optional[torch.Tensor] = None, rejected_kl: Optional[torch.Tensor] = None,
+               chosen_mask: torch.Tensor, rejected_mask: torch.Tensor, beta: float = 0.1,
+               alpha: float = 0.5, chosen_kl: Optional[torch.Tensor] = None,
+               rejected_kl: Optional[torch.Tensor] = None,
                reduction: str = "mean") -> tuple[torch.Tensor, dict]:
     """TGDPO (Zhu et al. 2025), in its official code's form:
 
-        r_hat_t(y) = beta [log pi_g(y_t|s_t) - log pi_ref(y_t|s_t)] * m_t        guidance token reward, no grad
+        r_hat_t(y) = beta [log pi_g(y_t|s_t) - log pi_ref(y_t|s_t)] * m_t     (no gradient)
         rho_t(y)   = [log pi_theta(y_t|s_t) - log pi_ref(y_t|s_t)] * m_t
-        z = sum_t beta (1 + alpha r_hat_t(y_w)) rho_t(y_w) - sum_t beta (1 - alpha r_hat_t(y_l)) rho_t(y_l)
+        z = sum_t beta (1 + alpha r_hat_t(y_w)) rho_t(y_w)
+            - sum_t beta (1 - alpha r_hat_t(y_l)) rho_t(y_l)
         L = softplus(-z)
 
     A token the guidance model likes in y_w (r_hat > 0), or dislikes in y_l (r_hat < 0), gets a
@@ -344,21 +431,23 @@ def tgdpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.T
     Example: r_hat(y_w) = 0.1 (ln(.6/.4), ln(.5/.5)) = (0.0405465, 0), r_hat(y_l) =
     0.1 (ln(.2/.4), 0) = (-0.0693147, 0) -> z = 0.0419959, L = 0.6723697.
     """
-    rho_t_w = torch.where(chosen_mask > 0, policy_chosen_logps - ref_chosen_logps, 0.0)        # [N, L]
-    rho_t_l = torch.where(rejected_mask > 0, policy_rejected_logps - ref_rejected_logps, 0.0)  # [N, L]
-    rhat_w = beta * torch.where(chosen_mask > 0, guidance_chosen_logps - ref_chosen_logps, 0.0).detach()
-    rhat_l = beta * torch.where(rejected_mask > 0, guidance_rejected_logps - ref_rejected_logps, 0.0).detach()
-    weight_w, weight_l = 1.0 + alpha * rhat_w, 1.0 - alpha * rhat_l                             # [N, L]
-    z = beta * (weight_w * rho_t_w).sum(-1) - beta * (weight_l * rho_t_l).sum(-1)               # [N]
-    losses = F.softplus(-z)
-    kls = (None, None) if chosen_kl is None else (masked_sum(chosen_kl, chosen_mask), masked_sum(rejected_kl, rejected_mask))
-    metrics = _pair_metrics(z, losses, beta, rho_t_w.sum(-1), rho_t_l.sum(-1), masked_sum(policy_chosen_logps, chosen_mask),
-                            masked_sum(policy_rejected_logps, rejected_mask), *kls)
     mw, ml = chosen_mask > 0, rejected_mask > 0
+    rho_t_w = torch.where(mw, policy_chosen_logps - ref_chosen_logps, 0.0)            # [N, L]
+    rho_t_l = torch.where(ml, policy_rejected_logps - ref_rejected_logps, 0.0)        # [N, L]
+    rhat_w = beta * torch.where(mw, guidance_chosen_logps - ref_chosen_logps, 0.0).detach()
+    rhat_l = beta * torch.where(ml, guidance_rejected_logps - ref_rejected_logps, 0.0).detach()
+    weight_w, weight_l = 1.0 + alpha * rhat_w, 1.0 - alpha * rhat_l                   # [N, L]
+    z = beta * (weight_w * rho_t_w).sum(-1) - beta * (weight_l * rho_t_l).sum(-1)     # [N]
+    losses = F.softplus(-z)
+    metrics = _pair_metrics(z, losses, beta, rho_t_w.sum(-1), rho_t_l.sum(-1),
+                            masked_sum(policy_chosen_logps, chosen_mask),
+                            masked_sum(policy_rejected_logps, rejected_mask),
+                            *_seq_kls(chosen_kl, rejected_kl, chosen_mask, rejected_mask))
     negative = ((weight_w < 0) & mw).sum() + ((weight_l < 0) & ml).sum()
     metrics.update({"tgdpo/rhat_chosen_mean": float(rhat_w.sum() / mw.sum().clamp(min=1)),
                     "tgdpo/rhat_rejected_mean": float(rhat_l.sum() / ml.sum().clamp(min=1)),
-                    "tgdpo/negative_weight_frac": float(negative / (mw.sum() + ml.sum()).clamp(min=1))})
+                    "tgdpo/negative_weight_frac": float(negative
+                                                        / (mw.sum() + ml.sum()).clamp(min=1))})
     return _reduce(losses, reduction), metrics
 
 
@@ -568,8 +657,8 @@ def add_cdpo_weights(pairs: list[dict], pos_rows: list, neg_rows: list, ref_mode
     with torch.no_grad():
         for s in range(0, len(pairs), n):
             mb = pairs[s:s + n]
-            batch = collate_pairs(mb, tokenizer.pad_token_id, device)
-            hp, hn = (response_hidden_states(m, *batch) for m in (pos_model, neg_model))
+            batch = common.collate_pairs(mb, tokenizer.pad_token_id, device)
+            hp, hn = (common.response_hidden_states(m, *batch) for m in (pos_model, neg_model))
             w, lp, ln = cdpo_weights(hp, hn, batch[2], batch[3], args.ce_beta, *heads,
                                      chunk_size=args.kl_chunk_size, with_logps=True)   # [2n, L]
             for half, d, m in zip(("chosen", "rejected"), (lp - ln).chunk(2), batch[3].chunk(2)):
@@ -584,11 +673,6 @@ def add_cdpo_weights(pairs: list[dict], pos_rows: list, neg_rows: list, ref_mode
             "cdpo/contrast_chosen": contrast["chosen"][0] / max(contrast["chosen"][1], 1.0),
             "cdpo/contrast_rejected": contrast["rejected"][0] / max(contrast["rejected"][1], 1.0),
             "cdpo/sft_seconds": time.time() - t0}
-
-
-def first_difference(a: list[int], b: list[int]) -> int:
-    """Index of the first token where a and b differ (the shorter length if one is a prefix)."""
-    return next((t for t, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def cdpo_weight_stats(pairs: list[dict], eos_id: int, golds: Optional[list] = None) -> dict:
@@ -630,204 +714,6 @@ def cdpo_weight_stats(pairs: list[dict], eos_id: int, golds: Optional[list] = No
     return {k: v for k, v in m.items() if not math.isnan(v)}
 
 
-# ----------------------------------------------------------------------------------------
-# ALGO LOGIC: on-policy, verified pairs
-# ----------------------------------------------------------------------------------------
-
-
-def build_pairs(rewards: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                num_generations: int, pairs_per_prompt: int, generator: torch.Generator
-                ) -> tuple[list[tuple[int, int, int]], dict]:
-    """Pair a verified-correct answer with a verified-incorrect one of the same prompt.
-
-        group g = rows [g*G, (g+1)*G);   C = {i : r_i > 0.5},  W = the rest (truncated rows come with r = 0)
-        C or W empty -> skip the prompt (counted as all-correct or all-wrong)
-        else shuffle C and W, zip them: pairs (C[k], W[k]) without reuse, at most pairs_per_prompt;
-        a pair whose response token ids are identical is skipped (it carries no signal)
-
-    rewards [B]; completion_ids, completion_mask [B, L] (mask 1 up to and incl. the first EOS).
-    Returns [(g, chosen_row, rejected_row)] and counts pairs/built, pairs/skipped_all_correct,
-    pairs/skipped_all_wrong, pairs/skipped_identical.
-
-    Example, G = 4: rewards [1,0,0,1, 1,1,1,1, 0,0,0,0, 0,1,0,0] -> (0, 0 or 3, 1 or 2) and
-    (3, 13, 12/14/15); one prompt skipped all-correct and one all-wrong.
-    """
-    G = num_generations
-    lengths = completion_mask.sum(-1).long().tolist()
-    ids, correct = completion_ids.tolist(), (rewards > 0.5).tolist()
-    pairs, counts = [], {"pairs/skipped_all_correct": 0, "pairs/skipped_all_wrong": 0, "pairs/skipped_identical": 0}
-    for g in range(len(correct) // G):
-        C = [i for i in range(g * G, (g + 1) * G) if correct[i]]
-        W = [i for i in range(g * G, (g + 1) * G) if not correct[i]]
-        if not C or not W:
-            counts["pairs/skipped_all_correct" if C else "pairs/skipped_all_wrong"] += 1
-            continue
-        C = [C[k] for k in torch.randperm(len(C), generator=generator).tolist()]
-        W = [W[k] for k in torch.randperm(len(W), generator=generator).tolist()]
-        made = 0
-        for c, w in zip(C, W):
-            if made == pairs_per_prompt:
-                break
-            if ids[c][:lengths[c]] == ids[w][:lengths[w]]:  # impossible with a deterministic verifier
-                counts["pairs/skipped_identical"] += 1
-                continue
-            pairs.append((g, c, w))
-            made += 1
-    return pairs, {"pairs/built": len(pairs), **counts}
-
-
-def pair_stats(pairs: list[dict]) -> dict:
-    """Mean response lengths (sums grow with length: watch for length bias) and where pairs diverge."""
-    if not pairs:
-        return {}
-    first_diff = []
-    for p in pairs:
-        c, r = p["chosen"], p["rejected"]
-        first_diff.append(next((t for t, (a, b) in enumerate(zip(c, r)) if a != b), min(len(c), len(r))))
-    n = len(pairs)
-    return {"pairs/len_chosen": sum(len(p["chosen"]) for p in pairs) / n,
-            "pairs/len_rejected": sum(len(p["rejected"]) for p in pairs) / n,
-            "pairs/first_diff_pos": sum(first_diff) / n}
-
-
-# ----------------------------------------------------------------------------------------
-# Preference data from a file, and batching of pairs (boilerplate)
-# ----------------------------------------------------------------------------------------
-
-
-def read_preference_jsonl(path: str) -> list[dict]:
-    """Rows {"prompt": str, "chosen": str, "rejected": str} of a JSONL file (extra keys ignored).
-
-    Any bad line raises UserError with one line "<path>:<line>: <problem>; <fix>".
-    """
-    fields = 'each line must be a JSON object with non-empty string fields "prompt", "chosen" and "rejected"'
-    if not Path(path).is_file():
-        raise UserError(f"--pairs-file {path} does not exist; pass a JSONL file, one pair per line ({fields})")
-    rows = []
-    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
-        for lineno, line in enumerate(fh, 1):
-            common.check_utf8(line, f"{path}:{lineno}", "--pairs-file")  # one line, no traceback
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); {fields}") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}; {fields}")
-            for key in ("prompt", "chosen", "rejected"):
-                if not isinstance(row.get(key), str) or not row[key].strip():
-                    problem = "missing" if key not in row else "not a non-empty string"
-                    raise UserError(f"{path}:{lineno}: '{key}' is {problem}; {fields}")
-            if row["chosen"] == row["rejected"]:
-                raise UserError(f"{path}:{lineno}: 'chosen' equals 'rejected', which carries no preference; "
-                                "drop the line or fix one answer")
-            rows.append({k: row[k] for k in ("prompt", "chosen", "rejected")})
-    if not rows:
-        raise UserError(f"{path} holds no pairs; {fields}")
-    return rows
-
-
-def tokenize_pairs(rows: list[dict], tokenizer, task: str, context: Optional[int]) -> list[dict]:
-    """Text pairs -> token-id pairs. The prompt is formatted like the task's prompts; a response
-    is tokenised on its own (no merge across the boundary) and ends with EOS, as a finished answer."""
-    out = []
-    for i, r in enumerate(rows, 1):
-        prompt = tokenizer(common.format_prompt(tokenizer, r["prompt"], task), add_special_tokens=False)["input_ids"]
-        chosen, rejected = (tokenizer(r[k], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                            for k in ("chosen", "rejected"))
-        if context is not None and len(prompt) + max(len(chosen), len(rejected)) > context:
-            raise UserError(f"pair {i} of --pairs-file has {len(prompt) + max(len(chosen), len(rejected))} tokens, "
-                            f"more than the model's context of {context}; shorten it or drop it")
-        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    return out
-
-
-def right_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """[[5,6],[7]] -> ids [[5,6],[7,pad]], mask [[1,1],[1,0]] (float, built from lengths, never ids != pad)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width))
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1.0
-    return ids.to(device), mask.to(device)
-
-
-def collate_pairs(pairs: list[dict], pad_id: int, device) -> tuple[torch.Tensor, ...]:
-    """N pairs -> one batch of 2N sequences, [chosen_1..chosen_N; rejected_1..rejected_N]:
-    prompt ids/mask [2N, P] (left-padded), completion ids/mask [2N, L] (right-padded)."""
-    prompt_ids, prompt_mask = common.left_pad([p["prompt"] for p in pairs] * 2, pad_id, device)
-    completion_ids, completion_mask = right_pad([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
-                                                pad_id, device)
-    return prompt_ids, prompt_mask, completion_ids, completion_mask
-
-
-def response_hidden_states(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                           completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden states [B, L, H] at the positions that predict each completion token.
-
-    The model body runs without its LM head, so no [B, L, V] logits are built: the head is
-    applied chunk by chunk in `token_logps_and_kl`. Position ids as in common.per_token_logps.
-    """
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)                  # [B, P+L]
-    attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 use_cache=False).last_hidden_state              # [B, P+L, H]
-    P, L = prompt_ids.size(1), completion_ids.size(1)
-    return hidden[:, P - 1:P - 1 + L]                                           # hidden j predicts token j+1
-
-
-def check_plain_lm_head(model, device) -> None:
-    """Refuse models whose logits are not head(last hidden state) (e.g. soft-capped logits)."""
-    ids = torch.tensor([[1, 2, 3]], device=device)
-    with torch.no_grad():
-        full = model(input_ids=ids).logits.float()
-        ours = model.get_output_embeddings()(model.get_decoder()(input_ids=ids).last_hidden_state).float()
-    if not torch.allclose(full, ours, rtol=1e-2, atol=1e-2 * max(1.0, full.abs().max().item())):
-        raise UserError("this model transforms its logits after the LM head (e.g. soft-capping), which "
-                        "token_dpo.py does not reproduce; pass --model with a plain causal LM (Llama, Qwen, ...)")
-
-
-def load_frozen(name: str, device, dtype, arith_ops: str = "2-4"):
-    m, _ = common.load_model_and_tokenizer(name, device, dtype, arith_ops)
-    return m.requires_grad_(False)
-
-
-@torch.no_grad()
-def fresh_sample_stats(model, ref_model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                       micro_batch_size: int) -> dict:
-    """On the round's fresh samples y ~ pi_theta: the sequence KL(pi_theta || pi_ref), estimated as
-    mean_y sum_t [log pi_theta - log pi_ref] (the x-axis of TDPO's reward-KL frontier), and the
-    mean token entropy. T = 1, in micro-batches."""
-    seq_kl, ent_sum = [], 0.0
-    for s in range(0, completion_ids.size(0), micro_batch_size):
-        b = (prompt_ids[s:s + micro_batch_size], prompt_mask[s:s + micro_batch_size],
-             completion_ids[s:s + micro_batch_size], completion_mask[s:s + micro_batch_size])
-        lp, ent = common.per_token_logps(model, *b, 1.0, with_entropy=True)
-        lq, _ = common.per_token_logps(ref_model, *b, 1.0)
-        seq_kl.append(masked_sum(lp - lq, b[3]))
-        ent_sum += (ent * b[3]).sum().item()
-    return {"round/seq_kl_to_ref": torch.cat(seq_kl).mean().item(), "entropy": ent_sum / completion_mask.sum().item()}
-
-
-def check_cdpo_args(args) -> None:
-    """Refuse bad cDPO flags with one line that names the fix."""
-    if args.show_credit < 0:
-        raise UserError(f"--show-credit must be 0 (off) or a number of rounds, got "
-                        f"{args.show_credit}; pass e.g. --show-credit 1")
-    if args.loss != "cdpo":
-        return
-    common.check_positive(ce_sft_rows=args.ce_sft_rows, ce_sft_lr=args.ce_sft_lr)
-    if args.ce_sft_steps < 0:
-        raise UserError(f"--ce-sft-steps must be 0 or more, got {args.ce_sft_steps}; "
-                        "pass e.g. --ce-sft-steps 30")
-    if not (math.isfinite(args.ce_beta) and args.ce_beta >= 0):
-        raise UserError(f"--ce-beta must be a number >= 0, got {args.ce_beta}; "
-                        "pass e.g. --ce-beta 1")
-
-
 def cdpo_sets(texts: list[str], rewards: torch.Tensor, completion_ids: torch.Tensor, tokenizer,
               idx: list[int], train: list[dict], train_prompt_ids: list, G: int, found: list,
               args, round_no: int) -> tuple[tuple[list, list], Optional[list], dict]:
@@ -859,6 +745,51 @@ def cdpo_credit_view(pair: dict, tokenizer, gold: Optional[list[int]] = None) ->
     return head + ":\n" + common.credit_view(tokenizer, ids, w, torch.ones_like(w))
 
 
+# ----------------------------------------------------------------------------------------
+# The rounds: the method's state across steps, and what each round measures
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rounds:
+    """The DPO rounds, saved in every checkpoint under one name (Run's algo_state).
+
+    round: the current round's number; rounds_trained: rounds whose batches are all used;
+    pairs: the round's pairs of token ids (cDPO: with their "rejected_weights", so a resume
+    never fine-tunes again); queue: the round's batches still to train on, as indices into
+    pairs; guidance_dir: TGDPO's frozen guidance model, once saved.
+    """
+    round: int = 0
+    rounds_trained: int = 0
+    pairs: list = field(default_factory=list)
+    queue: list = field(default_factory=list)
+    guidance_dir: Optional[str] = None
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+@torch.no_grad()
+def fresh_sample_stats(model, ref_model, prompt_ids, prompt_mask, completion_ids,
+                       completion_mask, micro_batch_size: int) -> dict:
+    """On the round's fresh samples y ~ pi_theta: the sequence KL(pi_theta || pi_ref),
+    estimated as mean_y sum_t [log pi_theta - log pi_ref] (the x-axis of TDPO's reward-KL
+    frontier), and the mean token entropy. T = 1, in micro-batches."""
+    seq_kl, ent_sum = [], 0.0
+    for s in range(0, completion_ids.size(0), micro_batch_size):
+        b = (prompt_ids[s:s + micro_batch_size], prompt_mask[s:s + micro_batch_size],
+             completion_ids[s:s + micro_batch_size], completion_mask[s:s + micro_batch_size])
+        lp, ent = common.per_token_logps(model, *b, 1.0, with_entropy=True)
+        lq, _ = common.per_token_logps(ref_model, *b, 1.0)
+        seq_kl.append(masked_sum(lp - lq, b[3]))
+        ent_sum += (ent * b[3]).sum().item()
+    return {"round/seq_kl_to_ref": torch.cat(seq_kl).mean().item(),
+            "entropy": ent_sum / completion_mask.sum().item()}
+
 
 # ----------------------------------------------------------------------------------------
 # Training loop
@@ -868,127 +799,150 @@ def cdpo_credit_view(pair: dict, tokenizer, gold: Optional[list[int]] = None) ->
 def main(args: Args) -> dict:
     # ---- setup (boilerplate) ----
     if args.num_generations < 2 and args.pairs_file is None:
-        raise UserError(f"--num-generations must be at least 2 (got {args.num_generations}): a pair needs a "
-                        "correct and an incorrect answer to the same prompt; pass --num-generations 2 or more")
-    check_cdpo_args(args)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+        raise UserError(f"--num-generations must be at least 2 (got {args.num_generations}): a "
+                        "pair needs a correct and an incorrect answer to the same prompt; pass "
+                        "--num-generations 2 or more")
+    device = common.resolve_device(args.device)
     dtype = common.resolve_dtype(args.dtype, device)
     max_len = (common.default_max_len(args.task, args.arith_ops)
                if args.max_completion_length is None else args.max_completion_length)
     lr = ((TINY_LEARNING_RATE if args.model == common.TINY else HUB_LEARNING_RATE)
           if args.learning_rate is None else args.learning_rate)
-    G, P = args.num_generations, args.prompts_per_step
-    pairs_per_micro = max(1, args.micro_batch_size // 2)
+    G, P = args.num_generations, args.pairs_per_step
 
     train = common.load_task(args.task, "train", args.data_dir, args.arith_ops)
     heldout = common.load_task(args.task, "test", args.data_dir, args.arith_ops)[: args.eval_size]
-    file_rows = read_preference_jsonl(args.pairs_file) if args.pairs_file else None
+    file_rows = common.read_preference_jsonl(args.pairs_file) if args.pairs_file else None
     common.seed_everything(args.seed)
     model, tokenizer = common.load_model_and_tokenizer(args.model, device, dtype, args.arith_ops)
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
-    check_plain_lm_head(model, device)
-    train_prompt_ids = common.tokenize_prompts(tokenizer, train, args.task, common.context_length(model), max_len)
-    file_pairs = None if file_rows is None else tokenize_pairs(file_rows, tokenizer, args.task, common.context_length(model))
+    common.check_plain_lm_head(model, device)
+    eos = tokenizer.eos_token_id
+    train_prompt_ids = common.tokenize_prompts(tokenizer, train, args.task,
+                                               common.context_length(model), max_len)
+    file_pairs = None if file_rows is None else common.tokenize_pairs(
+        file_rows, tokenizer, args.task, common.context_length(model))
     # pi_ref is the warm-start model, frozen for every round (docs/token_dpo.md)
-    ref_model = load_frozen(args.model, device, dtype, args.arith_ops)
-    guidance = load_frozen(args.guidance_model, device, dtype) if args.loss == "tgdpo" and args.guidance_model else None
-    head, ref_head = model.get_output_embeddings(), ref_model.get_output_embeddings()
+    ref_model = common.load_frozen(args.model, device, dtype, args.arith_ops)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     sampler = common.PromptSampler(len(train), args.seed)
 
-    run = common.Run(args, model, tokenizer, optimizer, sampler)
-    state = run.state  # step, start accuracy, and the round: its number, its pairs, the batches left
-    for key, value in {"round": 0, "rounds_trained": 0, "pairs": [], "queue": []}.items():
-        state.setdefault(key, value)
-    if guidance is None and state.get("guidance_dir"):
-        guidance = load_frozen(state["guidance_dir"], device, dtype)
+    # ---- ALGO LOGIC: the method's state across steps, and what it needs before each update ----
+    rounds = Rounds()                                   # the round's pairs and batches left
+    algo_state = {"rounds": rounds}
+    guidance = None                                     # TGDPO's pi_g: a given model, or later
+    if args.loss == "tgdpo" and args.guidance_model:    # the policy after its first round
+        guidance = common.load_frozen(args.guidance_model, device, dtype)
+    head, ref_head = model.get_output_embeddings(), ref_model.get_output_embeddings()
+
+    run = common.Run(args, model, tokenizer, optimizer, sampler, algo_state)
+    state = run.state  # step, start accuracy, and algo_state (restored on --resume)
+    if guidance is None and rounds.guidance_dir:
+        guidance = common.load_frozen(rounds.guidance_dir, device, dtype)
     if "start_accuracy" not in state:
         state["start_accuracy"] = common.evaluate(model, tokenizer, heldout, args.task, max_len)
         run.logger.log(0, {"eval/accuracy": state["start_accuracy"]})
     eval_acc, t_start = state["start_accuracy"], time.time()
 
-    bar = common.progress(range(state["step"] + 1, args.total_steps + 1), "token_dpo")
+    bar = common.progress(range(state["step"] + 1, args.total_steps + 1), run.algo)
     for step in bar:
         t0, metrics = time.time(), {}
-        # ---- 1. a new round when the last one's batches are used up ----
-        if not state["queue"]:
-            if args.loss == "tgdpo" and guidance is None and state["rounds_trained"] >= 1:
-                # TGDPO's guidance: the policy after a DPO round, frozen (saved so --resume finds it)
-                guidance = copy.deepcopy(model).requires_grad_(False)
-                state["guidance_dir"] = str(run.run_dir / "guidance")
-                guidance.save_pretrained(state["guidance_dir"])
-                tokenizer.save_pretrained(state["guidance_dir"])
-            state["round"] += 1
-            gen = torch.Generator().manual_seed(args.seed * 100003 + state["round"])
+        if not rounds.queue:  # steps 1-3 open a new round when the last one's batches are used
+            rounds.round += 1
+            gen = torch.Generator().manual_seed(args.seed * 100003 + rounds.round)
+            # ---- 1. rollout: G answers per prompt from the CURRENT policy, verified ----
+            if file_pairs is None:
+                idx = sampler.next(args.prompts_per_round)
+                prompt_ids, prompt_mask = common.left_pad([train_prompt_ids[i] for i in idx],
+                                                          tokenizer.pad_token_id, device)
+                completion_ids = common.generate(model, tokenizer, prompt_ids, prompt_mask,
+                                                 max_len, G, args.sampling_temperature,
+                                                 args.top_p, args.top_k)
+                prompt_ids = prompt_ids.repeat_interleave(G, 0)
+                prompt_mask = prompt_mask.repeat_interleave(G, 0)
+                completion_mask = common.completion_mask_from_ids(completion_ids, eos)
+                texts = common.decode_completions(tokenizer, completion_ids)
+                answers = [train[i]["answer"] for i in idx for _ in range(G)]
+                # truncated = wrong: a cut-off answer is never "chosen"
+                rewards = common.finished_rewards(texts, answers, completion_ids, eos)
+                metrics.update(common.rollout_metrics(rewards, completion_ids, completion_mask,
+                                                      eos, G))
+
+                # ---- 2. one no-grad pass: the fresh samples' KL to the reference, entropy ----
+                metrics.update(fresh_sample_stats(model, ref_model, prompt_ids, prompt_mask,
+                                                  completion_ids, completion_mask,
+                                                  args.micro_batch_size))
+                if (rounds.round - 1) % args.log_completions_every == 0:
+                    run.logger.log_completions(step, [train[idx[0]]["question"]] * G, texts[:G],
+                                               rewards[:G].tolist())
+
+            # ---- 3. ALGO LOGIC: the round's pairs (cDPO: and their token weights) ----
             golds = ce_rows = None
-            if file_pairs is not None:  # the user's pairs replace sampling; the same loss code runs
-                # cDPO: the file never changes, so round 1's weights (kept in state) are reused
-                pairs = state["pairs"] if args.loss == "cdpo" and state["pairs"] else file_pairs
+            if file_pairs is not None:  # the user's pairs replace sampling; the same loss runs
+                # cDPO: the file never changes, so round 1's weights (kept in rounds) are reused
+                pairs = rounds.pairs if args.loss == "cdpo" and rounds.pairs else file_pairs
                 metrics["pairs/built"] = len(pairs)
                 ce_rows = ([(p["prompt"], p["chosen"]) for p in pairs],
                            [(p["prompt"], p["rejected"]) for p in pairs])
-            else:  # ALGO LOGIC: G answers per prompt from the CURRENT policy, verified, then paired
-                idx = sampler.next(args.prompts_per_round)
-                prompt_ids, prompt_mask = common.left_pad([train_prompt_ids[i] for i in idx], tokenizer.pad_token_id, device)
-                completion_ids = common.generate(model, tokenizer, prompt_ids, prompt_mask, max_len, G,
-                                                 args.temperature, args.top_p, args.top_k)
-                completion_mask = common.completion_mask_from_ids(completion_ids, tokenizer.eos_token_id)
-                texts = common.decode_completions(tokenizer, completion_ids)
-                # truncated = wrong: a cut-off answer is never "chosen"
-                rewards = common.finished_rewards(texts, [train[i]["answer"] for i in idx for _ in range(G)],
-                                                  completion_ids, tokenizer.eos_token_id)
-                found, counts = build_pairs(rewards, completion_ids.cpu(), completion_mask.cpu(), G,
-                                            args.pairs_per_prompt, gen)
+            else:
+                found, counts = build_pairs(rewards, completion_ids.cpu(), completion_mask.cpu(),
+                                            G, args.pairs_per_prompt, gen)
                 ids, lengths = completion_ids.tolist(), completion_mask.sum(1).long().tolist()
                 pairs = [{"prompt": train_prompt_ids[idx[g]], "chosen": ids[c][:lengths[c]],
                           "rejected": ids[w][:lengths[w]]} for g, c, w in found]
-                metrics.update(common.rollout_metrics(rewards, completion_ids, completion_mask, tokenizer.eos_token_id, G),
-                               **counts, **fresh_sample_stats(model, ref_model, prompt_ids.repeat_interleave(G, 0),
-                                                              prompt_mask.repeat_interleave(G, 0), completion_ids,
-                                                              completion_mask, args.micro_batch_size))
-                if (state["round"] - 1) % args.log_completions_every == 0:
-                    run.logger.log_completions(step, [train[idx[0]]["question"]] * G, texts[:G], rewards[:G].tolist())
-                if args.loss == "cdpo" and pairs:  # ALGO LOGIC: cDPO's sets, the round's samples
-                    ce_rows, golds, fallback = cdpo_sets(texts, rewards, completion_ids, tokenizer,
-                                                         idx, train, train_prompt_ids, G, found,
-                                                         args, state["round"])
+                metrics.update(counts)
+                if args.loss == "cdpo" and pairs:  # cDPO's two sets, from the round's samples
+                    ce_rows, golds, fallback = cdpo_sets(texts, rewards, completion_ids,
+                                                         tokenizer, idx, train, train_prompt_ids,
+                                                         G, found, args, rounds.round)
                     metrics.update(fallback)
             if args.loss == "cdpo" and pairs and "rejected_weights" not in pairs[0]:
                 metrics.update(add_cdpo_weights(pairs, *ce_rows, ref_model, tokenizer, args,
-                                                state["round"], device))
-                metrics.update(cdpo_weight_stats(pairs, tokenizer.eos_token_id, golds))
-                bar.write(f"step {step}: round {state['round']}: cDPO fine-tuned its positive and "
+                                                rounds.round, device))
+                metrics.update(cdpo_weight_stats(pairs, eos, golds))
+                bar.write(f"step {step}: round {rounds.round}: cDPO fine-tuned its positive and "
                           f"negative models on {len(ce_rows[0])} and {len(ce_rows[1])} rows "
                           f"({metrics['cdpo/sft_seconds']:.1f} s)")
-                if args.show_credit and (state["round"] - 1) % args.show_credit == 0:
+                if args.show_credit and (rounds.round - 1) % args.show_credit == 0:
                     bar.write(cdpo_credit_view(pairs[0], tokenizer, golds[0] if golds else None))
-            state["pairs"] = pairs
+            if args.loss == "tgdpo" and guidance is None and rounds.rounds_trained >= 1:
+                # TGDPO's guidance: the policy after a DPO round, frozen (saved for --resume)
+                guidance = copy.deepcopy(model).requires_grad_(False)
+                rounds.guidance_dir = str(run.run_dir / "guidance")
+                guidance.save_pretrained(rounds.guidance_dir)
+                tokenizer.save_pretrained(rounds.guidance_dir)
+            rounds.pairs = pairs
             for _ in range(args.epochs_per_round):
                 order = torch.randperm(len(pairs), generator=gen).tolist()
-                state["queue"] += [order[s:s + P] for s in range(0, len(pairs), P)]
-            metrics.update(pair_stats(pairs), round=state["round"])
+                rounds.queue += [order[s:s + P] for s in range(0, len(pairs), P)]
+            metrics.update(pair_stats(pairs), round=rounds.round)
             if not pairs:
-                bar.write(f"step {step}: round {state['round']} found no pair (every prompt all-correct or "
-                          "all-wrong); it trains nothing, the next step samples a new round")
+                bar.write(f"step {step}: round {rounds.round} found no pair (every prompt "
+                          "all-correct or all-wrong); it trains nothing, the next step samples "
+                          "a new round")
 
-        # ---- 2. ALGO LOGIC: one optimizer step on a batch of pairs ----
-        if state["queue"]:
-            batch = [state["pairs"][i] for i in state["queue"].pop(0)]
-            loss_name = "dpo" if args.loss == "tgdpo" and guidance is None else args.loss  # TGDPO's first round is DPO
+        # ---- 4. ALGO LOGIC: one optimizer step on a batch of pairs ----
+        if rounds.queue:
+            batch = [rounds.pairs[i] for i in rounds.queue.pop(0)]
+            # TGDPO's first round, before it has a guidance model, is DPO
+            loss_name = "dpo" if args.loss == "tgdpo" and guidance is None else args.loss
             avg = common.MetricAverager()
-            for s in range(0, len(batch), pairs_per_micro):
-                mb = batch[s:s + pairs_per_micro]
-                prompt_ids, prompt_mask, completion_ids, completion_mask = collate_pairs(mb, tokenizer.pad_token_id, device)
-                # ONE forward for [chosen; rejected]; the reference (and guidance) without gradients
-                hidden = response_hidden_states(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+            n = max(1, args.micro_batch_size // 2)  # pairs per micro-batch
+            for mb in [batch[s:s + n] for s in range(0, len(batch), n)]:
+                inputs = common.collate_pairs(mb, tokenizer.pad_token_id, device)
+                prompt_ids, prompt_mask, completion_ids, completion_mask = inputs
+                # ONE forward for [chosen; rejected]; the reference (and guidance) without grad
+                hidden = common.response_hidden_states(model, *inputs)
                 with torch.no_grad():
-                    ref_hidden = response_hidden_states(ref_model, prompt_ids, prompt_mask, completion_ids, completion_mask)
-                logps, ref_logps, kl = token_logps_and_kl(hidden, ref_hidden, completion_ids, completion_mask,
-                                                          head, ref_head, args.kl_chunk_size)      # [2n, L] each
+                    ref_hidden = common.response_hidden_states(ref_model, *inputs)
+                logps, ref_logps, kl = token_logps_and_kl(hidden, ref_hidden, completion_ids,
+                                                          completion_mask, head, ref_head,
+                                                          args.kl_chunk_size)    # [2n, L] each
                 if not loss_name.startswith("tdpo"):
                     kl = kl.detach()  # logged only: TDPO's panels, for every loss
-                (pw, pl), (rw, rl), (mw, ml), (kw, kr) = (t.chunk(2) for t in (logps, ref_logps, completion_mask, kl))
+                (pw, pl), (rw, rl), (mw, ml), (kw, kr) = (
+                    t.chunk(2) for t in (logps, ref_logps, completion_mask, kl))
                 if loss_name == "dpo":
                     loss, m = dpo_loss(pw, pl, rw, rl, mw, ml, args.beta, kw, kr, reduction="sum")
                 elif loss_name in ("tdpo1", "tdpo2"):
@@ -1002,24 +956,26 @@ def main(args: Args) -> dict:
                                         reduction="sum")
                 else:
                     with torch.no_grad():
-                        g_logps, _ = common.per_token_logps(guidance, prompt_ids, prompt_mask, completion_ids,
-                                                            completion_mask, 1.0)
+                        g_logps, _ = common.per_token_logps(guidance, *inputs, 1.0)
                     gw, gl = g_logps.chunk(2)
-                    loss, m = tgdpo_loss(pw, pl, rw, rl, gw, gl, mw, ml, args.beta, args.alpha, kw, kr, reduction="sum")
-                (loss / len(batch)).backward()  # sum over micro-batches / pairs in the step = mean over pairs
+                    loss, m = tgdpo_loss(pw, pl, rw, rl, gw, gl, mw, ml, args.beta, args.alpha,
+                                         kw, kr, reduction="sum")
+                (loss / len(batch)).backward()  # sum over micro-batches / pairs = mean over pairs
                 avg.add(m, weight=len(mb))
             grad_norm = common.optimizer_step(model, optimizer, args.max_grad_norm, avg)
             metrics.update(avg.means(), grad_norm=grad_norm, num_pairs=len(batch))
-            if not state["queue"]:
-                state["rounds_trained"] += 1
+            if not rounds.queue:
+                rounds.rounds_trained += 1
 
-        # ---- 3. log, evaluate, checkpoint (boilerplate) ----
+        # ---- 5. log, evaluate, checkpoint (boilerplate) ----
         state["step"] = step
         metrics.update(learning_rate=lr, step_time=time.time() - t0)
         if step % args.eval_every == 0 or step == args.total_steps:
-            eval_acc = metrics["eval/accuracy"] = common.evaluate(model, tokenizer, heldout, args.task, max_len)
+            eval_acc = metrics["eval/accuracy"] = common.evaluate(model, tokenizer, heldout,
+                                                                  args.task, max_len)
         run.log(step, metrics)
-        bar.set_postfix(margin=f"{metrics.get('rewards/margins', 0.0):.3f}", eval_acc=f"{eval_acc:.2f}")
+        bar.set_postfix(margin=f"{metrics.get('rewards/margins', 0.0):.3f}",
+                        eval_acc=f"{eval_acc:.2f}")
         if step % args.save_every == 0 or step == args.total_steps or run.stop_requested:
             run.save(step)
         if run.stop_requested:

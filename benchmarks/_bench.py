@@ -320,7 +320,7 @@ def parity_reward(texts: list[str]) -> list[float]:
 def grpo_step(b: Bench, pol: Policy, rows: list[list[int]], beta: float,
               sections: Optional[dict] = None) -> dict:
     """One training step of grpo.py with its defaults (loss_type grpo, scale_rewards group, no
-    entropy mask, no truncation mask), mirroring grpo.main sections 1-4; evaluation, checkpoints
+    entropy mask, no truncation mask), mirroring grpo.main's steps 1-5; evaluation, checkpoints
     and metrics.jsonl are left out. `sections`, if given, receives each section's seconds (the
     clock then synchronises between sections: use it for a breakdown, not for the timing).
     Returns the completion ids and mask and the number of completion tokens trained on.
@@ -351,56 +351,59 @@ def grpo_step(b: Bench, pol: Policy, rows: list[list[int]], beta: float,
         rewards = torch.tensor(parity_reward(texts))
         lap("1b decode + reward")
 
-    # ---- 2. ALGO LOGIC: group-relative advantages, one per completion ----
-    with record_function("grpo/2 advantages"):
-        advantages = grpo.compute_advantages(rewards, G, "group").to(device)   # [B]
-        lap("2 advantages")
-
-    # ---- 3. ALGO LOGIC: optimisation passes against the sampling weights ----
-    with record_function("grpo/3 passes"):
-        loss_mask = completion_mask
-        num_tokens = loss_mask.sum().item()
-        old_logps = torch.zeros_like(completion_mask)
-        ref_logps = None
+    # ---- 2. one no-grad pass: what the update needs before it starts ----
+    with record_function("grpo/2 no-grad pass"):
         mbs = [slice(s, s + mbs_size) for s in range(0, B, mbs_size)]
 
-        def fwd(m, mb, with_entropy=False):
+        def fwd(m, mb, with_entropy=False):  # log-probs [b, L] (and entropies) of rows mb under m
             return common.per_token_logps(m, prompt_ids[mb], prompt_mask[mb], completion_ids[mb],
                                           completion_mask[mb], T, with_entropy)
 
-        with torch.no_grad():
-            if ref_model is not None:
-                ref_logps = torch.cat([fwd(ref_model, mb)[0] for mb in mbs])
-        lap("3a reference forward")
+        # the reference's log-probs if beta > 0; no entropies (no 80/20 mask), no old log-probs
+        _, entropies, ref_logps = common.no_grad_pass(fwd, mbs, None, ref_model)
+        lap("2 reference forward")
+
+    # ---- 3. ALGO LOGIC: group-relative advantages, one per completion ----
+    with record_function("grpo/3 advantages"):
+        advantages = grpo.compute_advantages(rewards, G, "group").to(device)   # [B]
+        lap("3 advantages")
+
+    # ---- 4. ALGO LOGIC: optimisation passes against the sampling weights ----
+    with record_function("grpo/4 passes"):
+        loss_mask = completion_mask
+        num_tokens = loss_mask.sum().item()
+        token_mask = loss_mask
+        old_logps = torch.zeros_like(completion_mask)   # filled by pass 1
         avg = common.MetricAverager()
         grad_norm = 0.0
         for it in range(mu):
             for mb in mbs:
-                want_entropy = it == 0
-                logps, ent = fwd(model, mb, want_entropy)
+                logps, ent = fwd(model, mb, with_entropy=it == 0 and entropies is None)
                 if it == 0:
                     old_logps[mb] = logps.detach()
                 loss, metrics = grpo.grpo_loss(
-                    logps, old_logps[mb], advantages[mb], loss_mask[mb], epsilon_low=EPSILON,
-                    epsilon_high=EPSILON, loss_type="grpo", num_sequences=B, num_tokens=num_tokens,
+                    logps, old_logps[mb], advantages[mb], loss_mask[mb],
+                    epsilon_low=EPSILON, epsilon_high=EPSILON,
+                    loss_type="grpo", num_sequences=B, num_tokens=num_tokens,
                     max_completion_length=max_len, beta=beta,
-                    ref_logps=None if ref_logps is None else ref_logps[mb], token_mask=None)
+                    ref_logps=None if ref_logps is None else ref_logps[mb],
+                    token_mask=token_mask[mb])
                 loss.backward()
-                if want_entropy:
-                    cm = completion_mask[mb]
-                    metrics["entropy"] = ((ent * cm).sum() / cm.sum()).item()
+                if it == 0:
+                    metrics["entropy"] = common.masked_mean(
+                        entropies[mb] if ent is None else ent, completion_mask[mb])
                 avg.add(metrics, weight=completion_mask[mb].sum().item(), last_pass=it == mu - 1)
-            lap("3b forward + loss + backward")
+            lap("4a forward + loss + backward")
             grad_norm = common.optimizer_step(model, optimizer, 1.0, avg)
-            lap("3c optimizer step")
+            lap("4b optimizer step")
 
-    # ---- 4. the step's metrics (logging, evaluation and checkpoints left out) ----
-    with record_function("grpo/4 metrics"):
+    # ---- 5. the step's metrics (logging, evaluation and checkpoints left out) ----
+    with record_function("grpo/5 metrics"):
         metrics = common.rollout_metrics(rewards, completion_ids, completion_mask,
                                          tokenizer.eos_token_id, G)
         metrics.update(avg.means(), grad_norm=grad_norm,
                        **{"adv/abs_mean": advantages.abs().mean().item()})
-        lap("4 metrics")
+        lap("5 metrics")
     return {"completion_ids": completion_ids, "completion_mask": completion_mask,
             "tokens": int(num_tokens), "prompt_ids": prompt_ids, "prompt_mask": prompt_mask}
 

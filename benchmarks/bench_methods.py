@@ -104,7 +104,7 @@ def part_methods(b: Bench) -> None:
     pairs = [{"prompt": rows[g], "chosen": ids[i][:lengths[i]],
               "rejected": ids[i + 1][:lengths[i + 1]]}
              for g in range(b.P) for i in range(g * G, g * G + G - 1, 2)]  # G // 2 pairs a prompt
-    pair_batch = token_dpo.collate_pairs(pairs, b.tokenizer.pad_token_id, device)
+    pair_batch = common.collate_pairs(pairs, b.tokenizer.pad_token_id, device)
     head, ref_head = pol.model.get_output_embeddings(), ref.get_output_embeddings()
 
     def dpo_plain():  # DPO from gathered log-probs, no KL anywhere (TRL-style)
@@ -117,9 +117,9 @@ def part_methods(b: Bench) -> None:
 
     def chunked(loss_name: str):  # token_dpo.py's training step on one micro-batch of pairs
         pol.model.zero_grad(set_to_none=True)
-        hidden = token_dpo.response_hidden_states(pol.model, *pair_batch)
+        hidden = common.response_hidden_states(pol.model, *pair_batch)
         with torch.no_grad():
-            ref_hidden = token_dpo.response_hidden_states(ref, *pair_batch)
+            ref_hidden = common.response_hidden_states(ref, *pair_batch)
         lp, rlp, kl = token_dpo.token_logps_and_kl(hidden, ref_hidden, pair_batch[2], pair_batch[3],
                                                    head, ref_head,
                                                    256)  # token_dpo.py's default --kl-chunk-size

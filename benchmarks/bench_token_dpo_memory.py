@@ -66,13 +66,13 @@ def build():
     pairs = [{"prompt": torch.randint(2, VOCAB, (PROMPT_LEN,), generator=g).tolist(),
               "chosen": torch.randint(2, VOCAB, (RESPONSE_LEN,), generator=g).tolist(),
               "rejected": torch.randint(2, VOCAB, (RESPONSE_LEN - 16,), generator=g).tolist()} for _ in range(PAIRS)]
-    return policy, ref, T.collate_pairs(pairs, 0, "cpu"), pairs
+    return policy, ref, common.collate_pairs(pairs, 0, "cpu"), pairs
 
 
 def step_chunked(policy, ref, batch, loss: str):
-    hidden = T.response_hidden_states(policy, *batch)
+    hidden = common.response_hidden_states(policy, *batch)
     with torch.no_grad():
-        ref_hidden = T.response_hidden_states(ref, *batch)
+        ref_hidden = common.response_hidden_states(ref, *batch)
     logps, ref_logps, kl = T.token_logps_and_kl(hidden, ref_hidden, batch[2], batch[3], policy.lm_head, ref.lm_head, CHUNK)
     if loss == "dpo":
         kl = kl.detach()
@@ -131,9 +131,9 @@ def cdpo_finetunes(ref, pairs):
 
 
 def step_cdpo(policy, ref, batch, weights):
-    hidden = T.response_hidden_states(policy, *batch)
+    hidden = common.response_hidden_states(policy, *batch)
     with torch.no_grad():
-        ref_hidden = T.response_hidden_states(ref, *batch)
+        ref_hidden = common.response_hidden_states(ref, *batch)
     logps, ref_logps, kl = T.token_logps_and_kl(hidden, ref_hidden, batch[2], batch[3],
                                                 policy.lm_head, ref.lm_head, CHUNK)
     parts = (logps, ref_logps, batch[3], kl.detach())
@@ -200,8 +200,8 @@ def main():
         with torch.no_grad():
             for p in m.parameters():
                 p.add_(0.01 * torch.randn_like(p))
-    hp = lambda: T.response_hidden_states(pos, *batch)  # noqa: E731
-    hn = lambda: T.response_hidden_states(neg, *batch)  # noqa: E731
+    hp = lambda: common.response_hidden_states(pos, *batch)  # noqa: E731
+    hn = lambda: common.response_hidden_states(neg, *batch)  # noqa: E731
     print(f"\ncDPO: fine-tunes of {CE_SFT_STEPS} steps x {CE_SFT_ROWS} rows (default 30 x 32); "
           f"model {sum(p.numel() for p in ref.parameters()) * 4 / 2**20:,.0f} MiB fp32")
     chunked = lambda: T.cdpo_weights(hp(), hn(), batch[2], batch[3], 1.0, pos.lm_head,  # noqa: E731

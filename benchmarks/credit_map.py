@@ -157,8 +157,8 @@ def credit_matrices(
     sas, _, _ = dcpo.sas_advantages(r, G, [group["example"]["id"]], dcpo.PromptStats(G))
     out["DCPO"] = torch.where(m, sas[:, None], 0.0)
     if ref_model is not None:
-        h = token_dpo.response_hidden_states(model, p_ids, p_mask, ids.to(device), mask.to(device))
-        h_ref = token_dpo.response_hidden_states(
+        h = common.response_hidden_states(model, p_ids, p_mask, ids.to(device), mask.to(device))
+        h_ref = common.response_hidden_states(
             ref_model, p_ids, p_mask, ids.to(device), mask.to(device)
         )
         _, ref_logps, kl = token_dpo.token_logps_and_kl(
@@ -197,8 +197,8 @@ def credit_matrices(
         )
     else:
         pos, neg = cdpo_models
-        hp = token_dpo.response_hidden_states(pos, p_ids, p_mask, ids.to(device), mask.to(device))
-        hn = token_dpo.response_hidden_states(neg, p_ids, p_mask, ids.to(device), mask.to(device))
+        hp = common.response_hidden_states(pos, p_ids, p_mask, ids.to(device), mask.to(device))
+        hn = common.response_hidden_states(neg, p_ids, p_mask, ids.to(device), mask.to(device))
         out["cDPO: w_t"] = cdpo_weights(
             hp,
             hn,

@@ -46,6 +46,12 @@ FAKE_REWARD = ("import runpy, sys, common\n"
                "runpy.run_path(sys.argv[0], run_name='__main__')\n")
 
 
+def batch_flag(script: str) -> str:
+    """The flag of a step's batch: prompts per rollout batch in the RL scripts, pairs per
+    optimizer step in token_dpo.py (another meaning, so another name)."""
+    return "--pairs-per-step" if script == "token_dpo" else "--prompts-per-step"
+
+
 def run_script(script, *argv, timeout=300, fake_reward=False):
     """`python {script}.py argv` in a subprocess (2 threads), output captured."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))

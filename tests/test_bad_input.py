@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import common
-from conftest import ROOT
+from conftest import ROOT, batch_flag
 
 SCRIPTS = [s for s in ("grpo", "tempo", "dcpo", "spo", "token_dpo") if (ROOT / f"{s}.py").exists()]
 MODULES = {s: __import__(s) for s in SCRIPTS}
@@ -60,7 +60,8 @@ def ctx(tmp_path_factory, random_tiny_model_dir):
     for s in SCRIPTS:  # a run folder of each script, as its config.json says (no checkpoint needed)
         run = root / "runs" / f"{s}__tiny__arith__0__1"
         (run / "checkpoints" / "step-0000001").mkdir(parents=True)
-        cfg = dict(algo=s, **dataclasses.asdict(MODULES[s].Args(prompts_per_step=2)))
+        batch = {batch_flag(s)[2:].replace("-", "_"): 2}  # prompts_per_step (pairs_per_step)
+        cfg = dict(algo=s, **dataclasses.asdict(MODULES[s].Args(**batch)))
         (run / "config.json").write_text(json.dumps(cfg))
         (run / "metrics.jsonl").write_text('{"step": 0}\n')
         (run / "checkpoints" / "step-0000001" / "COMPLETE").write_text("1")
@@ -100,7 +101,8 @@ CASES = [
     ("argparse", A("--total-steps", "two"), "invalid int value: 'two'"),
     ("argparse", A("--learning-rate", "fast"), "invalid float value"),
     ("argparse", A("--no-such-flag", "1"), "unrecognized arguments"),
-    ("range", A("--temperature", "0"), "must be positive, got 0.0"),
+    ("range", lambda c, s: ["--sampling-temperature" if s == "token_dpo" else "--temperature", "0"],
+     "must be positive, got 0.0"),
     ("range", A("--seed", "-1"), "is outside [0, 4294967295], got -1"),
     ("range", A("--seed", str(2**32)), "is outside"),
     ("range", A("--eval-every", "0"), "must be positive"),
@@ -134,8 +136,8 @@ CASES = [
     ("data", gsm8k("broken"), "train.jsonl:2 is not a GSM8K record", "--data-dir"),
     ("data", A("--task", "gsm8k", "--data-dir", "hub"), "needs the `datasets` package",
      "--data-dir"),
-    ("resume", lambda c, s: ["--resume", str(c[f"run_{s}"]), "--prompts-per-step", "3"],
-     "--prompts-per-step 3 differs from the run's 2", "--prompts-per-step"),
+    ("resume", lambda c, s: ["--resume", str(c[f"run_{s}"]), batch_flag(s), "3"],
+     " 3 differs from the run's 2", batch_flag),
     ("resume", lambda c, s: ["--resume", str(c[f"run_{s}"]), "--seed", "1", "--total-steps", "9"],
      "--seed 1 differs from the run's 0", "--seed"),
     ("resume", lambda c, s: ["--resume", str(c[f"run_{other(s)}"])], "is a run of"),
@@ -174,6 +176,7 @@ def test_bad_input(script, i, how, ctx, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     argv = make_argv(ctx, script)
     flag = flag[0] if flag else argv[0]
+    flag = flag(script) if callable(flag) else flag  # a flag whose name depends on the script
     if kind != "resume":  # (a resume takes the run's own --model and --output-dir)
         argv = ["--model", ctx["model"], "--output-dir", str(out), "--total-steps", "1", *argv]
     runs = {s: tree_hash(ctx[f"run_{s}"]) for s in SCRIPTS}

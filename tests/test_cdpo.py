@@ -374,7 +374,7 @@ def test_moving_a_shared_prefix_into_the_prompt_changes_z_by_beta_sum_c_rho():
 
 def tiny_models(model_dir):
     model, tok = common.load_model_and_tokenizer(str(model_dir), torch.device("cpu"), torch.float32)
-    ref = T.load_frozen(str(model_dir), torch.device("cpu"), torch.float32)
+    ref = common.load_frozen(str(model_dir), torch.device("cpu"), torch.float32)
     return model, ref, tok
 
 
@@ -511,10 +511,10 @@ def test_only_the_policy_gets_a_gradient_and_the_other_models_are_bitwise_unchan
     assert any(not torch.equal(a, b) for a, b in zip(snap(pos_model), ref_before))  # it did train
 
     def step(weights):
-        batch = T.collate_pairs(pairs, tok.pad_token_id, "cpu")
-        hidden = T.response_hidden_states(model, *batch)
+        batch = common.collate_pairs(pairs, tok.pad_token_id, "cpu")
+        hidden = common.response_hidden_states(model, *batch)
         with torch.no_grad():
-            ref_hidden = T.response_hidden_states(ref, *batch)
+            ref_hidden = common.response_hidden_states(ref, *batch)
         lp, lq, _ = T.token_logps_and_kl(
             hidden,
             ref_hidden,
@@ -525,7 +525,7 @@ def test_only_the_policy_gets_a_gradient_and_the_other_models_are_bitwise_unchan
         )
         (pw, pl), (rw, rl), (mw, ml) = lp.chunk(2), lq.chunk(2), batch[3].chunk(2)
         if weights is None:  # recomputed from the kept models
-            hp, hn = (T.response_hidden_states(m, *batch) for m in (pos_model, neg_model))
+            hp, hn = (common.response_hidden_states(m, *batch) for m in (pos_model, neg_model))
             weights = T.cdpo_weights(
                 hp,
                 hn,
@@ -655,7 +655,7 @@ def test_credit_view_shows_each_rejected_tokens_weight(random_tiny_model_dir):
 # --------------------------------------------------------------------------- end to end, rounds
 
 TINY = [
-    "--prompts-per-step",
+    "--pairs-per-step",
     "1",
     "--num-generations",
     "2",
@@ -715,7 +715,7 @@ def test_round1_builds_the_same_pairs_under_cdpo_and_dpo(
         (run_dir,) = list(out.iterdir())
         states[loss] = torch.load(
             run_dir / "checkpoints" / "step-0000001" / "trainer_state.pt", weights_only=False
-        )["state"]
+        )["state"]["rounds"]
         rows[loss] = [json.loads(line) for line in open(run_dir / "metrics.jsonl")][1]
     strip = lambda ps: [(p["prompt"], p["chosen"], p["rejected"]) for p in ps]  # noqa: E731
     assert (
@@ -775,7 +775,7 @@ def test_pairs_file_uses_chosen_and_rejected_as_the_two_sets(
     (run_dir,) = list(out.iterdir())
     state = torch.load(
         run_dir / "checkpoints" / "step-0000004" / "trainer_state.pt", weights_only=False
-    )["state"]
+    )["state"]["rounds"]
     pairs = state["pairs"]
     assert seen == [
         [(p["prompt"], p["chosen"]) for p in pairs],
@@ -872,7 +872,7 @@ def test_sigint_mid_round_then_resume_reproduces_the_metrics_without_retraining(
     stopped_at = len(metric_rows(cut)) - 1
     state = torch.load(
         cut / "checkpoints" / f"step-{stopped_at:07d}" / "trainer_state.pt", weights_only=False
-    )["state"]
+    )["state"]["rounds"]
     assert state["round"] == 1 and state["queue"], "not stopped mid-round"
     assert out.count(trained) == 1 and all("rejected_weights" in p for p in state["pairs"])
     resumed = subprocess.run(

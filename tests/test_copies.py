@@ -25,10 +25,8 @@ import grpo  # noqa: E402
 SCRIPTS = ("tempo.py", "dcpo.py", "spo.py", "token_dpo.py")
 TEMPLATE = {"main", "Args"}  # the parts every script rewrites on purpose
 # Same name as in grpo.py but another function, on purpose. Reason, for whoever reads a failure:
-DIFFERENT_ON_PURPOSE = {
-    ("dcpo.py", "aggregate_loss"): "DCPO's own reduction: its loss types are otm (the paper's "
-                                   "Only-Token-Mean), grpo, dapo, otm_token_sum, and it takes G",
-}
+# (none today: DCPO's own reduction, with its otm loss types and G, is `dcpo_aggregate_loss`)
+DIFFERENT_ON_PURPOSE: dict = {}
 # The copies there are today; a rename or a parse error must not make the test pass vacuously.
 EXPECTED = {
     "tempo.py": {"compute_advantages", "clipped_objective", "k3_kl", "entropy_token_mask",
@@ -114,8 +112,8 @@ def test_nan_log_prob_at_a_padded_position_does_not_reach_grpo_loss():
 def test_dcpo_aggregate_loss_also_ignores_nan_at_masked_positions():
     per_token = torch.tensor([[1.0, 3.0, float("nan"), float("nan")], [2.0, 2.0, 2.0, 6.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
-    loss = dcpo.aggregate_loss(per_token, mask, "otm", num_sequences=2, num_tokens=6.0,
-                               num_generations=2)
+    loss = dcpo.dcpo_aggregate_loss(per_token, mask, "otm", num_sequences=2, num_tokens=6.0,
+                                    num_generations=2)
     assert loss.item() == pytest.approx(5.0)   # one prompt: (2 + 3) / 1
 
 

@@ -103,10 +103,10 @@ def test_each_panel_is_its_methods_own_function(models, group):
     assert torch.allclose(mats["DCPO"], sas[:, None] * mask)
     assert mats["DCPO"][0, 0] == pytest.approx(1.0)  # (1 - 0.5) / 0.5
     # TDPO: the per-token KL of token_dpo's own function, policy vs reference
-    h = token_dpo.response_hidden_states(
+    h = common.response_hidden_states(
         policy, group["prompt_ids"], group["prompt_mask"], ids, mask
     )
-    h_ref = token_dpo.response_hidden_states(
+    h_ref = common.response_hidden_states(
         other, group["prompt_ids"], group["prompt_mask"], ids, mask
     )
     _, ref_logps, kl = token_dpo.token_logps_and_kl(

@@ -15,8 +15,8 @@ import dcpo
 import grpo
 from common import UserError
 from conftest import ROOT, run_script
-from dcpo import (PromptStat, PromptStats, add_dcpo_metrics, aggregate_loss, dac_bounds, dcpo_loss,
-                  dcpo_per_token_loss, prompt_hash, sas_advantages, sas_blend, sas_group_advantages)
+from dcpo import (PromptStat, PromptStats, add_dcpo_metrics, dac_bounds, dcpo_aggregate_loss,
+                  dcpo_loss, dcpo_per_token_loss, prompt_hash, sas_advantages, sas_blend, sas_group_advantages)
 
 T = torch.tensor
 PAPER = dict(eps_low=0.16, eps_high=0.20, ratio_max=10.0)
@@ -175,12 +175,12 @@ def otm_batch(garbage=1e6):
 @pytest.mark.parametrize("garbage", [1e6, math.nan, math.inf])
 def test_aggregation(loss_type, want, garbage):
     loss, mask = otm_batch(garbage)
-    assert aggregate_loss(loss, mask, loss_type, 4, 9, 2).item() == pytest.approx(want, abs=1e-6)
+    assert dcpo_aggregate_loss(loss, mask, loss_type, 4, 9, 2).item() == pytest.approx(want, abs=1e-6)
 
 
 def test_aggregation_unknown_loss_type():
     with pytest.raises(ValueError, match="unknown loss_type"):
-        aggregate_loss(*otm_batch(), "token-mean", 4, 9, 2)
+        dcpo_aggregate_loss(*otm_batch(), "token-mean", 4, 9, 2)
 
 
 def test_otm_paper_example_weights():

@@ -28,7 +28,7 @@ FIXTURE = ROOT / "tests" / "fixtures" / "golden_metrics.json"
 TIMING = ("time", "step_time", "generation_share", "spo/mc_time_share", "cdpo/sft_seconds")
 RTOL = 1e-6
 
-BASE = ["--model", "tiny", "--total-steps", "4", "--prompts-per-step", "4", "--num-generations", "4",
+BASE = ["--model", "tiny", "--total-steps", "4", "--num-generations", "4",
         "--eval-size", "4", "--eval-every", "2", "--save-every", "100", "--log-completions-every", "2",
         "--max-completion-length", "40"]
 SPO = ["--num-rollouts", "2", "--tree-branching", "2,2", "--tree-segment-length", "6",
@@ -70,7 +70,8 @@ def run_case(name: str, out_dir: Path) -> list[dict]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a reduction's order, hence its last bit, depends on the threads
     try:
-        common.run_main(mod.main, mod.Args, [*BASE, *extra, "--output-dir", str(out_dir)])
+        batch = "--pairs-per-step" if script == "token_dpo" else "--prompts-per-step"  # same value
+        common.run_main(mod.main, mod.Args, [*BASE, batch, "4", *extra, "--output-dir", str(out_dir)])
     finally:
         torch.set_num_threads(threads)
     (run_dir,) = list(out_dir.iterdir())

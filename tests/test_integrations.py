@@ -306,10 +306,10 @@ def test_token_dpo_trainer_loss_equals_token_dpo_py(tmp_path, loss):
 
     # token_dpo.py's own path: left-padded prompts, its hidden states, its losses
     model, ref = trainer.model, trainer.ref_model
-    p_ids, p_mask, c_ids, c_mask = token_dpo.collate_pairs(pairs, tok.pad_token_id, "cpu")
-    hidden = token_dpo.response_hidden_states(model, p_ids, p_mask, c_ids, c_mask)
+    p_ids, p_mask, c_ids, c_mask = common.collate_pairs(pairs, tok.pad_token_id, "cpu")
+    hidden = common.response_hidden_states(model, p_ids, p_mask, c_ids, c_mask)
     with torch.no_grad():
-        ref_hidden = token_dpo.response_hidden_states(ref, p_ids, p_mask, c_ids, c_mask)
+        ref_hidden = common.response_hidden_states(ref, p_ids, p_mask, c_ids, c_mask)
     lp, rlp, kl = token_dpo.token_logps_and_kl(hidden, ref_hidden, c_ids, c_mask,
                                                model.get_output_embeddings(),
                                                ref.get_output_embeddings())

@@ -218,3 +218,16 @@ def test_second_sigint_during_the_checkpoint_write_keeps_the_last_good_one(tmp_p
     assert kept == ["step-0000002", "step-0000001"]
     assert common.verify_checkpoint(run / "checkpoints" / "step-0000002") is None
     assert not (run / "summary.json").exists()
+
+
+def test_resume_refuses_a_config_with_a_flag_this_version_lacks(tmp_path):
+    """A run made by another version (a flag since renamed) is refused, never resumed with the
+    renamed flag's default in place of the run's value."""
+    import common
+    import grpo
+
+    config = {"algo": "grpo", "seed": 0, "temperature_old": 0.7, "resumed": []}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    args = common.parse_args(grpo.Args, ["--resume", str(tmp_path)])
+    with pytest.raises(common.UserError, match="--temperature-old"):
+        common.resume_args(args, "grpo")

@@ -8,11 +8,15 @@ from transformers import AutoModelForCausalLM
 
 import common
 import grpo
-from conftest import ROOT, run_script
+from conftest import ROOT, batch_flag, run_script
 
 SCRIPTS = [s for s in ("grpo", "tempo", "dcpo", "spo", "token_dpo") if (ROOT / f"{s}.py").exists()]
-TINY_RUN = ["--total-steps", "2", "--prompts-per-step", "2", "--num-generations", "2", "--eval-size", "4",
-            "--max-completion-length", "8", "--eval-every", "1", "--log-completions-every", "1"]
+TINY_FLAGS = ["--total-steps", "2", "--num-generations", "2", "--eval-size", "4",
+              "--max-completion-length", "8", "--eval-every", "1", "--log-completions-every", "1"]
+
+
+def tiny_run(script):
+    return [*TINY_FLAGS, batch_flag(script), "2"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -30,7 +34,7 @@ def test_help_lists_every_flag(script):
 
 @pytest.mark.parametrize("script", [s for s in SCRIPTS if s != "token_dpo"])
 def test_two_steps_end_to_end(script, random_tiny_model_dir, tmp_path):
-    out = run_script(script, "--model", str(random_tiny_model_dir), "--output-dir", str(tmp_path), *TINY_RUN,
+    out = run_script(script, "--model", str(random_tiny_model_dir), "--output-dir", str(tmp_path), *tiny_run(script),
                      fake_reward=True)
     assert out.returncode == 0, out.stderr[-3000:]
     (run_dir,) = list(tmp_path.iterdir())
@@ -69,8 +73,8 @@ def test_bad_inputs(script, capsys, random_tiny_model_dir, tmp_path, monkeypatch
     assert code == 2 and "does not exist" in line and "--model" in line
     code, line = _bad(capsys, script, m + ["--num-generations", "1"])
     assert code == 2 and "--num-generations must be at least 2" in line
-    code, line = _bad(capsys, script, m + ["--prompts-per-step", "0"])
-    assert code == 2 and "--prompts-per-step must be positive" in line
+    code, line = _bad(capsys, script, m + [batch_flag(script), "0"])
+    assert code == 2 and f"{batch_flag(script)} must be positive" in line
     code, line = _bad(capsys, script, m + ["--micro-batch-size", "-1"])
     assert code == 2 and "--micro-batch-size must be positive" in line
     code, line = _bad(capsys, script, m + ["--max-completion-length", "300"])  # tiny context is 256
@@ -108,7 +112,7 @@ NAN_FROM_STEP_3 = ("import runpy, sys, torch, common\n"
 def test_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(random_tiny_model_dir, tmp_path):
     import subprocess
     import sys
-    argv = ["--model", str(random_tiny_model_dir), "--output-dir", str(tmp_path), *TINY_RUN,
+    argv = ["--model", str(random_tiny_model_dir), "--output-dir", str(tmp_path), *tiny_run("grpo"),
             "--total-steps", "8", "--save-every", "2", "--eval-every", "100", "--max-bad-steps", "3"]
     out = subprocess.run([sys.executable, "-c", NAN_FROM_STEP_3, str(ROOT / "grpo.py"), *argv],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -134,7 +138,7 @@ def test_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(random_
 
 @pytest.mark.parametrize("script", ["grpo", "token_dpo"])
 def test_gradient_checkpointing_flag_runs(script, random_tiny_model_dir, tmp_path):
-    out = run_script(script, "--model", str(random_tiny_model_dir), "--output-dir", str(tmp_path), *TINY_RUN,
+    out = run_script(script, "--model", str(random_tiny_model_dir), "--output-dir", str(tmp_path), *tiny_run(script),
                      "--gradient-checkpointing", fake_reward=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "held-out greedy accuracy" in out.stdout

@@ -439,7 +439,7 @@ def test_pair_stats_first_diff_and_lengths():
 def test_collate_pairs_stacks_chosen_then_rejected_with_masks_from_lengths():
     pad = eos = 1  # pad == EOS: a mask from ids != pad would drop the EOS
     pairs = [{"prompt": [7, 8], "chosen": [5, eos], "rejected": [6, 6, 6]}, {"prompt": [9], "chosen": [4], "rejected": [3, eos]}]
-    p_ids, p_mask, c_ids, c_mask = T.collate_pairs(pairs, pad, "cpu")
+    p_ids, p_mask, c_ids, c_mask = common.collate_pairs(pairs, pad, "cpu")
     assert p_ids.tolist() == [[7, 8], [pad, 9], [7, 8], [pad, 9]] and p_mask.tolist() == [[1, 1], [0, 1]] * 2
     assert c_ids.tolist() == [[5, eos, pad], [4, pad, pad], [6, 6, 6], [3, eos, pad]]
     assert c_mask.tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]]
@@ -450,9 +450,9 @@ def test_hidden_state_path_matches_common_per_token_logps(random_tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(random_tiny_model_dir).eval()
     pairs = [{"prompt": [10, 11, 12], "chosen": [20, 21, 1], "rejected": [22]},
              {"prompt": [13], "chosen": [23, 24], "rejected": [25, 26, 27, 1]}]
-    batch = T.collate_pairs(pairs, 0, "cpu")
+    batch = common.collate_pairs(pairs, 0, "cpu")
     with torch.no_grad():
-        hidden = T.response_hidden_states(model, *batch)
+        hidden = common.response_hidden_states(model, *batch)
         lp, lq, kl = T.token_logps_and_kl(hidden, hidden, batch[2], batch[3], model.lm_head, model.lm_head, 2)
         expected, _ = common.per_token_logps(model, *batch, 1.0)
     torch.testing.assert_close(lp * batch[3], expected * batch[3], atol=1e-5, rtol=0)
@@ -471,7 +471,7 @@ def write(tmp_path, *lines):
 def test_jsonl_reads_valid_rows(tmp_path):
     p = write(tmp_path, '{"prompt": "2+2", "chosen": "4", "rejected": "5", "id": 1}', "",
               '{"prompt": "3+3", "chosen": "6", "rejected": "7"}')
-    assert T.read_preference_jsonl(str(p)) == [{"prompt": "2+2", "chosen": "4", "rejected": "5"},
+    assert common.read_preference_jsonl(str(p)) == [{"prompt": "2+2", "chosen": "4", "rejected": "5"},
                                                {"prompt": "3+3", "chosen": "6", "rejected": "7"}]
 
 
@@ -487,7 +487,7 @@ def test_jsonl_reads_valid_rows(tmp_path):
 def test_jsonl_rejects_malformed_rows_with_line_number_and_fix(tmp_path, bad_line, message):
     p = write(tmp_path, '{"prompt": "1+1", "chosen": "2", "rejected": "3"}', bad_line)
     with pytest.raises(UserError, match=message) as e:
-        T.read_preference_jsonl(str(p))
+        common.read_preference_jsonl(str(p))
     assert "\n" not in str(e.value)
 
 
@@ -495,14 +495,14 @@ def test_jsonl_rejects_an_empty_or_missing_file(tmp_path):
     p = tmp_path / "empty.jsonl"
     p.write_text("\n\n", encoding="utf-8")
     with pytest.raises(UserError, match="holds no pairs"):
-        T.read_preference_jsonl(str(p))
+        common.read_preference_jsonl(str(p))
     with pytest.raises(UserError, match="--pairs-file .* does not exist"):
-        T.read_preference_jsonl(str(tmp_path / "nope.jsonl"))
+        common.read_preference_jsonl(str(tmp_path / "nope.jsonl"))
 
 
 # --------------------------------------------------------------------------- end to end
 
-TINY_RUN = ["--total-steps", "2", "--prompts-per-step", "2", "--num-generations", "2", "--eval-size", "4",
+TINY_RUN = ["--total-steps", "2", "--pairs-per-step", "2", "--num-generations", "2", "--eval-size", "4",
             "--max-completion-length", "8", "--eval-every", "1", "--prompts-per-round", "2",
             "--epochs-per-round", "1", "--log-completions-every", "1"]
 
@@ -578,19 +578,19 @@ def test_on_policy_rounds_with_and_without_pairs(monkeypatch, tmp_path, random_t
     assert abs(rows[1]["round/seq_kl_to_ref"]) < 1e-5 and rows[2]["round/seq_kl_to_ref"] != 0.0
     assert params_changed(run_dir, random_tiny_model_dir)
     assert (run_dir / "completions.jsonl").read_text().strip()
-    state = torch.load(run_dir / "checkpoints" / "step-0000002" / "trainer_state.pt", weights_only=False)["state"]
+    state = torch.load(run_dir / "checkpoints" / "step-0000002" / "trainer_state.pt", weights_only=False)["state"]["rounds"]
     assert state["round"] == 2 and len(state["pairs"]) == 2 and state["queue"] == []
 
 
 def test_resume_mid_round_gives_the_same_model(tmp_path, random_tiny_model_dir):
-    """The round (its pairs and the batches left) lives in run.state, saved in every checkpoint."""
+    """The round (its pairs and the batches left) lives in Rounds, saved in every checkpoint."""
     path = pairs_file(tmp_path, n=4)
     base = ["--model", str(random_tiny_model_dir), "--pairs-file", str(path), *TINY_RUN, "--epochs-per-round", "2",
             "--eval-every", "100", "--save-every", "1"]
     common.run_main(T.main, T.Args, base + ["--output-dir", str(tmp_path / "a"), "--total-steps", "3"])
     common.run_main(T.main, T.Args, base + ["--output-dir", str(tmp_path / "b"), "--total-steps", "1"])
     (run_b,) = list((tmp_path / "b").iterdir())
-    state = torch.load(run_b / "checkpoints" / "step-0000001" / "trainer_state.pt", weights_only=False)["state"]
+    state = torch.load(run_b / "checkpoints" / "step-0000001" / "trainer_state.pt", weights_only=False)["state"]["rounds"]
     assert state["round"] == 1 and len(state["pairs"]) == 4 and len(state["queue"]) == 3  # 4 batches, 1 used
     common.run_main(T.main, T.Args, base + ["--output-dir", str(tmp_path / "b"), "--total-steps", "3",
                                             "--resume", str(run_b)])
