@@ -829,8 +829,8 @@ def main(args: Args) -> dict:
     # ---- ALGO LOGIC: the method's state across steps, and what it needs before each update ----
     rounds = Rounds()                                   # the round's pairs and batches left
     algo_state = {"rounds": rounds}
-    guidance = None                                     # TGDPO's pi_g: a given model, or later
-    if args.loss == "tgdpo" and args.guidance_model:    # the policy after its first round
+    guidance = None  # TGDPO's pi_g: --guidance-model, else the policy after round 1 (step 3)
+    if args.loss == "tgdpo" and args.guidance_model:
         guidance = common.load_frozen(args.guidance_model, device, dtype)
     head, ref_head = model.get_output_embeddings(), ref_model.get_output_embeddings()
 
