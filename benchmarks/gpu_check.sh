@@ -65,13 +65,13 @@ DATA=()
 DTYPE=bfloat16
 [ "$DEVICE" = cpu ] && DTYPE=float32
 COMMON=(--model "$MODEL" --task "$TASK" "${DATA[@]}" --device "$DEVICE" --dtype "$DTYPE"
-        --total-steps "$STEPS" --eval-every "$STEPS" --eval-size 32 --prompts-per-step 4
+        --total-steps "$STEPS" --eval-every "$STEPS" --eval-size 32
         --max-completion-length "$LEN" --output-dir "$OUT/runs")
-item grpo 60 python grpo.py "${COMMON[@]}"
-item tempo 60 python tempo.py "${COMMON[@]}"
-item dcpo 60 python dcpo.py "${COMMON[@]}"
-item spo-chain 60 python spo.py --variant chain "${COMMON[@]}"
-item tdpo2 60 python token_dpo.py --loss tdpo2 --prompts-per-round 8 "${COMMON[@]}"
+item grpo 60 python grpo.py --prompts-per-step 4 "${COMMON[@]}"
+item tempo 60 python tempo.py --prompts-per-step 4 "${COMMON[@]}"
+item dcpo 60 python dcpo.py --prompts-per-step 4 "${COMMON[@]}"
+item spo-chain 60 python spo.py --variant chain --prompts-per-step 4 "${COMMON[@]}"
+item tdpo2 60 python token_dpo.py --loss tdpo2 --pairs-per-step 4 --prompts-per-round 8 "${COMMON[@]}"
 python - "$OUT/runs" <<'EOF' | tee -a "$SUMMARY"
 import json, sys
 from pathlib import Path
