@@ -1575,16 +1575,13 @@ def run_main(main, args_cls, argv: Optional[list[str]] = None):
 # A pair of token ids is {"prompt": [int], "chosen": [int], "rejected": [int]}; each response
 # ends with its EOS, as a finished answer does.
 
-PAIRS_FIELDS = ('each line must be a JSON object with non-empty string fields "prompt", '
-                '"chosen" and "rejected"')
-
-
 def read_preference_jsonl(path: str) -> list[dict]:
     """Rows {"prompt": str, "chosen": str, "rejected": str} of a JSONL file (extra keys ignored).
 
     Any bad line raises UserError with one line "<path>:<line>: <problem>; <fix>".
     """
-    fields = PAIRS_FIELDS
+    fields = ('each line must be a JSON object with non-empty string fields "prompt", '
+              '"chosen" and "rejected"')
     if not Path(path).is_file():
         raise UserError(f"--pairs-file {path} does not exist; pass a JSONL file, one pair per "
                         f"line ({fields})")

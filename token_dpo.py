@@ -771,22 +771,13 @@ class Rounds:
             setattr(self, key, value)
 
 
-@torch.no_grad()
-def fresh_sample_stats(model, ref_model, prompt_ids, prompt_mask, completion_ids,
-                       completion_mask, micro_batch_size: int) -> dict:
+def fresh_sample_stats(logps: torch.Tensor, ref_logps: torch.Tensor, entropies: torch.Tensor,
+                       completion_mask: torch.Tensor) -> dict:
     """On the round's fresh samples y ~ pi_theta: the sequence KL(pi_theta || pi_ref),
     estimated as mean_y sum_t [log pi_theta - log pi_ref] (the x-axis of TDPO's reward-KL
-    frontier), and the mean token entropy. T = 1, in micro-batches."""
-    seq_kl, ent_sum = [], 0.0
-    for s in range(0, completion_ids.size(0), micro_batch_size):
-        b = (prompt_ids[s:s + micro_batch_size], prompt_mask[s:s + micro_batch_size],
-             completion_ids[s:s + micro_batch_size], completion_mask[s:s + micro_batch_size])
-        lp, ent = common.per_token_logps(model, *b, 1.0, with_entropy=True)
-        lq, _ = common.per_token_logps(ref_model, *b, 1.0)
-        seq_kl.append(masked_sum(lp - lq, b[3]))
-        ent_sum += (ent * b[3]).sum().item()
-    return {"round/seq_kl_to_ref": torch.cat(seq_kl).mean().item(),
-            "entropy": ent_sum / completion_mask.sum().item()}
+    frontier), and the mean token entropy. All [B, L], from step 2's no-grad pass at T = 1."""
+    return {"round/seq_kl_to_ref": masked_sum(logps - ref_logps, completion_mask).mean().item(),
+            "entropy": common.masked_mean(entropies, completion_mask)}
 
 
 # ----------------------------------------------------------------------------------------
@@ -868,9 +859,16 @@ def main(args: Args) -> dict:
                                                       eos, G))
 
                 # ---- 2. one no-grad pass: the fresh samples' KL to the reference, entropy ----
-                metrics.update(fresh_sample_stats(model, ref_model, prompt_ids, prompt_mask,
-                                                  completion_ids, completion_mask,
-                                                  args.micro_batch_size))
+                mbs = [slice(s, s + args.micro_batch_size)
+                       for s in range(0, len(completion_ids), args.micro_batch_size)]
+
+                def fwd(m, mb, with_entropy=False):  # log-probs [b, L] at T = 1 (and entropies)
+                    return common.per_token_logps(m, prompt_ids[mb], prompt_mask[mb],
+                                                  completion_ids[mb], completion_mask[mb], 1.0,
+                                                  with_entropy)
+
+                logps, entropies, ref_logps = common.no_grad_pass(fwd, mbs, model, ref_model)
+                metrics.update(fresh_sample_stats(logps, ref_logps, entropies, completion_mask))
                 if (rounds.round - 1) % args.log_completions_every == 0:
                     run.logger.log_completions(step, [train[idx[0]]["question"]] * G, texts[:G],
                                                rewards[:G].tolist())
@@ -929,7 +927,7 @@ def main(args: Args) -> dict:
             n = max(1, args.micro_batch_size // 2)  # pairs per micro-batch
             for mb in [batch[s:s + n] for s in range(0, len(batch), n)]:
                 inputs = common.collate_pairs(mb, tokenizer.pad_token_id, device)
-                prompt_ids, prompt_mask, completion_ids, completion_mask = inputs
+                completion_ids, completion_mask = inputs[2:]   # [2n, L]: chosen; rejected
                 # ONE forward for [chosen; rejected]; the reference (and guidance) without grad
                 hidden = common.response_hidden_states(model, *inputs)
                 with torch.no_grad():

@@ -46,10 +46,25 @@ FAKE_REWARD = ("import runpy, sys, common\n"
                "runpy.run_path(sys.argv[0], run_name='__main__')\n")
 
 
+# The shared settings whose meaning differs in token_dpo.py, so whose name does too.
+RENAMED_IN_TOKEN_DPO = {"prompts_per_step": "pairs_per_step",
+                        "temperature": "sampling_temperature"}
+
+
+def field_name(script: str, name: str) -> str:
+    """A shared setting's Args field in `script` (token_dpo.py renames two of them)."""
+    return RENAMED_IN_TOKEN_DPO.get(name, name) if script == "token_dpo" else name
+
+
+def flag_name(script: str, name: str) -> str:
+    """The command-line flag of a shared setting in `script`: "--" + its field, dashed."""
+    return "--" + field_name(script, name).replace("_", "-")
+
+
 def batch_flag(script: str) -> str:
     """The flag of a step's batch: prompts per rollout batch in the RL scripts, pairs per
     optimizer step in token_dpo.py (another meaning, so another name)."""
-    return "--pairs-per-step" if script == "token_dpo" else "--prompts-per-step"
+    return flag_name(script, "prompts_per_step")
 
 
 def run_script(script, *argv, timeout=300, fake_reward=False):

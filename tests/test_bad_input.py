@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import common
-from conftest import ROOT, batch_flag
+from conftest import ROOT, batch_flag, field_name, flag_name
 
 SCRIPTS = [s for s in ("grpo", "tempo", "dcpo", "spo", "token_dpo") if (ROOT / f"{s}.py").exists()]
 MODULES = {s: __import__(s) for s in SCRIPTS}
@@ -60,7 +60,7 @@ def ctx(tmp_path_factory, random_tiny_model_dir):
     for s in SCRIPTS:  # a run folder of each script, as its config.json says (no checkpoint needed)
         run = root / "runs" / f"{s}__tiny__arith__0__1"
         (run / "checkpoints" / "step-0000001").mkdir(parents=True)
-        batch = {batch_flag(s)[2:].replace("-", "_"): 2}  # prompts_per_step (pairs_per_step)
+        batch = {field_name(s, "prompts_per_step"): 2}
         cfg = dict(algo=s, **dataclasses.asdict(MODULES[s].Args(**batch)))
         (run / "config.json").write_text(json.dumps(cfg))
         (run / "metrics.jsonl").write_text('{"step": 0}\n')
@@ -101,8 +101,7 @@ CASES = [
     ("argparse", A("--total-steps", "two"), "invalid int value: 'two'"),
     ("argparse", A("--learning-rate", "fast"), "invalid float value"),
     ("argparse", A("--no-such-flag", "1"), "unrecognized arguments"),
-    ("range", lambda c, s: ["--sampling-temperature" if s == "token_dpo" else "--temperature", "0"],
-     "must be positive, got 0.0"),
+    ("range", lambda c, s: [flag_name(s, "temperature"), "0"], "must be positive, got 0.0"),
     ("range", A("--seed", "-1"), "is outside [0, 4294967295], got -1"),
     ("range", A("--seed", str(2**32)), "is outside"),
     ("range", A("--eval-every", "0"), "must be positive"),

@@ -24,6 +24,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from conftest import batch_flag  # noqa: E402  (also when run as a script: tests/ is on the path)
+
 FIXTURE = ROOT / "tests" / "fixtures" / "golden_metrics.json"
 TIMING = ("time", "step_time", "generation_share", "spo/mc_time_share", "cdpo/sft_seconds")
 RTOL = 1e-6
@@ -70,7 +72,7 @@ def run_case(name: str, out_dir: Path) -> list[dict]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a reduction's order, hence its last bit, depends on the threads
     try:
-        batch = "--pairs-per-step" if script == "token_dpo" else "--prompts-per-step"  # same value
+        batch = batch_flag(script)  # token_dpo's --pairs-per-step, with the same value
         common.run_main(mod.main, mod.Args, [*BASE, batch, "4", *extra, "--output-dir", str(out_dir)])
     finally:
         torch.set_num_threads(threads)

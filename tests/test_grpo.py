@@ -9,6 +9,7 @@ import torch
 
 import common
 import grpo
+from conftest import RENAMED_IN_TOKEN_DPO, field_name
 from grpo import (aggregate_loss, clipped_objective, compute_advantages, entropy_token_mask, grpo_loss, k3_kl)
 
 T = torch.tensor
@@ -209,13 +210,12 @@ def test_shared_base_settings(script):
     except ModuleNotFoundError:
         pytest.skip(f"{script}.py is not written yet")
     defaults = {f.name: f.default for f in dataclasses.fields(mod.Args)}
-    # token_dpo's two settings with another meaning have another name, and the same default
-    renamed = {"prompts_per_step": "pairs_per_step", "temperature": "sampling_temperature"}
     for name, value in SHARED_DEFAULTS.items():
         if script == "token_dpo" and name in ("beta", "epsilon", "epsilon_high", "num_iterations"):
             continue  # DPO's beta is its own; it has no clip (docs/token_dpo.md)
         if script == "token_dpo":
-            assert name not in renamed or name not in defaults, f"token_dpo.Args.{name} is back"
-            name = renamed.get(name, name)
+            assert name not in RENAMED_IN_TOKEN_DPO or name not in defaults, \
+                f"token_dpo.Args.{name} is back"
+            name = field_name(script, name)  # its two settings with another meaning
         assert defaults.get(name) == value, f"{script}.Args.{name} = {defaults.get(name)!r}, shared default {value!r}"
     assert mod.TINY_LEARNING_RATE == grpo.TINY_LEARNING_RATE and mod.HUB_LEARNING_RATE == 1e-6

@@ -73,9 +73,9 @@ def test_an_rl_script_changes_main_only_in_its_algo_blocks(script):
             problems.append(f"{script}: block `{label}` differs from grpo.py's outside an ALGO "
                             f"block; move the change into an ALGO block or into grpo.py\n{diff}")
     assert not problems, "\n\n".join(problems)
-    for (s, label), _ in {**EXCEPTIONS, **CHANGED_LINES}.items():
-        if s == script:  # an exception that is no longer needed must go
-            if (s, label) in EXCEPTIONS:
-                assert label not in own, f"{script} has `{label}` again: drop its exception"
-            else:
-                assert own.get(label) != template[label], f"drop {script}'s CHANGED_LINES entry"
+    # an exception that is no longer needed must go
+    for s, label in EXCEPTIONS:
+        assert s != script or label not in own, f"{script} has `{label}` again: drop its exception"
+    for s, label in CHANGED_LINES:
+        assert s != script or own.get(label) != template[label], \
+            f"drop {script}'s CHANGED_LINES entry"
