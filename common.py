@@ -1760,7 +1760,9 @@ def credit_view(tokenizer, completion_ids: torch.Tensor, advantages: torch.Tenso
 # ----------------------------------------------------------------------------------------
 # Only `--model tiny` reaches this section (load_model_and_tokenizer calls ensure_tiny_model).
 
-TINY_VERSION = "v3"
+TINY_VERSION = "v4"             # the warm start's recipe; a cached folder of another is unused
+TINY_DIR = Path(__file__).resolve().parent / "tiny"  # the shipped warm starts (tiny/build.py)
+TINY_SHIPPED = ((2, 4), (6, 8))  # the length settings shipped there, for seed 0
 TINY_TARGET_ACC = (0.10, 0.60)  # the warm start stops inside this band of held-out accuracy
 TINY_STOP_ACC = 0.30            # ... at the first evaluation at or above this, leaving room for RL
 
@@ -1811,88 +1813,122 @@ def build_tiny_model(vocab_size: int, pad_id: int, eos_id: int, context: int = 2
     return LlamaForCausalLM(config)
 
 
-def cpu_has_bf16() -> bool:
-    """True on an x86 CPU with native bf16 matmuls (AVX512-BF16 or AMX), where bf16 autocast is
-    several times faster than fp32; elsewhere bf16 is emulated and slower."""
+def tiny_tag(ops: tuple[int, int]) -> str:
+    """The folder name of a length setting's warm start: tiny-arith-2-4, tiny-arith-6-8, ..."""
+    return f"tiny-arith-{ops[0]}-{ops[1]}"
+
+
+def shipped_tiny_dir(ops: tuple[int, int]) -> Path:
+    """Where a shipped setting's folder lies: tiny/arith-2-4, tiny/arith-6-8."""
+    return TINY_DIR / f"arith-{ops[0]}-{ops[1]}"
+
+
+def shipped_tiny_problem(path: Path) -> Optional[str]:
+    """None if the shipped folder at `path` is whole (every file matches the sha256 recorded in
+    its warm_start.json), else what is wrong with it, in a few words."""
     try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # an older or non-x86 build of torch
-        return False
+        files = json.loads((path / "warm_start.json").read_text())["files"]
+    except FileNotFoundError:
+        return "it is missing"
+    except (ValueError, KeyError, TypeError):
+        return "its warm_start.json is unreadable"
+    for name, digest in files.items():
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if sha256_file(path / name) != digest:
+            return f"{name} does not match its recorded sha256"
+    return None
 
 
 def ensure_tiny_model(seed: int = 0, quiet: bool = False, ops: tuple[int, int] = ARITH_OPS) -> Path:
-    """Return the folder of the warm-started tiny model, building it first if it is not cached.
+    """Return the folder of the warm-started tiny model for the length setting `ops`.
+
+    The settings in TINY_SHIPPED (seed 0) ship with the repository, in tiny/, and load in well
+    under a second on any machine (their files are checked against recorded hashes first).
+    Any other setting or seed is warm-started on first use (build_tiny_model_folder, a few
+    minutes on 2 cores) and cached in cache_root(). A missing or damaged shipped folder is
+    said in one line and rebuilt the same way, into the cache.
+    """
+    if seed == 0 and tuple(ops) in TINY_SHIPPED:
+        shipped = shipped_tiny_dir(ops)
+        problem = shipped_tiny_problem(shipped)
+        if problem is None:
+            return shipped
+        print(f"the shipped tiny model {shipped} is unusable ({problem}); warm-starting it "
+              f"into {cache_root()} instead (restore it with `git checkout -- tiny`)",
+              file=sys.stderr)
+    path = cache_root() / f"{tiny_tag(ops)}-{TINY_VERSION}-seed{seed}"
+    if not (path / "warm_start.json").exists():
+        build_tiny_model_folder(path, seed=seed, ops=ops, quiet=quiet)
+    return path
+
+
+def build_tiny_model_folder(path: Path, seed: int = 0, ops: tuple[int, int] = ARITH_OPS,
+                            quiet: bool = False, record: Optional[dict] = None) -> dict:
+    """Warm-start the tiny model for the length setting `ops` and save it at `path`.
 
     The warm start is a short supervised fine-tune on the arithmetic task's training split
     (prompt -> chain-of-thought solution). It stops at the first evaluation whose held-out
     greedy accuracy reaches TINY_STOP_ACC (it must then lie in TINY_TARGET_ACC), so
-    reinforcement learning has room to improve it. It is deterministic for a seed on one
-    machine, and the folder loads with AutoModelForCausalLM.from_pretrained.
-
-    Each length setting `ops` (see arith_problem) has its own warm start, on its own problems,
-    under the same rule, with the context of tiny_context(ops). The default's folder name
-    carries no setting, so the cache built before the setting existed is still used.
+    reinforcement learning has room to improve it. It runs in fp32, so it is the same on
+    every CPU up to the rounding of its matrix products, and deterministic for a seed on one
+    machine. The folder loads with AutoModelForCausalLM.from_pretrained; its warm_start.json
+    says how it was built (plus `record`) and holds every other file's sha256.
     """
     from tqdm import tqdm
 
-    tag = "" if tuple(ops) == ARITH_OPS else f"-ops{ops[0]}-{ops[1]}"
-    path = cache_root() / f"tiny-arith-{TINY_VERSION}{tag}-seed{seed}"
-    if (path / "warm_start.json").exists():
-        return path
     seed_everything(seed)
     tokenizer = build_char_tokenizer()
     model = build_tiny_model(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id,
                              tiny_context(ops))
     test = arith_dataset("test", ops=ops)[:200]
     rows = sft_rows(tokenizer, arith_dataset("sft", ops=ops))
-    eval_tokens = max(64, arith_completion_length(ops))  # 64 for the default setting, as before
-    # On a CPU with bf16 instructions the SFT runs its matmuls in bf16 (autocast: the weights and
-    # the optimizer stay fp32) with plain attention, whose bf16 backward is much faster than SDPA's
-    # at these shapes: 0.16 s per step instead of 0.35 s on 2 cores. Elsewhere it runs in fp32.
-    # Either way it is deterministic for a seed on one machine, and the stopping rule below, not
-    # the step count, sets how good the warm start is.
-    bf16 = cpu_has_bf16()
-    attn = model.config._attn_implementation  # what every later run uses
-    if bf16:
-        model.set_attn_implementation("eager")
+    eval_tokens = max(64, arith_completion_length(ops))  # 64 for the default setting
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     batch_size, max_steps, eval_every = 64, 3000, 50
     gen = torch.Generator().manual_seed(seed)
     t0, acc, step = time.time(), 0.0, 0
-    bar = tqdm(range(1, max_steps + 1), desc="warm start (SFT of the tiny model)", disable=quiet,
-               leave=False)
-    for step in bar:
+    # The run stops at an accuracy, not a step count: the bar counts held-out accuracy points
+    # toward the target, updated at each evaluation, so its total is the work really done.
+    target = round(100 * TINY_STOP_ACC)
+    bar = tqdm(total=target, desc="warm start: held-out accuracy (%) toward its target",
+               disable=quiet, leave=False, bar_format="{l_bar}{bar}| {n:.0f}/{total} "
+               "[{elapsed}<{remaining}{postfix}]")
+    for step in range(1, max_steps + 1):
         batch = [rows[i] for i in torch.randint(len(rows), (batch_size,), generator=gen).tolist()]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = sft_loss(model, tokenizer, batch)
+        loss = sft_loss(model, tokenizer, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if step % eval_every == 0:
             acc = evaluate(model, tokenizer, test, "arith", eval_tokens, batch_size=200)
-            bar.set_postfix(loss=f"{loss.item():.3f}", heldout_acc=f"{acc:.2f}")
+            bar.n = min(100 * acc, target)
+            bar.set_postfix(step=step, loss=f"{loss.item():.3f}")  # refreshes the bar
             if acc >= TINY_STOP_ACC:
                 break
-    model.set_attn_implementation(attn)
+    bar.close()
     if not TINY_TARGET_ACC[0] <= acc <= TINY_TARGET_ACC[1]:
         raise RuntimeError(f"tiny-model warm start ended at held-out accuracy {acc:.2f}, "
                            f"outside {TINY_TARGET_ACC}")
+    path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    info = dict(seed=seed, sft_steps=step, heldout_accuracy=acc, seconds=round(time.time() - t0, 1),
-                arith_ops=f"{ops[0]}-{ops[1]}",
-                sft_matmuls="bf16 autocast" if bf16 else "fp32",
-                parameters=sum(p.numel() for p in model.parameters()))
-    (tmp / "warm_start.json").write_text(json.dumps(info, indent=2))
+    info = dict(seed=seed, arith_ops=f"{ops[0]}-{ops[1]}", sft_steps=step, heldout_accuracy=acc,
+                heldout_problems=len(test), seconds=round(time.time() - t0, 1),
+                sft_matmuls="fp32", parameters=sum(p.numel() for p in model.parameters()),
+                torch=torch.__version__, **(record or {}))
+    info["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
+    (tmp / "warm_start.json").write_text(json.dumps(info, indent=2) + "\n")
     shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)  # atomic: a half-written model is never cached
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, path)  # atomic: a half-written model is never used
     if not quiet:
         print(f"warm start: {step} SFT steps, held-out accuracy {acc:.3f}, "
               f"{info['seconds']}s -> {path}")
-    return path
+    return info
 
 
 def sft_rows(tokenizer, examples: list[dict]) -> list[tuple[list[int], list[int]]]:
