@@ -22,7 +22,9 @@ The advantage and the loss of each method live in that method's own file, on pur
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -319,6 +321,11 @@ def check_args(args, algo: str) -> None:
                                 "pass an existing file")
         elif rng == "arith_ops":
             parse_arith_ops(value)
+        elif rng == "dtype":
+            if value == "float16":
+                raise UserError(f"{flag} float16 needs loss scaling, which these scripts leave "
+                                f"out (bf16 needs none); pass {flag} bfloat16 on a GPU that has "
+                                f"it (Ampere or newer), else {flag} float32")
         elif rng == "int_list>0":
             parts = value.split(",")
             if not all(re.fullmatch(r"\s*[0-9]+\s*", b) and int(b) > 0 for b in parts):
@@ -645,10 +652,29 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype, the COMPUTE dtype: "auto" is bf16 on a GPU with bf16 units (Ampere or newer),
+    else fp32 (a CPU without bf16 instructions only emulates it, slower than fp32)."""
     if name == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
         return torch.bfloat16 if bf16 else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """`with autocast():` runs the model calls inside it in `dtype`, on fp32 master weights.
+
+    Mixed precision the standard way (torch.autocast, as TRL and nanoGPT do): the policy's
+    weights, gradients and AdamW state stay fp32, so an update of lr * ~1 = 1e-6 is kept (a bf16
+    weight near 0.02 moves in steps of 1.2e-4, so a bf16 copy would round it away), while the
+    matrix products run in bf16. Log-probs are still taken in fp32 (selective_log_softmax).
+    Within one region autocast casts each fp32 weight once and reuses the copy, so decoding
+    reads bf16 weights; the copies are dropped when the region ends. Hence: never step an
+    optimizer inside a region, and run backward outside it, as PyTorch advises.
+    fp32 gives a context that does nothing. Returns a function that makes a fresh context.
+    """
+    if dtype == torch.float32:
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device.type, dtype=dtype)
 
 
 def load_model_and_tokenizer(name: str, device: torch.device, dtype: torch.dtype,
@@ -1889,11 +1915,12 @@ def build_tiny_model_folder(path: Path, seed: int = 0, ops: tuple[int, int] = AR
     gen = torch.Generator().manual_seed(seed)
     t0, acc, step = time.time(), 0.0, 0
     # The run stops at an accuracy, not a step count: the bar counts held-out accuracy points
-    # toward the target, updated at each evaluation, so its total is the work really done.
+    # toward the target, updated at each evaluation, so its total is the work really done. It
+    # shows no ETA: accuracy does not rise at a steady rate.
     target = round(100 * TINY_STOP_ACC)
     bar = tqdm(total=target, desc="warm start: held-out accuracy (%) toward its target",
-               disable=quiet, leave=False, bar_format="{l_bar}{bar}| {n:.0f}/{total} "
-               "[{elapsed}<{remaining}{postfix}]")
+               disable=quiet, leave=False,
+               bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}{postfix}]")
     for step in range(1, max_steps + 1):
         batch = [rows[i] for i in torch.randint(len(rows), (batch_size,), generator=gen).tolist()]
         loss = sft_loss(model, tokenizer, batch)

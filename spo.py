@@ -73,7 +73,7 @@ class Args:
         "rollout batches to train on (each gives num_iterations optimizer steps)"})
     eval_every: int = field(default=20, metadata={"range": ">0", "help":
         "greedy held-out evaluation every N steps"})
-    eval_size: int = field(default=200, metadata={"range": ">0", "help":
+    eval_size: int = field(default=500, metadata={"range": ">0", "help":
         "held-out examples for greedy evaluation"})
     save_every: int = field(default=50, metadata={"range": ">0", "help":
         "checkpoint every N steps (also on SIGINT/SIGTERM and at the end)"})
@@ -84,7 +84,9 @@ class Args:
     device: str = field(default="auto", metadata={"range": "device", "help":
         "auto, cpu, cuda, cuda:1, ..."})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
-        "help": "weights dtype; auto = bfloat16 on a GPU that has it, else float32"})
+        "range": "dtype", "help": "compute dtype of every forward pass (autocast); the policy's "
+        "weights, gradients and AdamW state are always fp32, frozen models are stored in it; "
+        "auto = bfloat16 on a GPU that has it, else float32; float16 is refused"})
     micro_batch_size: int = field(default=32, metadata={"range": ">0", "help":
         "completions per forward/backward (gradient accumulation; same result)"})
     log_completions_every: int = field(default=10, metadata={"range": ">0", "help":
@@ -841,7 +843,8 @@ def tree_batch(model, tokenizer, args, prompts: list[list[int]], answers: list[s
 def main(args: Args) -> dict:
     # ---- setup (boilerplate) ----
     device = common.resolve_device(args.device)
-    dtype = common.resolve_dtype(args.dtype, device)
+    dtype = common.resolve_dtype(args.dtype, device)  # compute dtype: bf16 on a GPU that has it
+    autocast = common.autocast(device, dtype)        # `with autocast():` computes in it
     max_len = (common.default_max_len(args.task, args.arith_ops)
                if args.max_completion_length is None else args.max_completion_length)
     lr = ((TINY_LEARNING_RATE if args.model == common.TINY else HUB_LEARNING_RATE)
@@ -852,16 +855,17 @@ def main(args: Args) -> dict:
     train = common.load_task(args.task, "train", args.data_dir, args.arith_ops)
     heldout = common.load_task(args.task, "test", args.data_dir, args.arith_ops)[: args.eval_size]
     common.seed_everything(args.seed)
-    model, tokenizer = common.load_model_and_tokenizer(args.model, device, dtype, args.arith_ops)
+    # fp32 master weights: AdamW's small updates would round away in bf16 (common.autocast)
+    model, tokenizer = common.load_model_and_tokenizer(args.model, device, torch.float32,
+                                                       args.arith_ops)
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
     eos = tokenizer.eos_token_id
     train_prompt_ids = common.tokenize_prompts(tokenizer, train, args.task,
                                                common.context_length(model), max_len)
     ref_model = None  # with beta == 0, no reference model is ever built
-    if args.beta > 0.0:
-        ref_model, _ = common.load_model_and_tokenizer(args.model, device, dtype, args.arith_ops)
-        ref_model.requires_grad_(False)
+    if args.beta > 0.0:  # frozen: it never steps, so it is stored in the compute dtype
+        ref_model = common.load_frozen(args.model, device, dtype, args.arith_ops)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     sampler = common.PromptSampler(len(train), args.seed)
 
@@ -880,7 +884,9 @@ def main(args: Args) -> dict:
     run = common.Run(args, model, tokenizer, optimizer, sampler, algo_state)
     state = run.state  # step, start accuracy, and algo_state (restored on --resume)
     if "start_accuracy" not in state:
-        state["start_accuracy"] = common.evaluate(model, tokenizer, heldout, args.task, max_len)
+        with autocast():
+            state["start_accuracy"] = common.evaluate(model, tokenizer, heldout, args.task,
+                                                      max_len)
         run.logger.log(0, {"eval/accuracy": state["start_accuracy"]})
     eval_acc, t_start = state["start_accuracy"], time.time()
 
@@ -891,12 +897,13 @@ def main(args: Args) -> dict:
         # by the variant's builder; both return one SpoBatch (its docstring is the layout)
         idx = sampler.next(P)
         prompts, answers = [train_prompt_ids[i] for i in idx], [train[i]["answer"] for i in idx]
-        if args.variant == "chain":
-            batch = chain_batch(model, tokenizer, args, prompts, answers, device, max_len, N,
-                                sample_kw)
-        else:
-            batch = tree_batch(model, tokenizer, args, prompts, answers, device, idx, step,
-                               replay, branching, M, max_len, sample_kw)
+        with autocast():  # the builders only sample and run no-grad passes
+            if args.variant == "chain":
+                batch = chain_batch(model, tokenizer, args, prompts, answers, device, max_len, N,
+                                    sample_kw)
+            else:
+                batch = tree_batch(model, tokenizer, args, prompts, answers, device, idx, step,
+                                   replay, branching, M, max_len, sample_kw)
         prompt_ids, prompt_mask = batch.prompt_ids, batch.prompt_mask
         completion_ids, completion_mask = batch.completion_ids, batch.completion_mask
         old_logps, advantages, prob_mask = batch.old_logps, batch.advantages, batch.prob_mask
@@ -924,8 +931,10 @@ def main(args: Args) -> dict:
                for s in range(0, len(rows), args.micro_batch_size)]
 
         def fwd(m, mb, with_entropy=False):  # log-probs [b, L] (and entropies) of rows mb under m
-            return common.per_token_logps(m, prompt_ids[mb], prompt_mask[mb], completion_ids[mb],
-                                          completion_mask[mb], args.temperature, with_entropy)
+            with autocast():
+                return common.per_token_logps(m, prompt_ids[mb], prompt_mask[mb],
+                                              completion_ids[mb], completion_mask[mb],
+                                              args.temperature, with_entropy)
 
         ref_logps = None  # beta > 0: one [b, L] tensor per micro-batch, for all passes
         if ref_model is not None:
@@ -960,8 +969,9 @@ def main(args: Args) -> dict:
                        num_tokens=num_tokens, step_time=time.time() - t0,
                        generation_share=t_gen / (time.time() - t0))
         if step % args.eval_every == 0 or step == args.total_steps:
-            eval_acc = metrics["eval/accuracy"] = common.evaluate(model, tokenizer, heldout,
-                                                                  args.task, max_len)
+            with autocast():
+                eval_acc = metrics["eval/accuracy"] = common.evaluate(model, tokenizer, heldout,
+                                                                      args.task, max_len)
         run.end_step(step, metrics, texts, rewards, idx, train, batch.group_size)
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", eval_acc=f"{eval_acc:.2f}")
         if step % args.save_every == 0 or step == args.total_steps or run.stop_requested:

@@ -57,7 +57,7 @@ class Args:
         "rollout batches to train on (each gives num_iterations optimizer steps)"})
     eval_every: int = field(default=20, metadata={"range": ">0", "help":
         "greedy held-out evaluation every N steps"})
-    eval_size: int = field(default=200, metadata={"range": ">0", "help":
+    eval_size: int = field(default=500, metadata={"range": ">0", "help":
         "held-out examples for greedy evaluation"})
     save_every: int = field(default=50, metadata={"range": ">0", "help":
         "checkpoint every N steps (also on SIGINT/SIGTERM and at the end)"})
@@ -68,7 +68,9 @@ class Args:
     device: str = field(default="auto", metadata={"range": "device", "help":
         "auto, cpu, cuda, cuda:1, ..."})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
-        "help": "weights dtype; auto = bfloat16 on a GPU that has it, else float32"})
+        "range": "dtype", "help": "compute dtype of every forward pass (autocast); the policy's "
+        "weights, gradients and AdamW state are always fp32, frozen models are stored in it; "
+        "auto = bfloat16 on a GPU that has it, else float32; float16 is refused"})
     micro_batch_size: int = field(default=32, metadata={"range": ">0", "help":
         "completions per forward/backward (gradient accumulation; same result)"})
     log_completions_every: int = field(default=10, metadata={"range": ">0", "help":
@@ -425,7 +427,8 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
 def main(args: Args) -> dict:
     # ---- setup (boilerplate) ----
     device = common.resolve_device(args.device)
-    dtype = common.resolve_dtype(args.dtype, device)
+    dtype = common.resolve_dtype(args.dtype, device)  # compute dtype: bf16 on a GPU that has it
+    autocast = common.autocast(device, dtype)        # `with autocast():` computes in it
     max_len = (common.default_max_len(args.task, args.arith_ops)
                if args.max_completion_length is None else args.max_completion_length)
     lr = ((TINY_LEARNING_RATE if args.model == common.TINY else HUB_LEARNING_RATE)
@@ -436,16 +439,17 @@ def main(args: Args) -> dict:
     train = common.load_task(args.task, "train", args.data_dir, args.arith_ops)
     heldout = common.load_task(args.task, "test", args.data_dir, args.arith_ops)[: args.eval_size]
     common.seed_everything(args.seed)
-    model, tokenizer = common.load_model_and_tokenizer(args.model, device, dtype, args.arith_ops)
+    # fp32 master weights: AdamW's small updates would round away in bf16 (common.autocast)
+    model, tokenizer = common.load_model_and_tokenizer(args.model, device, torch.float32,
+                                                       args.arith_ops)
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
     eos = tokenizer.eos_token_id
     train_prompt_ids = common.tokenize_prompts(tokenizer, train, args.task,
                                                common.context_length(model), max_len)
     ref_model = None  # with beta == 0, no reference model is ever built
-    if args.beta > 0.0:
-        ref_model, _ = common.load_model_and_tokenizer(args.model, device, dtype, args.arith_ops)
-        ref_model.requires_grad_(False)
+    if args.beta > 0.0:  # frozen: it never steps, so it is stored in the compute dtype
+        ref_model = common.load_frozen(args.model, device, dtype, args.arith_ops)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     sampler = common.PromptSampler(len(train), args.seed)
 
@@ -456,7 +460,9 @@ def main(args: Args) -> dict:
     run = common.Run(args, model, tokenizer, optimizer, sampler, algo_state)
     state = run.state  # step, start accuracy, and algo_state (restored on --resume)
     if "start_accuracy" not in state:
-        state["start_accuracy"] = common.evaluate(model, tokenizer, heldout, args.task, max_len)
+        with autocast():
+            state["start_accuracy"] = common.evaluate(model, tokenizer, heldout, args.task,
+                                                      max_len)
         run.logger.log(0, {"eval/accuracy": state["start_accuracy"]})
     eval_acc, t_start = state["start_accuracy"], time.time()
 
@@ -467,8 +473,9 @@ def main(args: Args) -> dict:
         idx = sampler.next(P)
         prompt_ids, prompt_mask = common.left_pad([train_prompt_ids[i] for i in idx],
                                                   tokenizer.pad_token_id, device)
-        completion_ids = common.generate(model, tokenizer, prompt_ids, prompt_mask, max_len, G,
-                                         args.temperature, args.top_p, args.top_k)
+        with autocast():
+            completion_ids = common.generate(model, tokenizer, prompt_ids, prompt_mask, max_len,
+                                             G, args.temperature, args.top_p, args.top_k)
         prompt_ids = prompt_ids.repeat_interleave(G, 0)
         prompt_mask = prompt_mask.repeat_interleave(G, 0)
         completion_mask = common.completion_mask_from_ids(completion_ids, eos)  # [B, L]
@@ -482,8 +489,10 @@ def main(args: Args) -> dict:
         mbs = [slice(s, s + args.micro_batch_size) for s in range(0, B, args.micro_batch_size)]
 
         def fwd(m, mb, with_entropy=False):  # log-probs [b, L] (and entropies) of rows mb under m
-            return common.per_token_logps(m, prompt_ids[mb], prompt_mask[mb], completion_ids[mb],
-                                          completion_mask[mb], args.temperature, with_entropy)
+            with autocast():
+                return common.per_token_logps(m, prompt_ids[mb], prompt_mask[mb],
+                                              completion_ids[mb], completion_mask[mb],
+                                              args.temperature, with_entropy)
 
         # the reference's log-probs if beta > 0; the policy's entropies if needed first. No old
         # log-probs: nothing reads them before pass 1, which gives them detached (see no_grad_pass)
@@ -546,8 +555,9 @@ def main(args: Args) -> dict:
                        num_tokens=num_tokens, step_time=time.time() - t0,
                        generation_share=t_gen / (time.time() - t0))
         if step % args.eval_every == 0 or step == args.total_steps:
-            eval_acc = metrics["eval/accuracy"] = common.evaluate(model, tokenizer, heldout,
-                                                                  args.task, max_len)
+            with autocast():
+                eval_acc = metrics["eval/accuracy"] = common.evaluate(model, tokenizer, heldout,
+                                                                      args.task, max_len)
         run.end_step(step, metrics, texts, rewards, idx, train, G)
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", eval_acc=f"{eval_acc:.2f}")
         if step % args.save_every == 0 or step == args.total_steps or run.stop_requested:

@@ -39,6 +39,7 @@ while training works: watch `rewards/margins`, `rewards/accuracies` and `eval/ac
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -76,7 +77,7 @@ class Args:
         "one step)"})
     eval_every: int = field(default=20, metadata={"range": ">0", "help":
         "greedy held-out evaluation every N steps"})
-    eval_size: int = field(default=200, metadata={"range": ">0", "help":
+    eval_size: int = field(default=500, metadata={"range": ">0", "help":
         "held-out examples for greedy evaluation"})
     save_every: int = field(default=50, metadata={"range": ">0", "help":
         "checkpoint every N steps (also on SIGINT/SIGTERM and at the end)"})
@@ -87,7 +88,9 @@ class Args:
     device: str = field(default="auto", metadata={"range": "device", "help":
         "auto, cpu, cuda, cuda:1, ..."})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
-        "help": "weights dtype; auto = bfloat16 on a GPU that has it, else float32"})
+        "range": "dtype", "help": "compute dtype of every forward pass (autocast); the policy's "
+        "weights, gradients and AdamW state are always fp32, frozen models are stored in it; "
+        "auto = bfloat16 on a GPU that has it, else float32; float16 is refused"})
     micro_batch_size: int = field(default=32, metadata={"range": ">0", "help":
         "sequences per forward/backward, a pair being 2 (gradient accumulation; same result)"})
     log_completions_every: int = field(default=10, metadata={"range": ">0", "help":
@@ -609,17 +612,20 @@ def select_ce_rows(correct: list[bool], finished: list[bool], answers: list, num
 
 
 def train_ce_model(ref_model, tokenizer, rows: list[tuple[list[int], list[int]]], steps: int,
-                   rows_per_step: int, lr: float, generator: torch.Generator):
-    """A positive or negative model: a deep copy of pi_ref, fine-tuned with common.sft_loss on
-    `rows` (prompt ids, answer ids), `steps` AdamW steps of rows drawn with replacement, then
-    frozen. Eval mode (no dropout); `generator` draws the rows, the global RNG is untouched.
-    Returns (model, last step's loss)."""
-    model = copy.deepcopy(ref_model).requires_grad_(True).eval()
+                   rows_per_step: int, lr: float, generator: torch.Generator,
+                   autocast=contextlib.nullcontext):
+    """A positive or negative model: an fp32 deep copy of pi_ref, fine-tuned with
+    common.sft_loss on `rows` (prompt ids, answer ids), `steps` AdamW steps of rows drawn with
+    replacement, then frozen. Eval mode (no dropout); `generator` draws the rows, the global RNG
+    is untouched. Its forwards run under `autocast` (common.autocast), one region each, since
+    the optimizer steps between them. Returns (model, last step's loss)."""
+    model = copy.deepcopy(ref_model).float().requires_grad_(True).eval()  # fp32 master weights
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     loss = float("nan")
     for _ in range(steps):
         pick = torch.randint(len(rows), (rows_per_step,), generator=generator).tolist()
-        out = common.sft_loss(model, tokenizer, [rows[i] for i in pick])
+        with autocast():
+            out = common.sft_loss(model, tokenizer, [rows[i] for i in pick])
         out.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CE_SFT_MAX_GRAD_NORM)
         optimizer.step()
@@ -629,7 +635,7 @@ def train_ce_model(ref_model, tokenizer, rows: list[tuple[list[int], list[int]]]
 
 
 def add_cdpo_weights(pairs: list[dict], pos_rows: list, neg_rows: list, ref_model, tokenizer, args,
-                     round_no: int, device) -> dict:
+                     round_no: int, device, autocast=contextlib.nullcontext) -> dict:
     """One round's contrastive estimation: fine-tune pi_p then pi_n from fresh copies of pi_ref,
     score every pair's rejected answer once, store its weights in the pair as
     p["rejected_weights"] (a list of floats, one per token: saved with the round's pairs, so a
@@ -645,14 +651,14 @@ def add_cdpo_weights(pairs: list[dict], pos_rows: list, neg_rows: list, ref_mode
     def fit(rows, k):
         gen = torch.Generator().manual_seed(seed + k * 1_000_000_007)
         return train_ce_model(ref_model, tokenizer, rows, args.ce_sft_steps, args.ce_sft_rows,
-                              args.ce_sft_lr, gen)
+                              args.ce_sft_lr, gen, autocast)
 
     pos_model, pos_loss = fit(pos_rows, 1)
     neg_model, neg_loss = fit(neg_rows, 2)
     heads = pos_model.get_output_embeddings(), neg_model.get_output_embeddings()
     contrast = {"chosen": [0.0, 0.0], "rejected": [0.0, 0.0]}  # sum of log pi_p - log pi_n, tokens
     n = max(1, args.micro_batch_size // 2)
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
         for s in range(0, len(pairs), n):
             mb = pairs[s:s + n]
             batch = common.collate_pairs(mb, tokenizer.pad_token_id, device)
@@ -792,7 +798,8 @@ def main(args: Args) -> dict:
                         "pair needs a correct and an incorrect answer to the same prompt; pass "
                         "--num-generations 2 or more")
     device = common.resolve_device(args.device)
-    dtype = common.resolve_dtype(args.dtype, device)
+    dtype = common.resolve_dtype(args.dtype, device)  # compute dtype: bf16 on a GPU that has it
+    autocast = common.autocast(device, dtype)        # `with autocast():` computes in it
     max_len = (common.default_max_len(args.task, args.arith_ops)
                if args.max_completion_length is None else args.max_completion_length)
     lr = ((TINY_LEARNING_RATE if args.model == common.TINY else HUB_LEARNING_RATE)
@@ -803,7 +810,9 @@ def main(args: Args) -> dict:
     heldout = common.load_task(args.task, "test", args.data_dir, args.arith_ops)[: args.eval_size]
     file_rows = common.read_preference_jsonl(args.pairs_file) if args.pairs_file else None
     common.seed_everything(args.seed)
-    model, tokenizer = common.load_model_and_tokenizer(args.model, device, dtype, args.arith_ops)
+    # fp32 master weights: AdamW's small updates would round away in bf16 (common.autocast)
+    model, tokenizer = common.load_model_and_tokenizer(args.model, device, torch.float32,
+                                                       args.arith_ops)
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
     common.check_plain_lm_head(model, device)
@@ -830,7 +839,9 @@ def main(args: Args) -> dict:
     if guidance is None and rounds.guidance_dir:
         guidance = common.load_frozen(rounds.guidance_dir, device, dtype)
     if "start_accuracy" not in state:
-        state["start_accuracy"] = common.evaluate(model, tokenizer, heldout, args.task, max_len)
+        with autocast():
+            state["start_accuracy"] = common.evaluate(model, tokenizer, heldout, args.task,
+                                                      max_len)
         run.logger.log(0, {"eval/accuracy": state["start_accuracy"]})
     eval_acc, t_start = state["start_accuracy"], time.time()
 
@@ -845,9 +856,10 @@ def main(args: Args) -> dict:
                 idx = sampler.next(args.prompts_per_round)
                 prompt_ids, prompt_mask = common.left_pad([train_prompt_ids[i] for i in idx],
                                                           tokenizer.pad_token_id, device)
-                completion_ids = common.generate(model, tokenizer, prompt_ids, prompt_mask,
-                                                 max_len, G, args.sampling_temperature,
-                                                 args.top_p, args.top_k)
+                with autocast():
+                    completion_ids = common.generate(model, tokenizer, prompt_ids, prompt_mask,
+                                                     max_len, G, args.sampling_temperature,
+                                                     args.top_p, args.top_k)
                 prompt_ids = prompt_ids.repeat_interleave(G, 0)
                 prompt_mask = prompt_mask.repeat_interleave(G, 0)
                 completion_mask = common.completion_mask_from_ids(completion_ids, eos)
@@ -863,9 +875,10 @@ def main(args: Args) -> dict:
                        for s in range(0, len(completion_ids), args.micro_batch_size)]
 
                 def fwd(m, mb, with_entropy=False):  # log-probs [b, L] at T = 1 (and entropies)
-                    return common.per_token_logps(m, prompt_ids[mb], prompt_mask[mb],
-                                                  completion_ids[mb], completion_mask[mb], 1.0,
-                                                  with_entropy)
+                    with autocast():
+                        return common.per_token_logps(m, prompt_ids[mb], prompt_mask[mb],
+                                                      completion_ids[mb], completion_mask[mb],
+                                                      1.0, with_entropy)
 
                 logps, entropies, ref_logps = common.no_grad_pass(fwd, mbs, model, ref_model)
                 metrics.update(fresh_sample_stats(logps, ref_logps, entropies, completion_mask))
@@ -895,7 +908,7 @@ def main(args: Args) -> dict:
                     metrics.update(fallback)
             if args.loss == "cdpo" and pairs and "rejected_weights" not in pairs[0]:
                 metrics.update(add_cdpo_weights(pairs, *ce_rows, ref_model, tokenizer, args,
-                                                rounds.round, device))
+                                                rounds.round, device, autocast))
                 metrics.update(cdpo_weight_stats(pairs, eos, golds))
                 bar.write(f"step {step}: round {rounds.round}: cDPO fine-tuned its positive and "
                           f"negative models on {len(ce_rows[0])} and {len(ce_rows[1])} rows "
@@ -904,7 +917,7 @@ def main(args: Args) -> dict:
                     bar.write(cdpo_credit_view(pairs[0], tokenizer, golds[0] if golds else None))
             if args.loss == "tgdpo" and guidance is None and rounds.rounds_trained >= 1:
                 # TGDPO's guidance: the policy after a DPO round, frozen (saved for --resume)
-                guidance = copy.deepcopy(model).requires_grad_(False)
+                guidance = copy.deepcopy(model).to(dtype).requires_grad_(False)  # frozen
                 rounds.guidance_dir = str(run.run_dir / "guidance")
                 guidance.save_pretrained(rounds.guidance_dir)
                 tokenizer.save_pretrained(rounds.guidance_dir)
@@ -929,12 +942,13 @@ def main(args: Args) -> dict:
                 inputs = common.collate_pairs(mb, tokenizer.pad_token_id, device)
                 completion_ids, completion_mask = inputs[2:]   # [2n, L]: chosen; rejected
                 # ONE forward for [chosen; rejected]; the reference (and guidance) without grad
-                hidden = common.response_hidden_states(model, *inputs)
-                with torch.no_grad():
-                    ref_hidden = common.response_hidden_states(ref_model, *inputs)
-                logps, ref_logps, kl = token_logps_and_kl(hidden, ref_hidden, completion_ids,
-                                                          completion_mask, head, ref_head,
-                                                          args.kl_chunk_size)    # [2n, L] each
+                with autocast():
+                    hidden = common.response_hidden_states(model, *inputs)
+                    with torch.no_grad():
+                        ref_hidden = common.response_hidden_states(ref_model, *inputs)
+                    logps, ref_logps, kl = token_logps_and_kl(hidden, ref_hidden, completion_ids,
+                                                              completion_mask, head, ref_head,
+                                                              args.kl_chunk_size)  # [2n, L] each
                 if not loss_name.startswith("tdpo"):
                     kl = kl.detach()  # logged only: TDPO's panels, for every loss
                 (pw, pl), (rw, rl), (mw, ml), (kw, kr) = (
@@ -951,7 +965,7 @@ def main(args: Args) -> dict:
                     loss, m = cdpo_loss(pw, pl, rw, rl, mw, ml, wl, args.beta, kw, kr,
                                         reduction="sum")
                 else:
-                    with torch.no_grad():
+                    with torch.no_grad(), autocast():
                         g_logps, _ = common.per_token_logps(guidance, *inputs, 1.0)
                     gw, gl = g_logps.chunk(2)
                     loss, m = tgdpo_loss(pw, pl, rw, rl, gw, gl, mw, ml, args.beta, args.alpha,
@@ -967,8 +981,9 @@ def main(args: Args) -> dict:
         state["step"] = step
         metrics.update(learning_rate=lr, step_time=time.time() - t0)
         if step % args.eval_every == 0 or step == args.total_steps:
-            eval_acc = metrics["eval/accuracy"] = common.evaluate(model, tokenizer, heldout,
-                                                                  args.task, max_len)
+            with autocast():
+                eval_acc = metrics["eval/accuracy"] = common.evaluate(model, tokenizer, heldout,
+                                                                      args.task, max_len)
         run.log(step, metrics)
         bar.set_postfix(margin=f"{metrics.get('rewards/margins', 0.0):.3f}",
                         eval_acc=f"{eval_acc:.2f}")

@@ -211,9 +211,12 @@ class Bench:
     def mbs(self) -> int:
         return self.args.micro_batch_size or self.P * self.G
 
-    def load(self):
-        """A fresh copy of the model, loaded the way every script loads one."""
-        model, _ = common.load_model_and_tokenizer(self.path, self.device, self.dtype)
+    def load(self, frozen: bool = False):
+        """A fresh copy of the model, loaded the way every script loads one: the policy with
+        fp32 master weights, a frozen model (the reference) in the compute dtype."""
+        if frozen:
+            return common.load_frozen(self.path, self.device, self.dtype)
+        model, _ = common.load_model_and_tokenizer(self.path, self.device, torch.float32)
         return model
 
     def rows(self, block: int) -> tuple[list[list[int]], list[str]]:
@@ -300,8 +303,7 @@ def make_policy(b: Bench, beta: float, fixed_length: bool) -> Policy:
         model.generation_config.min_new_tokens = b.L
     ref = None
     if beta > 0.0:
-        ref = b.load()
-        ref.requires_grad_(False)
+        ref = b.load(frozen=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.999),
                                   weight_decay=0.0)
     return Policy(model, ref, optimizer)
@@ -329,6 +331,7 @@ def grpo_step(b: Bench, pol: Policy, rows: list[list[int]], beta: float,
     tokenizer, device = b.tokenizer, b.device
     G, mu, max_len, mbs_size, T = b.G, b.mu, b.L, b.mbs, b.args.temperature
     B = len(rows) * G
+    autocast = common.autocast(device, b.dtype)
     clock = [now(device)] if sections is not None else None
 
     def lap(name: str) -> None:
@@ -340,8 +343,9 @@ def grpo_step(b: Bench, pol: Policy, rows: list[list[int]], beta: float,
     # ---- 1. rollout: G completions for each of P prompts, one batched generate call ----
     with record_function("grpo/1 rollout"):
         prompt_ids, prompt_mask = common.left_pad(rows, tokenizer.pad_token_id, device)
-        completion_ids = common.generate(model, tokenizer, prompt_ids, prompt_mask, max_len, G, T,
-                                         1.0, 0)
+        with autocast():
+            completion_ids = common.generate(model, tokenizer, prompt_ids, prompt_mask, max_len,
+                                             G, T, 1.0, 0)
         prompt_ids = prompt_ids.repeat_interleave(G, 0)
         prompt_mask = prompt_mask.repeat_interleave(G, 0)
         completion_mask = common.completion_mask_from_ids(completion_ids,
@@ -356,8 +360,10 @@ def grpo_step(b: Bench, pol: Policy, rows: list[list[int]], beta: float,
         mbs = [slice(s, s + mbs_size) for s in range(0, B, mbs_size)]
 
         def fwd(m, mb, with_entropy=False):  # log-probs [b, L] (and entropies) of rows mb under m
-            return common.per_token_logps(m, prompt_ids[mb], prompt_mask[mb], completion_ids[mb],
-                                          completion_mask[mb], T, with_entropy)
+            with autocast():
+                return common.per_token_logps(m, prompt_ids[mb], prompt_mask[mb],
+                                              completion_ids[mb], completion_mask[mb], T,
+                                              with_entropy)
 
         # the reference's log-probs if beta > 0; no entropies (no 80/20 mask), no old log-probs
         _, entropies, ref_logps = common.no_grad_pass(fwd, mbs, None, ref_model)

@@ -66,7 +66,8 @@ def main(argv=None) -> dict:
                    help="the device's memory bandwidth in GB/s (default: known GPUs by name)")
     args = _bench.parse_args(argv, p)
     b = _bench.start(args, "Decode tokens/s against the memory-bandwidth bound")
-    model, tokenizer = common.load_model_and_tokenizer(b.path, b.device, b.dtype)
+    model, tokenizer = b.load(), b.tokenizer  # fp32 weights; decoding runs under autocast
+    autocast = common.autocast(b.device, b.dtype)  # which reads its bf16 copies, cast once a call
     model.generation_config.min_new_tokens = b.L          # exactly L new tokens in every row
     rows = b.prompt_ids[: b.P]
     prompt_ids, prompt_mask = common.left_pad(rows, tokenizer.pad_token_id, b.device)
@@ -74,7 +75,9 @@ def main(argv=None) -> dict:
 
     def gen(n):
         model.generation_config.min_new_tokens = n
-        out = common.generate(model, tokenizer, prompt_ids, prompt_mask, n, b.G, args.temperature)
+        with autocast():
+            out = common.generate(model, tokenizer, prompt_ids, prompt_mask, n, b.G,
+                                  args.temperature)
         assert out.shape == (batch, n), out.shape
     with torch.no_grad():
         t_full, t_one = [], []

@@ -43,7 +43,7 @@ def part_methods(b: Bench) -> None:
     rep, device, G, mu = b.report, b.device, b.G, b.mu
     B, T = b.P * b.G, b.args.temperature
     pol = make_policy(b, 0.0, fixed_length=False)  # natural lengths: trees, cutpoints need text
-    ref = b.load().requires_grad_(False)
+    ref = b.load(frozen=True)
     rows, answers = b.rows(0)
     common.seed_everything(b.args.seed)
     batch = grpo_step(b, pol, rows, 0.0)  # one step, also the batch the methods work on

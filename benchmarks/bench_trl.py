@@ -24,7 +24,7 @@ Made equal on purpose (TRL's defaults differ in the ones marked *):
   temperature, top_p 1, top_k 0, num_iterations (mu), beta, epsilon 0.2 both sides,
   *loss_type "grpo" (TRL: "dapo"), scale_rewards "group", micro-batch size
   (TRL: per_device_train_batch_size, gradient_accumulation_steps = B / micro-batch),
-  *dtype: the weights' dtype with no autocast on either side (TRL: bf16 autocast),
+  dtype: fp32 weights, forward passes under autocast in --dtype on both sides (TRL: bf16=True),
   *gradient checkpointing off on both sides, or on for both with --gradient-checkpointing
   (TRL: on; grpo.py: off), *optimizer torch AdamW (TRL: fused AdamW where
   available), lr, betas, weight decay 0, max_grad_norm 1, constant schedule,
@@ -177,7 +177,7 @@ def trl_pair(b: Bench, beta: float) -> dict:
         num_generations=b.G, max_completion_length=b.L, generation_kwargs={"min_new_tokens": b.L},
         temperature=a.temperature, top_p=1.0, top_k=0, num_iterations=mu, beta=beta,
         epsilon=EPSILON, epsilon_high=EPSILON, loss_type="grpo", scale_rewards="group",
-        shuffle_dataset=False, bf16=False, fp16=False,
+        shuffle_dataset=False, bf16=b.dtype == torch.bfloat16, fp16=False,
         gradient_checkpointing=a.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False}, optim="adamw_torch",
         learning_rate=LEARNING_RATE, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,

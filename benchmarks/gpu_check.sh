@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The GPU check, prepared for a lent GPU machine: one script; each item has a time limit, 9 minutes
-# in all at worst (the device allows 10 a command).
+# The GPU check, prepared for a lent GPU machine: one script; each item has a time limit, 8 minutes
+# in all at worst (the device allows 10 a command, and 15 a task with its start-up).
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU machine, from the repository root
 #   DEVICE=cpu MODEL=tiny TASK=arith STEPS=2 LEN=16 bash benchmarks/gpu_check.sh   # its plumbing, on a CPU
 #
 # 1. every script for a few steps with SmolLM2-135M-Instruct (converted from ../shared/models)
 #    on GSM8K, --dtype bfloat16: exit code, step time (metrics.jsonl), the GPU memory in use
-#    (nvidia-smi, every 0.5 s);
+#    (nvidia-smi, every 0.5 s); then benchmarks/weights_move.py: the share of weights that move
+#    and their mean |dw| in bf16 compute against fp32, step time and peak memory;
 # 2. benchmarks/bench_overhead.py and bench_methods.py with --model qwen2.5-0.5b-random
 #    (throughput; peak memory), and bench_trl.py when trl is installed;
 # 3. benchmarks/bench_decode.py: decode tokens/s against the GPU's memory-bandwidth bound.
@@ -56,7 +57,7 @@ item() {  # item NAME SECONDS COMMAND...: run with a time limit, log it, note th
 if [ -z "$MODEL" ]; then
   MODEL=/tmp/smollm2
   if [ ! -f "$MODEL/config.json" ]; then
-    item convert 60 python "$SHARED/tools/smollm2_to_hf.py" "$MODEL" --dtype bfloat16 \
+    item convert 50 python "$SHARED/tools/smollm2_to_hf.py" "$MODEL" --dtype bfloat16 \
       || echo "convert failed (needs ../shared and: pip install gguf accelerate)" | tee -a "$SUMMARY"
   fi
 fi
@@ -67,11 +68,11 @@ DTYPE=bfloat16
 COMMON=(--model "$MODEL" --task "$TASK" "${DATA[@]}" --device "$DEVICE" --dtype "$DTYPE"
         --total-steps "$STEPS" --eval-every "$STEPS" --eval-size 32
         --max-completion-length "$LEN" --output-dir "$OUT/runs")
-item grpo 60 python grpo.py --prompts-per-step 4 "${COMMON[@]}"
-item tempo 60 python tempo.py --prompts-per-step 4 "${COMMON[@]}"
-item dcpo 60 python dcpo.py --prompts-per-step 4 "${COMMON[@]}"
-item spo-chain 60 python spo.py --variant chain --prompts-per-step 4 "${COMMON[@]}"
-item tdpo2 60 python token_dpo.py --loss tdpo2 --pairs-per-step 4 --prompts-per-round 8 "${COMMON[@]}"
+item grpo 40 python grpo.py --prompts-per-step 4 "${COMMON[@]}"
+item tempo 40 python tempo.py --prompts-per-step 4 "${COMMON[@]}"
+item dcpo 40 python dcpo.py --prompts-per-step 4 "${COMMON[@]}"
+item spo-chain 40 python spo.py --variant chain --prompts-per-step 4 "${COMMON[@]}"
+item tdpo2 40 python token_dpo.py --loss tdpo2 --pairs-per-step 4 --prompts-per-round 8 "${COMMON[@]}"
 python - "$OUT/runs" <<'EOF' | tee -a "$SUMMARY"
 import json, sys
 from pathlib import Path
@@ -85,20 +86,26 @@ for run in sorted(Path(sys.argv[1]).glob("*")):
     print(f"{run.name}: {len(steps)} steps, median step {median:.2f} s, {status}")
 EOF
 
+# ---- 1b. the weights really move: grpo.py in bf16 compute against fp32, from one start ----
+WM=(--model "$MODEL" --task "$TASK" "${DATA[@]}" --device "$DEVICE" --steps 3
+    --max-completion-length "$LEN")
+item weights_move 80 python benchmarks/weights_move.py "${WM[@]}"
+grep -h "^weights_move" "$OUT/weights_move.log" | tee -a "$SUMMARY"
+
 # ---- 2. throughput and peak memory with a Qwen2.5-0.5B-shaped random model ----------------
 Q=(--device "$DEVICE" --model qwen2.5-0.5b-random --prompts 16 --num-generations 8
    --completion-length "$LEN" --repeats 3)
 [ "$DEVICE" = cpu ] && Q=(--device cpu --model tiny-random --quick)
-item bench_overhead 60 python benchmarks/bench_overhead.py "${Q[@]}" --betas 0 \
+item bench_overhead 50 python benchmarks/bench_overhead.py "${Q[@]}" --betas 0 \
   --out "$OUT/bench_overhead"
 if python -c "import trl" 2>/dev/null; then
-  item bench_trl 60 python benchmarks/bench_trl.py "${Q[@]}" --betas 0 --out "$OUT/bench_trl"
+  item bench_trl 50 python benchmarks/bench_trl.py "${Q[@]}" --betas 0 --out "$OUT/bench_trl"
 else
   echo "bench_trl: skipped, trl not installed" | tee -a "$SUMMARY"
 fi
 
 # ---- 3. decode against the memory-bandwidth bound ------------------------------------------
-item bench_decode 60 python benchmarks/bench_decode.py "${Q[@]}" --out "$OUT/bench_decode"
+item bench_decode 50 python benchmarks/bench_decode.py "${Q[@]}" --out "$OUT/bench_decode"
 grep -h "^- decode\|^- bound\|^- weights\|^- batch" "$OUT/bench_decode/report.md" 2>/dev/null \
   | tee -a "$SUMMARY"
 for r in bench_overhead bench_trl; do

@@ -98,6 +98,7 @@ def gsm8k(folder):
 # (kind, argv builder, words in the one line[, the flag it must name: default, the first of argv])
 CASES = [
     ("argparse", A("--dtype", "fp8"), "invalid choice: 'fp8'"),
+    ("range", A("--dtype", "float16"), "needs loss scaling"),
     ("argparse", A("--total-steps", "two"), "invalid int value: 'two'"),
     ("argparse", A("--learning-rate", "fast"), "invalid float value"),
     ("argparse", A("--no-such-flag", "1"), "unrecognized arguments"),
