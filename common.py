@@ -1890,7 +1890,8 @@ def ensure_tiny_model(seed: int = 0, quiet: bool = False, ops: tuple[int, int] =
 
 
 def build_tiny_model_folder(path: Path, seed: int = 0, ops: tuple[int, int] = ARITH_OPS,
-                            quiet: bool = False, record: Optional[dict] = None) -> dict:
+                            quiet: bool = False, record: Optional[dict] = None,
+                            max_steps: int = 3000, eval_every: int = 50) -> dict:
     """Warm-start the tiny model for the length setting `ops` and save it at `path`.
 
     The warm start is a short supervised fine-tune on the arithmetic task's training split
@@ -1911,7 +1912,7 @@ def build_tiny_model_folder(path: Path, seed: int = 0, ops: tuple[int, int] = AR
     rows = sft_rows(tokenizer, arith_dataset("sft", ops=ops))
     eval_tokens = max(64, arith_completion_length(ops))  # 64 for the default setting
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    batch_size, max_steps, eval_every = 64, 3000, 50
+    batch_size = 64
     gen = torch.Generator().manual_seed(seed)
     t0, acc, step = time.time(), 0.0, 0
     # The run stops at an accuracy, not a step count: the bar counts held-out accuracy points

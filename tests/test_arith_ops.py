@@ -97,14 +97,11 @@ def test_parse_and_defaults():
     assert common.tiny_context((19, 19)) == 256 and common.tiny_context((20, 32)) == 512
 
 
-def test_each_setting_has_its_own_warm_start_folder(tmp_path, monkeypatch):
-    """The cache key: the default's folder is the old one (reused); another setting's differs."""
-    monkeypatch.setenv("TOKENCREDIT_CACHE", str(tmp_path))
-    for ops, name in [((2, 4), "tiny-arith-v3-seed0"), ((6, 8), "tiny-arith-v3-ops6-8-seed0")]:
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "warm_start.json").write_text("{}")  # cached: returned, never built
-        assert common.ensure_tiny_model(seed=0, ops=ops) == tmp_path / name
-    assert common.ensure_tiny_model(seed=0) == tmp_path / "tiny-arith-v3-seed0"
+def test_each_setting_has_its_own_warm_start_folder():
+    """The two shipped settings each have their own folder (tests/test_tiny_model.py)."""
+    assert common.ensure_tiny_model(seed=0, ops=(2, 4)) == common.TINY_DIR / "arith-2-4"
+    assert common.ensure_tiny_model(seed=0, ops=(6, 8)) == common.TINY_DIR / "arith-6-8"
+    assert common.ensure_tiny_model(seed=0) == common.TINY_DIR / "arith-2-4"
 
 
 @pytest.mark.parametrize("script", ["grpo", "tempo", "dcpo", "spo", "token_dpo"])

@@ -71,9 +71,9 @@ def test_warm_start_is_in_its_band_and_loads_like_a_hub_model(warm_tiny_model_di
     info = json.loads((warm_tiny_model_dir / "warm_start.json").read_text())
     lo, hi = common.TINY_TARGET_ACC
     assert lo <= info["heldout_accuracy"] <= hi and info["sft_steps"] % 50 == 0
-    assert info["sft_matmuls"] == ("bf16 autocast" if common.cpu_has_bf16() else "fp32")
+    assert info["sft_matmuls"] == "fp32"
     model = AutoModelForCausalLM.from_pretrained(warm_tiny_model_dir)
-    assert model.dtype == torch.float32 and model.config._attn_implementation != "eager"  # SFT-only settings
+    assert model.dtype == torch.float32
     tok = AutoTokenizer.from_pretrained(warm_tiny_model_dir)
     assert tok.padding_side == "left" and len(tok) == model.config.vocab_size
 
