@@ -238,8 +238,8 @@ def test_official_gradient_equals_ours_only_with_equal_lengths(equal_lengths):
 def run_main(tmp_path, model_dir, monkeypatch, *extra, steps=2):
     """grpo.main on the random tiny model, a reward that alternates 0, 1 (every group has a
     spread); returns (metrics rows, the trained policy)."""
-    monkeypatch.setattr(common, "reward_fn",
-                        lambda completions, answers: [float(i % 2) for i in range(len(completions))])
+    alternate = lambda completions, answers: [float(i % 2) for i in range(len(completions))]  # noqa
+    monkeypatch.setattr(common, "reward_fn", alternate)
     models = []
     load = common.load_model_and_tokenizer
     monkeypatch.setattr(common, "load_model_and_tokenizer",
