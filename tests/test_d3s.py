@@ -3,6 +3,7 @@ the schedule, the reductions to GRPO and to the 80/20 mask, dropped rows, and gr
 import itertools
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,20 @@ def test_flag_combinations_are_refused():
     for bad in (dict(d3s_k_init=0.0), dict(d3s_k_final=1.5), dict(d3s_n_init=0)):
         with pytest.raises(common.UserError):
             common.check_args(grpo.Args(d3s="cross", **bad), "grpo")
+
+
+def test_resume_continues_the_schedule_and_the_running_mean(tmp_path, random_tiny_model_dir,
+                                                            monkeypatch):
+    """p comes from the absolute step, and d3s/tokens_used_cum's sums live in the checkpoint."""
+    flags = ["--d3s", "cross", "--d3s-n-init", "2", "--d3s-n-final", "4", "--save-every", "1"]
+    straight, _ = run_main(tmp_path, random_tiny_model_dir, monkeypatch, *flags, steps=3)
+    run_main(tmp_path, random_tiny_model_dir, monkeypatch, *flags, steps=3)  # the same run
+    assert [r.get("d3s/progress") for r in straight] == [None, 0.0, 0.5, 1.0]
+    # the same run stopped after step 2 and resumed: its step 3 logs what the straight run did
+    run_dir = next((tmp_path / "out1").iterdir())
+    common.trim_jsonl(run_dir / "metrics.jsonl", 2)
+    shutil.rmtree(run_dir / "checkpoints" / "step-0000003")
+    common.run_main(grpo.main, grpo.Args, ["--resume", str(run_dir)])
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    for key in ("d3s/progress", "d3s/n_per_prompt", "d3s/tokens_used_cum"):
+        assert rows[-1][key] == pytest.approx(straight[-1][key], abs=1e-6), key
