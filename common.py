@@ -287,7 +287,8 @@ def check_data_dir(data_dir: Optional[str], task: str) -> None:
 
 
 def check_args(args, algo: str) -> None:
-    """Every field of `args` against its range (metadata["range"]), before any work.
+    """Every field of `args` against its range (metadata["range"]), before any work, then the
+    combinations its class checks (an Args.check() method, if it has one).
 
     Raises UserError with one line naming the flag and a value that works.
     """
@@ -334,6 +335,8 @@ def check_args(args, algo: str) -> None:
         else:
             raise ValueError(f"field {f.name} of {type(args).__name__}: unknown range {rng!r} "
                              f"({hints[f.name]})")
+    if hasattr(args, "check"):  # a script's checks of flag combinations (grpo.py's D3S)
+        args.check()
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""GRPO: Group Relative Policy Optimization, with the Dr. GRPO, DAPO and 80/20 variants as flags.
+"""GRPO: Group Relative Policy Optimization, with Dr. GRPO, DAPO, 80/20, TW-GRPO and D3S as flags.
 
-Paper: Shao et al., "DeepSeekMath", arXiv 2402.03300 (2024). Docs: docs/grpo.md (the math, the
-defaults and which source each follows).
+Paper: Shao et al., "DeepSeekMath", arXiv 2402.03300 (2024). TW-GRPO: Dang et al., "Reinforcing
+Video Reasoning with Focused Thinking", arXiv 2505.24718. D3S: Wang et al., "Learning More with
+Less: A Dynamic Dual-Level Down-Sampling Framework for Efficient Policy Optimization", arXiv
+2509.22115 (ICLR 2026). Docs: docs/grpo.md (the math, the defaults and which source each follows).
 
 For each prompt, sample a group of G completions, score each with a verifier, and give every
 token of completion i the advantage (r_i - mean(r)) / std(r). The group mean replaces PPO's
@@ -13,6 +15,8 @@ critic. Train with PPO's clipped ratio against the weights that sampled the batc
     python grpo.py --loss-type dr_grpo --scale-rewards none          # Dr. GRPO
     python grpo.py --loss-type dapo --epsilon-high 0.28              # DAPO token-mean + clip-higher
     python grpo.py --top-entropy-quantile 0.2                        # the top-20% entropy tokens
+    python grpo.py --token-weighting tw                  # TW-GRPO: weights from group disagreement
+    python grpo.py --d3s cross                           # D3S: high-variance rollouts, |A|*H tokens
     # the DeepSeekMath recipe (for reference, not our default; docs/grpo.md, "Defaults"):
     python grpo.py --model deepseek-ai/deepseek-math-7b-instruct --task gsm8k --beta 0.04 \\
         --num-generations 64 --num-iterations 1 --max-completion-length 1024 --learning-rate 1e-6
@@ -23,9 +27,10 @@ REINFORCE gradient with a group baseline. Watch `reward` and `eval/accuracy`, no
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 
@@ -111,6 +116,42 @@ class Args:
         "train only on this top share of tokens by entropy (0.2 = 80/20 paper; 1.0 = off)"})
     mask_truncated_completions: bool = field(default=False, metadata={"help":
         "drop completions with no EOS from the loss (DAPO overlong filtering)"})
+    # --- TW-GRPO (Dang et al.): token weights from how much the group's predictions disagree ---
+    token_weighting: Literal["none", "tw"] = field(default="none", metadata={"help":
+        "tw: multiply each token's policy term by w_t in [1, tw_alpha], shared by the group, "
+        "from the divergence of its G next-token distributions at index t (TW-GRPO)"})
+    tw_alpha: float = field(default=1.7, metadata={"range": ">=1", "help":
+        "TW-GRPO: the largest token weight alpha (1 = GRPO; 1.7 = the paper's run)"})
+    tw_ended: Literal["uniform", "alive"] = field(default="uniform", metadata={"help":
+        "TW-GRPO: an ended completion counts as a uniform distribution (official code), or "
+        "is left out (alive, an ablation)"})
+    # --- D3S (Wang et al.): train on the rollouts of largest advantage variance, top |A|*H tokens
+    d3s: Literal["none", "cross", "intra"] = field(default="none", metadata={"help":
+        "cross: keep the n*P rollouts of the batch whose advantages vary most (D3S); intra: n "
+        "per group (D3S-I); then the top-k share of their tokens by |A|*entropy"})
+    d3s_n_init: int = field(default=4, metadata={"range": ">0", "help":
+        "D3S: rollouts kept per prompt on the first step (ours: the paper's value is unknown)"})
+    d3s_n_final: int = field(default=8, metadata={"range": ">0", "help":
+        "D3S: rollouts kept per prompt on the last step, linear in between (ours)"})
+    d3s_k_init: float = field(default=0.2, metadata={"range": "(0, 1]", "help":
+        "D3S: share of the kept rollouts' tokens trained on the first step (ours)"})
+    d3s_k_final: float = field(default=1.0, metadata={"range": "(0, 1]", "help":
+        "D3S: share of the kept rollouts' tokens trained on the last step (ours)"})
+
+    def check(self) -> None:
+        """Flag combinations, after each flag's own range (common.check_args calls this)."""
+        if self.d3s == "none":
+            return
+        if self.top_entropy_quantile < 1.0:
+            raise common.UserError(
+                f"--d3s {self.d3s} with --top-entropy-quantile {self.top_entropy_quantile}: two "
+                "token masks with no defined composition; pass --top-entropy-quantile 1.0")
+        for name in ("d3s_n_init", "d3s_n_final"):
+            if getattr(self, name) > self.num_generations:
+                flag = "--" + name.replace("_", "-")
+                raise common.UserError(
+                    f"{flag} must be at most --num-generations ({self.num_generations}), got "
+                    f"{getattr(self, name)}; pass e.g. {flag} {self.num_generations}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -263,6 +304,281 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
 
 
 # ----------------------------------------------------------------------------------------
+# ALGO LOGIC: TW-GRPO, token weights from the group's disagreement (docs/grpo.md, "TW-GRPO")
+# ----------------------------------------------------------------------------------------
+
+TW_CLAMP = 11.0  # the official code's clamp of each log-prob gap: f(11) = 59,862.14
+TW_CHUNK = 64    # positions per chunk: G x 64 x V fp32 (0.31 GB for G = 8 and Qwen's 151,936)
+
+
+def tw_divergence(logps: torch.Tensor, alive: torch.Tensor, ended: str = "uniform") -> torch.Tensor:
+    """TW-GRPO's divergence D_t of one group's G next-token distributions at each index t.
+
+        l~_it = l_it if row i is alive at t, else -log V      an ended row counts as UNIFORM
+        lbar_t = (1/G) sum_i l~_it                             mean of LOG-probs (not the mixture)
+        D_t = (1/G) sum_i sum_v f(clamp(lbar_tv - l~_itv, -11, 11)),   f(x) = e^x - x - 1
+
+    (the official code's compute_token_importance_kl_logs_uniform). ended="alive" (an ablation,
+    ours): the means run over the alive rows only, and D_t = 0 where fewer than 2 are alive.
+    logps: [G, c, V] full-vocabulary log-probs (fp32 or fp64) of c positions; alive: [G, c] bool.
+    Returns D [c]. Not a KL: f is summed over the vocabulary without weighting by p, so D grows
+    with V and only its min-max normalisation (tw_weights) means anything.
+
+    Example, V = 3, G = 2: rows (.5, .3, .2) and (.2, .2, .6) give row sums of f 0.2925747 and
+    0.2716622, D = 0.2821184; rows (.1, .1, .8) and an ended row (uniform) give D = 0.4708097;
+    identical rows give D = 0.
+    """
+    keep = alive[..., None]                                               # [G, c, 1]
+    if ended == "uniform":
+        lp = torch.where(keep, logps, -math.log(logps.size(-1)))          # [G, c, V]
+        d = (lp.mean(0, keepdim=True) - lp).clamp(-TW_CLAMP, TW_CLAMP)
+        return (torch.exp(d) - d - 1.0).sum(-1).mean(0)                   # [c]
+    if ended != "alive":
+        raise ValueError(f"unknown tw_ended {ended!r}")
+    n = alive.sum(0)                                                      # [c] alive rows
+    lp = torch.where(keep, logps, 0.0)                                    # NaN-safe: a where
+    mean = lp.sum(0, keepdim=True) / n.clamp(min=1)[None, :, None]        # [1, c, V]
+    d = (mean - lp).clamp(-TW_CLAMP, TW_CLAMP)
+    f = torch.where(keep, torch.exp(d) - d - 1.0, 0.0).sum(-1)            # [G, c]
+    return torch.where(n >= 2, f.sum(0) / n.clamp(min=1), 0.0)
+
+
+def tw_weights(divergence: torch.Tensor, alpha: float) -> torch.Tensor:
+    """w_t = 1 + (alpha - 1) (D_t - min D) / (max D - min D + 1e-8), min and max over the
+    group's positions t < L_g (divergence [L_g] -> [L_g], in [1, alpha]).
+
+    Example, alpha 1.7: D = (0, 0.2821184, 0.4708097) -> w = (1, 1.4194538, 1.7) (the largest
+    is 1.7 - 0.7e-8 / 0.4708 below alpha: the 1e-8 guard); D constant -> w = 1 everywhere.
+    """
+    lo, hi = divergence.min(), divergence.max()
+    return 1.0 + (alpha - 1.0) * (divergence - lo) / (hi - lo + 1e-8)
+
+
+@torch.no_grad()
+def tw_token_weights(hidden: torch.Tensor, completion_mask: torch.Tensor, num_generations: int,
+                     alpha: float, temperature: float = 1.0, ended: str = "uniform",
+                     head: Optional[Callable] = None,
+                     chunk_size: int = TW_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """TW-GRPO's token weights (Dang et al., arXiv 2505.24718), one group at a time, no grad.
+
+        l_it = log_softmax(head(h_it) / T)                    full vocabulary, pi_old, fp32
+        D_t  = tw_divergence(l_.t, alive_.t)                  t = 0..L_g-1, L_g = longest in g
+        W_it = tw_weights(D, alpha)_t * m_it                  one weight per index, whole group
+
+    hidden: [B, L, H] final hidden states of pi_old at the positions that predict each
+    completion token (common.response_hidden_states), or [B, L, V] logits with head None;
+    completion_mask: [B, L], B = groups * G, group-contiguous. Returns (W [B, L], D [B/G, L]);
+    both 0 from a group's longest completion on, so padding added by other groups changes
+    nothing. Only [G, chunk_size, V] fp32 tensors exist at a time, never [B, L, V].
+    The weights are constants: no gradient reaches them (the official code's does; ours is
+    detached, docs/grpo.md). alpha = 1 gives W = m: GRPO.
+
+    Example, G = 2, V = {a, b, c = EOS}, alpha 1.7: completions (a, a, c) and (b, c); both rows
+    are (.6, .3, .1) at t = 0, as they share the prompt, so D_0 = 0; D_1 = 0.2821184 (the two
+    contexts disagree); D_2 = 0.4708097 (row 2 has ended: uniform) -> W = [[1, 1.4194538, 1.7],
+    [1, 1.4194538, 0]].
+    """
+    head = head or (lambda x: x)
+    B, L = completion_mask.shape
+    G = num_generations
+    assert B % G == 0, "the batch must hold whole groups"
+    dt = torch.promote_types(hidden.dtype, torch.float32)
+    weights = torch.zeros(B, L, dtype=dt, device=hidden.device)
+    div = torch.zeros(B // G, L, dtype=dt, device=hidden.device)
+    for g in range(B // G):
+        rows = slice(g * G, (g + 1) * G)
+        alive = completion_mask[rows] > 0                                     # [G, L]
+        L_g = int(alive.sum(1).max())
+        if L_g == 0:
+            continue
+        for t0 in range(0, L_g, chunk_size):
+            t1 = min(t0 + chunk_size, L_g)
+            logps = torch.log_softmax(head(hidden[rows, t0:t1]).to(dt) / temperature, -1)
+            div[g, t0:t1] = tw_divergence(logps, alive[:, t0:t1], ended)      # [G, c, V] -> [c]
+        w = tw_weights(div[g, :L_g], alpha)                                   # [L_g]
+        weights[rows, :L_g] = torch.where(alive[:, :L_g], w, 0.0)
+    return weights, div
+
+
+def tw_metrics(weights: torch.Tensor, divergence: torch.Tensor, loss_mask: torch.Tensor,
+               completion_mask: torch.Tensor, num_generations: int, alpha: float,
+               entropies: Optional[torch.Tensor] = None) -> dict:
+    """TW-GRPO's diagnostics over the loss-mask tokens (docs/grpo.md, "TW-GRPO").
+
+    tw/ended_weight_share: the share of the weight at positions where some completion of the
+    group has already ended, the padding effect that dominates short answers.
+    """
+    B, L = completion_mask.shape
+    tok = loss_mask > 0
+    w = weights[tok].float()
+    alive = (completion_mask > 0).view(-1, num_generations, L)                # [P, G, L]
+    in_group = alive.any(1)                                                   # t < L_g, [P, L]
+    some_ended = (in_group & ~alive.all(1)).repeat_interleave(num_generations, 0)  # [B, L]
+    out = {"tw/weight_mean": w.mean().item() if w.numel() else 0.0,
+           "tw/weight_std": w.std(correction=0).item() if w.numel() else 0.0,
+           "tw/frac_at_alpha": (w >= alpha - 1e-6).float().mean().item() if w.numel() else 0.0,
+           "tw/first_token_weight": weights[tok[:, 0], 0].float().mean().item(),
+           "tw/ended_weight_share": (weights[tok & some_ended].sum() / max(w.sum(), 1e-12)).item(),
+           "tw/div_mean": divergence[in_group].float().mean().item()}
+    if entropies is not None and w.numel() > 1:
+        out["tw/weight_entropy_corr"] = torch.corrcoef(
+            torch.stack([w, entropies[tok].float()]))[0, 1].nan_to_num(0.0).item()
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# ALGO LOGIC: D3S, dual-level down-sampling (docs/grpo.md, "D3S")
+# ----------------------------------------------------------------------------------------
+
+
+def max_variance_subset(values: torch.Tensor, m: int) -> tuple[list[int], int, list[float]]:
+    """The m of n values whose (population) variance is largest: the exact k-scan.
+
+        the best subset is the k largest plus the m - k smallest values, for some k in 0..m:
+        sort once (stable, ties by index); for each k, the variance of that candidate from
+        prefix sums of x and x^2; keep the SMALLEST k within 1e-12 of the largest variance
+
+    values: [n]; 0 <= m <= n. Returns (kept indices, ascending; k = how many come from the top;
+    the variance of each candidate k = 0..m). The smallest values are taken in ascending order,
+    ties by index; so are the largest, in descending order. O(n log n); checked against brute
+    force in tests/test_d3s.py. The kept values are not re-centred: D3S keeps them as they are.
+
+    Example: advantages of g1 = [1, 0, 0, 0], g2 = [1, 1, 0, 0], g3 = [1, 1, 1, 1] (rows 0..11),
+    (1.4997, -0.4999 x3, 0.8659 x2, -0.8659 x2, 0 x4), m = 6: variances for k = 0..6 are
+    0.0848, 0.6664, 0.8293, 0.8886, 0.8122, 0.5943, 0.3347 -> k = 3, kept {0, 1, 4, 5, 6, 7}:
+    all of g2, g1's correct rollout and one wrong one, none of g3 (whose advantages are 0).
+    """
+    x = values.double().tolist()
+    n = len(x)
+    if not 0 <= m <= n:
+        raise ValueError(f"cannot keep {m} of {n} values")
+    if m == 0:
+        return [], 0, [0.0]
+    desc = sorted(range(n), key=lambda i: (-x[i], i))
+    v = [x[i] for i in desc]
+    s1, s2 = [0.0], [0.0]
+    for a in v:
+        s1.append(s1[-1] + a)
+        s2.append(s2[-1] + a * a)
+    variances = []
+    for k in range(m + 1):  # the top k, and the m - k smallest (they never overlap: m <= n)
+        lo = n - (m - k)
+        mean = (s1[k] + s1[n] - s1[lo]) / m
+        variances.append(max((s2[k] + s2[n] - s2[lo]) / m - mean * mean, 0.0))
+    best = max(variances)
+    k = next(k for k, var in enumerate(variances) if var >= best - 1e-12)
+    top = desc[:k]
+    taken = set(top)
+    bottom = [i for i in sorted(range(n), key=lambda i: (x[i], i)) if i not in taken][:m - k]
+    return sorted(top + bottom), k, variances
+
+
+def d3s_schedule(step: int, total_steps: int, n_init: int, n_final: int, k_init: float,
+                 k_final: float, num_generations: int) -> tuple[float, int, float]:
+    """D3S's linear schedule of the rollouts kept per prompt and the token share.
+
+        p = (step - 1) / (total_steps - 1)        0 on the first step, 1 on the last (0 if one)
+        N_s = round((1 - p) n_init + p n_final), clamped to [1, G];   K = (1 - p) k_init + p k_final
+
+    Returns (p, N_s, K). Depends on the absolute step only, so a resumed run continues it.
+    Example, 80 steps, 4 -> 8 and 0.2 -> 1.0: step 1 (0, 4, 0.2); step 40 (0.4936709, 6 (from
+    5.9746835), 0.5949367); step 80 (1, 8, 1.0).
+    """
+    p = 0.0 if total_steps <= 1 else (step - 1) / (total_steps - 1)
+    n = (1.0 - p) * n_init + p * n_final
+    n_s = min(max(math.floor(n + 0.5), 1), num_generations)
+    k = min(max((1.0 - p) * k_init + p * k_final, 1e-12), 1.0)
+    return p, n_s, k
+
+
+def d3s_select(advantages: torch.Tensor, num_generations: int, n_per_prompt: int,
+               mode: str) -> torch.Tensor:
+    """D3S's sample level: the rollouts to train on (row indices, ascending, LongTensor).
+
+        cross (D3S):    one max_variance_subset of all B advantages, N = n_per_prompt * P
+        intra (D3S-I):  max_variance_subset of each group's G advantages, N_s = n_per_prompt
+
+    advantages: [B], computed from ALL G rollouts of each group and not re-normalised after.
+    Cross mode drops zero-advantage groups first (their 0s sit mid-list; the scan takes both
+    ends); intra keeps N_s rollouts of every group, all-zero ones included.
+    Example, the max_variance_subset example, N_s = 2: cross keeps [0, 1, 4, 5, 6, 7]; intra
+    keeps [0, 1, 4, 6, 8, 9].
+    """
+    G = num_generations
+    P = advantages.numel() // G
+    if mode == "cross":
+        kept = max_variance_subset(advantages, n_per_prompt * P)[0]
+    elif mode == "intra":
+        kept = [g * G + i for g in range(P)
+                for i in max_variance_subset(advantages[g * G:(g + 1) * G], n_per_prompt)[0]]
+    else:
+        raise ValueError(f"unknown d3s mode {mode!r}")
+    return torch.tensor(kept, dtype=torch.long, device=advantages.device)
+
+
+def d3s_token_mask(advantages: torch.Tensor, entropies: Optional[torch.Tensor],
+                   loss_mask: torch.Tensor, kept: torch.Tensor,
+                   k: float) -> tuple[torch.Tensor, float]:
+    """D3S's token level: the top-k share, by |A_i| * H_it, of the kept rollouts' tokens.
+
+        pool  = {(i, t) : i kept, m_it = 1}          pooled over the whole rollout batch
+        e_it  = entropy_token_mask(|A_i| * H_it, m * 1[i kept], k)     k = 1 -> e = the pool
+
+    advantages [B]; entropies, loss_mask [B, L] (entropies from pi_old; unused when k = 1);
+    kept: row indices. Returns (e [B, L], tau). With |A| = 1 and every row kept, this is the
+    80/20 mask. Within a rollout the ranking is the entropy ranking; zero-advantage tokens
+    score 0, so they go first (if a share 1 - k or more of the pool is 0, tau = 0 and all of
+    the pool is kept, which changes no gradient).
+    Example, k = 0.3: rollout a, |A| = 1.4997, H = (0.1, 0.9, 0.3); rollout b, |A| = 0.4999,
+    H = (1.2, 0.05, 0.6, 2.0): scores (0.14997, 1.34973, 0.44991, 0.59988, 0.02500, 0.29994,
+    0.99980), tau = 0.679864 (linear quantile 0.7): keeps a's 2nd token and b's 4th (the 80/20
+    rule on H alone would keep b's 1st and 4th).
+    """
+    pool = torch.zeros_like(loss_mask)
+    pool[kept] = loss_mask[kept]
+    if k >= 1.0:
+        return pool, float("-inf")
+    return entropy_token_mask(advantages.abs()[:, None] * entropies, pool, k)
+
+
+@dataclass
+class D3SHistory:
+    """The running mean of d3s/tokens_used_frac, saved in checkpoints (Run's algo_state)."""
+    steps: int = 0
+    tokens_used_sum: float = 0.0
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "tokens_used_sum": self.tokens_used_sum}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps, self.tokens_used_sum = state["steps"], state["tokens_used_sum"]
+
+
+def d3s_metrics(advantages: torch.Tensor, kept: torch.Tensor, token_mask: torch.Tensor,
+                loss_mask: torch.Tensor, completion_mask: torch.Tensor,
+                num_generations: int) -> dict:
+    """D3S's diagnostics of one rollout batch (docs/grpo.md, "D3S"). token_mask: the kept
+    tokens (d3s_token_mask), before any TW-GRPO weight."""
+    B = advantages.numel()
+    a, a_kept = advantages.double(), advantages[kept].double()
+    pool = loss_mask[kept]
+    nonzero = pool * (a_kept != 0)[:, None]
+    touched = torch.zeros(B // num_generations, dtype=torch.bool)
+    touched[(kept // num_generations).cpu()] = True
+    return {"d3s/kept_rollouts": len(kept), "d3s/kept_frac": len(kept) / B,
+            "d3s/groups_touched": touched.float().mean().item(),
+            "d3s/adv_var_kept": a_kept.var(correction=0).item(),
+            "d3s/adv_var_all": a.var(correction=0).item(),
+            "d3s/adv_mean_kept": a_kept.mean().item(),
+            "d3s/useful_frac": (a_kept != 0).double().mean().item(),
+            "d3s/token_kept_frac": (token_mask[kept].sum() / pool.sum().clamp(min=1)).item(),
+            "d3s/token_kept_frac_nonzero": ((token_mask[kept] * nonzero).sum()
+                                            / nonzero.sum().clamp(min=1)).item(),
+            "d3s/tokens_used_frac": (token_mask.sum()
+                                     / completion_mask.sum().clamp(min=1)).item()}
+
+
+# ----------------------------------------------------------------------------------------
 # Training loop
 # ----------------------------------------------------------------------------------------
 
@@ -298,7 +614,13 @@ def main(args: Args) -> dict:
 
     # ---- ALGO LOGIC: the method's state across steps, and what it needs before each update ----
     algo_state = {}                                     # none: each batch stands alone
-    needs_entropy = args.top_entropy_quantile < 1.0     # the 80/20 mask ranks every token first
+    # the 80/20 mask ranks every token by entropy first; so does D3S, by |A| * entropy
+    needs_entropy = args.top_entropy_quantile < 1.0 or (
+        args.d3s != "none" and min(args.d3s_k_init, args.d3s_k_final) < 1.0)
+    if args.d3s != "none":
+        algo_state["d3s"] = D3SHistory()                # the running mean of the tokens used
+    if args.token_weighting == "tw":  # TW-GRPO applies the LM head to hidden states itself
+        common.check_plain_lm_head(model, device)
 
     run = common.Run(args, model, tokenizer, optimizer, sampler, algo_state)
     state = run.state  # step, start accuracy, and algo_state (restored on --resume)
@@ -345,6 +667,17 @@ def main(args: Args) -> dict:
         # ---- 3. ALGO LOGIC: group-relative advantages, one per completion ----
         advantages = compute_advantages(rewards, G, args.scale_rewards).to(device)   # [B]
         algo_metrics = {"adv/abs_mean": advantages.abs().mean().item()}
+        if args.token_weighting == "tw":
+            # TW-GRPO's weights, from pi_old: no update has run yet, so `model` IS pi_old. One
+            # more no-grad pass of the model body (the head runs a chunk at a time, per group).
+            with torch.no_grad():
+                hidden = torch.cat([common.response_hidden_states(
+                    model, prompt_ids[mb], prompt_mask[mb], completion_ids[mb],
+                    completion_mask[mb]) for mb in mbs])                       # [B, L, H]
+            tw_w, tw_div = tw_token_weights(hidden, completion_mask, G, args.tw_alpha,
+                                            args.temperature, args.tw_ended,
+                                            model.get_output_embeddings())      # [B, L], [P, L]
+            del hidden
 
         # ---- 4. ALGO LOGIC: optimisation passes against the sampling weights ----
         loss_mask = completion_mask
@@ -352,15 +685,39 @@ def main(args: Args) -> dict:
             loss_mask = completion_mask * (completion_ids == eos).any(1, keepdim=True).float()
         num_tokens = loss_mask.sum().item()
         token_mask = loss_mask                          # the 80/20 mask gates the policy term
-        if needs_entropy:
+        if args.top_entropy_quantile < 1.0:
             token_mask, tau = entropy_token_mask(entropies, loss_mask, args.top_entropy_quantile)
             algo_metrics.update({"entropy_mask/threshold": tau,
                                  "entropy_mask/kept_fraction": token_mask.sum().item()
                                  / max(num_tokens, 1)})
+        rows, num_sequences = mbs, B                    # every rollout trains
+        if args.d3s != "none":
+            # D3S: only the kept rollouts enter the passes and the normalisers; of their tokens,
+            # the top share by |A| * H. Chosen once per batch, fixed for the mu passes.
+            p, n_s, k = d3s_schedule(step, args.total_steps, args.d3s_n_init, args.d3s_n_final,
+                                     args.d3s_k_init, args.d3s_k_final, G)
+            kept = d3s_select(advantages, G, n_s, args.d3s)
+            token_mask, tau = d3s_token_mask(advantages, entropies, loss_mask, kept, k)
+            history = algo_state["d3s"]
+            d3s = d3s_metrics(advantages, kept, token_mask, loss_mask, completion_mask, G)
+            history.steps += 1
+            history.tokens_used_sum += d3s["d3s/tokens_used_frac"]
+            algo_metrics.update(d3s, **{"d3s/progress": p, "d3s/n_per_prompt": n_s, "d3s/k": k,
+                                        "d3s/tokens_used_cum": history.tokens_used_sum
+                                        / history.steps})
+            if k < 1.0:  # (k = 1 has no threshold: the whole pool trains)
+                algo_metrics["d3s/token_threshold"] = tau
+            num_sequences, num_tokens = len(kept), loss_mask[kept].sum().item()
+            rows = [kept[s:s + args.micro_batch_size]
+                    for s in range(0, len(kept), args.micro_batch_size)]
+        if args.token_weighting == "tw":                # the weights multiply the kept tokens
+            token_mask = token_mask * tw_w
+            algo_metrics.update(tw_metrics(tw_w, tw_div, loss_mask, completion_mask, G,
+                                           args.tw_alpha, entropies))
         old_logps = torch.zeros_like(completion_mask)   # filled by pass 1
         avg = common.MetricAverager()
         for it in range(args.num_iterations):
-            for mb in mbs:
+            for mb in rows:
                 logps, ent = fwd(model, mb, with_entropy=it == 0 and entropies is None)
                 if it == 0:
                     # On pass 1 the weights ARE the sampling weights: their log-probs are the
@@ -369,7 +726,7 @@ def main(args: Args) -> dict:
                 loss, metrics = grpo_loss(
                     logps, old_logps[mb], advantages[mb], loss_mask[mb],
                     epsilon_low=args.epsilon, epsilon_high=args.epsilon_high,
-                    loss_type=args.loss_type, num_sequences=B, num_tokens=num_tokens,
+                    loss_type=args.loss_type, num_sequences=num_sequences, num_tokens=num_tokens,
                     max_completion_length=max_len, beta=args.beta,
                     ref_logps=None if ref_logps is None else ref_logps[mb],
                     token_mask=token_mask[mb])

@@ -1,11 +1,12 @@
-"""Token-level DPO: DPO, TDPO1, TDPO2, TGDPO and cDPO on verified on-policy pairs (iterative DPO).
+"""Token-level DPO: DPO, TDPO1/2, TGDPO, cDPO and TAB-PO on verified on-policy pairs (iterative).
 
 Papers: Rafailov et al., "Direct Preference Optimization", arXiv 2305.18290 (NeurIPS 2023);
 Zeng et al., "Token-level Direct Preference Optimization", arXiv 2404.11999 (ICML 2024);
 Zhu et al., "TGDPO: Harnessing Token-Level Reward Guidance for Enhancing Direct Preference
 Optimization", arXiv 2506.14574 (ICML 2025); Rafailov et al., "From r to Q*", arXiv 2404.12358;
 Lin et al., "Critical Tokens Matter: Token-Level Contrastive Estimation Enhances LLM's Reasoning
-Capability", arXiv 2411.19943 (ICML 2025).
+Capability", arXiv 2411.19943 (ICML 2025); Fodeh et al., "TAB-PO: Preference Optimization with
+a Token-Level Adaptive Barrier for Token-Critical Structured Generation", arXiv 2603.00025.
 Docs: docs/token_dpo.md (the math, the defaults and where each choice comes from).
 
 Each round samples G answers per prompt from the current policy, verifies them, and pairs a
@@ -15,10 +16,13 @@ the frozen reference does. TDPO adds each answer's full-vocabulary KL to the ref
 by token; TGDPO weights each token by a frozen guidance model's token reward. cDPO weights each
 token of the rejected answer by how "critical" it is: 1 - c_t, where c_t is the token's
 probability under the contrast of two models briefly fine-tuned each round, one on the round's
-correct answers and one on its incorrect ones.
+correct answers and one on its incorrect ones. TAB-PO compares token-weighted MEAN log-ratios
+(tokens where the two answers differ weigh 1.2) and adds an NLL "barrier" on the chosen answer's
+tokens that the current policy gives probability below 0.66.
 
     python token_dpo.py                               # CPU: tiny model + arithmetic, TDPO2
     python token_dpo.py --loss dpo                    # plain DPO (also: tdpo1, tgdpo, cdpo)
+    python token_dpo.py --loss tabpo                  # TAB-PO (its own beta: 0.5)
     python token_dpo.py --loss cdpo --show-credit 1   # cDPO, printing one rejected answer's weights
     python token_dpo.py --pairs-file pairs.jsonl      # your own {prompt, chosen, rejected} lines
     python token_dpo.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k   # one GPU, a hub model
@@ -33,9 +37,10 @@ round (1. rollout, 2. a no-grad pass over the fresh samples, 3. the round's pair
 the RL scripts' on purpose: --pairs-per-step (pairs, not prompts, per optimizer step) and
 --sampling-temperature (it shapes only the data: DPO's log-probs always use T = 1).
 
-The loss starts at ln 2 = 0.693 exactly (policy = reference, so every log-ratio is 0), and the
-first TDPO step equals the DPO step (the KL's gradient is 0 there). `logps/chosen` often FALLS
-while training works: watch `rewards/margins`, `rewards/accuracies` and `eval/accuracy`.
+The loss starts at ln 2 = 0.693 exactly (policy = reference, so every log-ratio is 0; TAB-PO adds
+its barrier to that), and the first TDPO step equals the DPO step (the KL's gradient is 0 there).
+`logps/chosen` often FALLS while training works: watch `rewards/margins`, `rewards/accuracies`
+and `eval/accuracy`.
 """
 from __future__ import annotations
 
@@ -56,11 +61,13 @@ from common import UserError
 
 TINY_LEARNING_RATE = 5e-5  # the one value for the embedded tiny model, shared by every script
 HUB_LEARNING_RATE = 1e-6
+DPO_BETA = 0.1    # the sum-based losses' beta (DPO, TDPO, TGDPO, cDPO)
+TABPO_BETA = 0.5  # TAB-PO's (its official code's): it scales a weighted MEAN, not a sum
 
 
 @dataclass
 class Args:
-    """Token-level DPO (DPO, TDPO1, TDPO2, TGDPO, cDPO) on verified on-policy pairs, in rounds."""
+    """Token-level DPO (DPO, TDPO1, TDPO2, TGDPO, cDPO, TAB-PO) on verified on-policy pairs."""
     # --- run ---
     seed: int = field(default=0, metadata={"range": "[0, SEED_MAX]", "help":
         "random seed (python, numpy, torch, prompt order)"})
@@ -120,11 +127,14 @@ class Args:
     max_completion_length: Optional[int] = field(default=None, metadata={"range": ">0", "help":
         "max new tokens; default 48 for arith, 512 for gsm8k"})
     # --- token_dpo-specific ---
-    loss: Literal["dpo", "tdpo1", "tdpo2", "tgdpo", "cdpo"] = field(default="tdpo2", metadata={
-        "help": "dpo; tdpo1/tdpo2: + sequential KL (Zeng et al.); tgdpo: guidance token weights "
-                "(Zhu et al.); cdpo: critical-token weights on the rejected answer (Lin et al.)"})
-    beta: float = field(default=0.1, metadata={"range": ">0", "help":
-        "DPO's beta: scale of the log-ratios (not the RL scripts' KL coefficient)"})
+    loss: Literal["dpo", "tdpo1", "tdpo2", "tgdpo", "cdpo", "tabpo"] = field(
+        default="tdpo2", metadata={"help":
+            "dpo; tdpo1/tdpo2: + sequential KL (Zeng et al.); tgdpo: guidance token weights "
+            "(Zhu et al.); cdpo: critical-token weights on the rejected answer (Lin et al.); "
+            "tabpo: weighted mean margin + barrier on unlikely chosen tokens (Fodeh et al.)"})
+    beta: Optional[float] = field(default=None, metadata={"range": ">0", "help":
+        f"DPO's beta: scale of the log-ratios (not the RL scripts' KL coefficient); default "
+        f"{DPO_BETA}, and {TABPO_BETA} for tabpo (it scales a weighted mean, not a sum)"})
     alpha: float = field(default=0.5, metadata={"range": ">=0", "help":
         "TDPO2: weight of the KL term; TGDPO: weight of the guidance token reward"})
     prompts_per_round: int = field(default=128, metadata={"range": ">0", "help":
@@ -151,6 +161,12 @@ class Args:
         "negative) set"})
     ce_sft_lr: float = field(default=3e-4, metadata={"range": ">0", "help":
         "cDPO: learning rate of the positive and negative fine-tunes (the paper's 3e-4)"})
+    tabpo_tau: float = field(default=0.66, metadata={"range": ">=0", "help":
+        "TAB-PO: a chosen token whose policy probability is below tau enters the barrier"})
+    tabpo_barrier_weight: float = field(default=0.5, metadata={"range": ">=0", "help":
+        "TAB-PO: lambda, the barrier's weight (0 = no barrier)"})
+    tabpo_diff_weight: float = field(default=1.2, metadata={"range": ">0", "help":
+        "TAB-PO: token weight where the two answers differ at the same offset (1 = none)"})
     show_credit: int = field(default=0, metadata={"range": ">=0", "help":
         "cDPO: every N rounds print one rejected answer with each token's weight w_t "
         "(colour on a terminal); 0 = off"})
@@ -449,6 +465,108 @@ def tgdpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.T
                     "tgdpo/rhat_rejected_mean": float(rhat_l.sum() / ml.sum().clamp(min=1)),
                     "tgdpo/negative_weight_frac": float(negative
                                                         / (mw.sum() + ml.sum()).clamp(min=1))})
+    return _reduce(losses, reduction), metrics
+
+
+# ----------------------------------------------------------------------------------------
+# ALGO LOGIC: TAB-PO, a token-weighted mean margin plus a barrier on unlikely chosen tokens
+# ----------------------------------------------------------------------------------------
+
+def tabpo_differ_mask(chosen_ids: torch.Tensor, rejected_ids: torch.Tensor,
+                      chosen_mask: torch.Tensor, rejected_mask: torch.Tensor) -> torch.Tensor:
+    """[N, L] bool: response offsets k < min(n_w, n_l) where the two answers' token ids differ
+    (offset-aligned from the first response token, as the official collator)."""
+    n = torch.minimum(chosen_mask.sum(-1), rejected_mask.sum(-1))                  # [N]
+    within = torch.arange(chosen_ids.size(-1), device=chosen_ids.device) < n[:, None]
+    return within & (chosen_ids != rejected_ids)
+
+
+def tabpo_token_weights(chosen_ids: torch.Tensor, rejected_ids: torch.Tensor,
+                        chosen_mask: torch.Tensor, rejected_mask: torch.Tensor,
+                        diff_weight: float = 1.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """TAB-PO's raw token weights omega, the official code's difference rule (no value weights:
+    our answers have no JSON fields).
+
+        omega_t = diff_weight on BOTH answers at offsets k < min(n_w, n_l) where y_w,k != y_l,k,
+                  1 on the other response tokens, 0 off the response
+
+    All [N, L], the two answers right-padded to one L (common.collate_pairs). Returns (omega_w,
+    omega_l). After an insertion every later offset differs, so the whole suffix gets the
+    weight. Example: y_w = (a, a, c), y_l = (a, b, c) -> omega = (1, 1.2, 1) on both.
+    """
+    differ = tabpo_differ_mask(chosen_ids, rejected_ids, chosen_mask, rejected_mask)
+    factor = torch.where(differ, diff_weight, 1.0)
+    return (torch.where(chosen_mask > 0, factor, 0.0),
+            torch.where(rejected_mask > 0, factor, 0.0))
+
+
+def tabpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+               ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
+               chosen_mask: torch.Tensor, rejected_mask: torch.Tensor,
+               chosen_ids: torch.Tensor, rejected_ids: torch.Tensor, beta: float = TABPO_BETA,
+               tau: float = 0.66, barrier_weight: float = 0.5, diff_weight: float = 1.2,
+               chosen_kl: Optional[torch.Tensor] = None, rejected_kl: Optional[torch.Tensor] = None,
+               reduction: str = "mean") -> tuple[torch.Tensor, dict]:
+    """TAB-PO (Fodeh et al., arXiv 2603.00025), in its official code's form, per pair:
+
+        w^_t = omega_t / sum_t omega_t          (tabpo_token_weights; sums to 1 per answer)
+        z    = sum_t w^_t rho_t(y_w) - sum_t w^_t rho_t(y_l)      weighted MEAN log-ratios
+        L_pref = softplus(-beta z)
+        w_t  = omega_t n_w / sum_t omega_t      (mean 1 over y_w)
+        g_t  = 1[pi_theta(y_w,t | s_t) < tau] * m_t                a 0/1 gate, no gradient
+        L_bar = sum_t w_t g_t (-log pi_theta(y_w,t)) / max(sum_t w_t g_t, 1)
+        L    = L_pref + barrier_weight * L_bar
+
+    The barrier is an NLL on the chosen tokens the current policy finds unlikely, recomputed
+    at every forward; per gated token it pushes far harder than the length-normalised margin.
+    Args as `dpo_loss`, plus chosen_ids, rejected_ids [N, L] (for omega). beta 0.5 (its own:
+    beta multiplies a mean here, about 1/n of DPO's sum). barrier_weight = 0 and diff_weight
+    = 1 give a length-normalised DPO (DPO with beta / n when n_w = n_l = n); tau <= 0 turns the
+    barrier off; tau > 1 makes it the weighted NLL of y_w. Extra metrics, the official names:
+    loss/dpo, loss/barrier (barrier_weight included), pref/p_pref, logits/mean|max|min (of z),
+    barrier/active_pct, policy/prob_chosen; and tabpo/z_mean, tabpo/diff_token_frac,
+    tabpo/first_diff_offset, tabpo/gated_prob_mean. z/mean is beta z, the sigmoid's argument.
+
+    Example: y_w = (a, a, c), y_l = (a, b, c); pi_theta / pi_ref of the tokens: y_w (.5/.4,
+    .55/.5, .9/.8), y_l (.5/.4, .35/.4, .6/.7). omega = (1, 1.2, 1), w = (0.9375, 1.125, 0.9375)
+    -> z = 0.1707949, L_pref = 0.6513598; gate g = (1, 1, 0), L_bar = 0.6411598, L = 0.9719397
+    (DPO with beta 0.1: L = 0.6684219).
+    """
+    mw, ml = chosen_mask > 0, rejected_mask > 0
+    omega_w, omega_l = tabpo_token_weights(chosen_ids, rejected_ids, chosen_mask, rejected_mask,
+                                           diff_weight)
+    hat_w = omega_w / omega_w.sum(-1, keepdim=True).clamp(min=1e-12)                # [N, L]
+    hat_l = omega_l / omega_l.sum(-1, keepdim=True).clamp(min=1e-12)
+    rho_t_w = torch.where(mw, policy_chosen_logps - ref_chosen_logps, 0.0)          # [N, L]
+    rho_t_l = torch.where(ml, policy_rejected_logps - ref_rejected_logps, 0.0)
+    z = (hat_w * rho_t_w).sum(-1) - (hat_l * rho_t_l).sum(-1)                       # [N]
+    pref = F.softplus(-beta * z)  # never log(sigmoid): it underflows for beta z << 0
+    logp_w = torch.where(mw, policy_chosen_logps, 0.0)                              # [N, L]
+    with torch.no_grad():  # the gate is a hard 0/1 step: nothing flows through it
+        gate = (mw & (logp_w.exp() < tau)).to(logp_w.dtype)
+    wg = hat_w * mw.sum(-1, keepdim=True) * gate                                    # w_t g_t
+    barrier = (wg * -logp_w).sum(-1) / wg.sum(-1).clamp(min=1.0)                     # [N]
+    losses = pref + barrier_weight * barrier
+    metrics = _pair_metrics(beta * z, losses, beta, rho_t_w.sum(-1), rho_t_l.sum(-1),
+                            masked_sum(policy_chosen_logps, chosen_mask),
+                            masked_sum(policy_rejected_logps, rejected_mask),
+                            *_seq_kls(chosen_kl, rejected_kl, chosen_mask, rejected_mask))
+    with torch.no_grad():
+        zd = z.detach()
+        differ = tabpo_differ_mask(chosen_ids, rejected_ids, chosen_mask, rejected_mask)
+        n = torch.minimum(mw.sum(-1), ml.sum(-1))
+        first = torch.where(differ.any(-1), differ.float().argmax(-1), n)           # [N]
+        gated = gate.sum()
+        extra = {"loss/dpo": pref.mean(), "loss/barrier": barrier_weight * barrier.mean(),
+                 "pref/p_pref": torch.sigmoid(beta * zd).mean(), "logits/mean": zd.mean(),
+                 "logits/max": zd.max(), "logits/min": zd.min(),
+                 "barrier/active_pct": gated / mw.sum().clamp(min=1),
+                 "policy/prob_chosen": (hat_w * logp_w).sum(-1).exp().mean(),
+                 "tabpo/z_mean": zd.mean(),
+                 "tabpo/diff_token_frac": 2 * differ.sum() / (mw.sum() + ml.sum()).clamp(min=1),
+                 "tabpo/first_diff_offset": first.float().mean(),
+                 "tabpo/gated_prob_mean": (gate * logp_w.exp()).sum() / gated.clamp(min=1)}
+    metrics.update({k: float(v) for k, v in extra.items()})
     return _reduce(losses, reduction), metrics
 
 
@@ -828,6 +946,7 @@ def main(args: Args) -> dict:
 
     # ---- ALGO LOGIC: the method's state across steps, and what it needs before each update ----
     rounds = Rounds()                                   # the round's pairs and batches left
+    beta = args.beta if args.beta is not None else TABPO_BETA if args.loss == "tabpo" else DPO_BETA
     algo_state = {"rounds": rounds}
     guidance = None  # TGDPO's pi_g: --guidance-model, else the policy after round 1 (step 3)
     if args.loss == "tgdpo" and args.guidance_model:
@@ -954,21 +1073,26 @@ def main(args: Args) -> dict:
                 (pw, pl), (rw, rl), (mw, ml), (kw, kr) = (
                     t.chunk(2) for t in (logps, ref_logps, completion_mask, kl))
                 if loss_name == "dpo":
-                    loss, m = dpo_loss(pw, pl, rw, rl, mw, ml, args.beta, kw, kr, reduction="sum")
+                    loss, m = dpo_loss(pw, pl, rw, rl, mw, ml, beta, kw, kr, reduction="sum")
                 elif loss_name in ("tdpo1", "tdpo2"):
-                    loss, m = tdpo_loss(pw, pl, rw, rl, mw, ml, kw, kr, args.beta, args.alpha,
+                    loss, m = tdpo_loss(pw, pl, rw, rl, mw, ml, kw, kr, beta, args.alpha,
                                         version=int(loss_name[-1]), reduction="sum")
                 elif loss_name == "cdpo":  # the stored weights, right-padded like y_l
                     wl = torch.zeros_like(ml)
                     for i, p in enumerate(mb):
                         wl[i, :len(p["rejected"])] = torch.tensor(p["rejected_weights"])
-                    loss, m = cdpo_loss(pw, pl, rw, rl, mw, ml, wl, args.beta, kw, kr,
+                    loss, m = cdpo_loss(pw, pl, rw, rl, mw, ml, wl, beta, kw, kr,
                                         reduction="sum")
+                elif loss_name == "tabpo":  # the gate reads this forward's own log-probs
+                    cw, cl = completion_ids.chunk(2)
+                    loss, m = tabpo_loss(pw, pl, rw, rl, mw, ml, cw, cl, beta, args.tabpo_tau,
+                                         args.tabpo_barrier_weight, args.tabpo_diff_weight, kw,
+                                         kr, reduction="sum")
                 else:
                     with torch.no_grad(), autocast():
                         g_logps, _ = common.per_token_logps(guidance, *inputs, 1.0)
                     gw, gl = g_logps.chunk(2)
-                    loss, m = tgdpo_loss(pw, pl, rw, rl, gw, gl, mw, ml, args.beta, args.alpha,
+                    loss, m = tgdpo_loss(pw, pl, rw, rl, gw, gl, mw, ml, beta, args.alpha,
                                          kw, kr, reduction="sum")
                 (loss / len(batch)).backward()  # sum over micro-batches / pairs = mean over pairs
                 avg.add(m, weight=len(mb))

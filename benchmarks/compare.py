@@ -1,7 +1,7 @@
 """Compare the methods on the embedded task: every script with its defaults, several seeds.
 
-    python benchmarks/compare.py                 # full: 10 methods x 3 seeds, 80 steps each
-    python benchmarks/compare.py --quick         # 10 methods x 1 seed x 6 steps: a few minutes
+    python benchmarks/compare.py                 # full: 13 methods x 3 seeds, 80 steps each
+    python benchmarks/compare.py --quick         # 13 methods x 1 seed x 6 steps: a few minutes
     python benchmarks/compare.py --tables-only   # rebuild the tables and curves from finished runs
 
 Each run is `python {script}.py --seed S --output-dir OUT/runs/{method}/seed{S}` plus the
@@ -49,6 +49,9 @@ METHODS = {
     "tdpo2": ("token_dpo", ["--loss", "tdpo2"]),
     "tgdpo": ("token_dpo", ["--loss", "tgdpo"]),
     "cdpo": ("token_dpo", ["--loss", "cdpo"]),
+    "tw-grpo": ("grpo", ["--token-weighting", "tw"]),   # GRPO's loss type, so only w differs
+    "d3s": ("grpo", ["--d3s", "cross"]),
+    "tabpo": ("token_dpo", ["--loss", "tabpo"]),
 }
 QUICK_FLAGS = ["--total-steps", "6", "--eval-every", "3", "--eval-size", "50"]
 
@@ -65,6 +68,9 @@ DIAGNOSTICS = {
     "tdpo2": ["rewards/accuracies", "rewards/margins", "kl/chosen"],
     "tgdpo": ["rewards/accuracies", "rewards/margins", "kl/chosen"],
     "cdpo": ["rewards/accuracies", "kl/chosen", "cdpo/weight_mean", "cdpo/sft_seconds"],
+    "tw-grpo": ["tw/weight_mean", "tw/ended_weight_share", "approx_kl_old"],
+    "d3s": ["d3s/kept_frac", "d3s/tokens_used_frac", "d3s/useful_frac", "approx_kl_old"],
+    "tabpo": ["rewards/accuracies", "loss/barrier", "barrier/active_pct", "kl/chosen"],
 }
 
 

@@ -15,6 +15,11 @@ token, with each method's own functions imported from its script:
                times the mask (only tokens with p < rho are trained; the rest get 0)
     DCPO       dcpo.sas_advantages on a first visit (fresh statistics: a run's history is not saved
                with the weights), per completion
+    TW-GRPO    grpo.tw_token_weights: the weight w_t in [1, 1.7] of each token, from the group's
+               disagreement at index t (the padding effect shows where completions have ended)
+    D3S        GRPO's advantage on the tokens D3S trains at its first step (grpo.d3s_select and
+               grpo.d3s_token_mask, G/2 rollouts and 20% of their tokens by |A| * entropy), 0
+               on the rest
     TDPO       token_dpo.token_logps_and_kl: the per-token KL(pi_ref || pi_theta) of its penalty
     TGDPO      the guidance token reward r_hat_t = beta (log pi_g - log pi_ref), pi_g = the run's
                guidance folder or --guidance-model
@@ -123,11 +128,15 @@ def credit_matrices(
     beta: float = 0.1,
     cdpo_models: Optional[tuple] = None,
     cdpo_lam: float = 1.0,
+    tw_alpha: float = 1.7,
+    d3s_n: Optional[int] = None,
+    d3s_k: float = 0.2,
 ) -> tuple[dict, list[str]]:
     """{panel name: [G, L] tensor} for one group, and notes on the panels left out.
 
     Each matrix is 0 where completion_mask is 0. Sequence-level advantages (GRPO, DCPO) are
     repeated on every token of their completion. ref_model None: no TDPO/TGDPO panels.
+    d3s_n (default G // 2) and d3s_k: D3S's rollouts kept and token share (its first step).
     """
     ids, mask, r = group["completion_ids"], group["completion_mask"], group["rewards"]
     G = ids.size(0)
@@ -156,6 +165,18 @@ def credit_matrices(
     out["SPO-chain"] = (spo_adv * prob_mask).float()
     sas, _, _ = dcpo.sas_advantages(r, G, [group["example"]["id"]], dcpo.PromptStats(G))
     out["DCPO"] = torch.where(m, sas[:, None], 0.0)
+    # TW-GRPO: the policy is pi_old here (no update runs), T = 1 as the runs' default
+    h = common.response_hidden_states(model, p_ids, p_mask, ids.to(device), mask.to(device))
+    tw, _ = grpo.tw_token_weights(h, mask.to(device), G, tw_alpha, 1.0, "uniform",
+                                  model.get_output_embeddings())
+    out["TW-GRPO: w_t"] = tw.float().cpu()
+    # D3S: one group, so cross and intra select the same rollouts
+    _, ent = common.per_token_logps(model, p_ids, p_mask, ids.to(device), mask.to(device), 1.0,
+                                    with_entropy=True)
+    adv = grpo.compute_advantages(r, G)
+    kept = grpo.d3s_select(adv, G, d3s_n or max(1, G // 2), "cross")
+    e, _ = grpo.d3s_token_mask(adv, ent.cpu(), mask.float(), kept, d3s_k)
+    out["D3S: kept tokens' A"] = (adv[:, None] * e).float()
     if ref_model is not None:
         h = common.response_hidden_states(model, p_ids, p_mask, ids.to(device), mask.to(device))
         h_ref = common.response_hidden_states(
@@ -260,7 +281,9 @@ def draw(
         name, mat = names[k], matrices[names[k]].double()
         mask = group["completion_mask"] > 0
         vals = mat[mask]
-        if "KL" in name or "w_t" in name:  # non-negative quantities: a sequential scale
+        if name.startswith("TW-GRPO"):  # weights in [1, alpha]: 1 is "no emphasis"
+            norm, cmap = Normalize(1.0, max(float(vals.max()), 1.0 + 1e-12)), "Purples"
+        elif "KL" in name or "w_t" in name:  # non-negative quantities: a sequential scale
             norm, cmap = Normalize(0.0, max(float(vals.max()), 1e-12)), "Purples"
         else:
             lim = max(float(vals.abs().max()), 1e-12)

@@ -145,8 +145,24 @@ CASES = [
     ("pairs", lambda c, s: ["--pairs-file", str(c["pairs_utf8"])],
      "pairs.jsonl:1 is not valid UTF-8 (byte 0xc3 at column 48)"),
     ("pairs", lambda c, s: ["--pairs-file", str(c["root"] / "no_pairs.jsonl")], "does not exist"),
+    ("tw", A("--tw-alpha", "0.5"), "must be at least 1, got 0.5"),
+    ("tw", A("--token-weighting", "all"), "invalid choice: 'all'"),
+    ("tw", A("--tw-ended", "zero"), "invalid choice: 'zero'"),
+    ("d3s", A("--d3s", "cross", "--top-entropy-quantile", "0.2"), "two token masks"),
+    ("d3s", A("--d3s", "both"), "invalid choice: 'both'"),
+    ("d3s", A("--d3s", "intra", "--d3s-n-init", "9"), "must be at most --num-generations (8)",
+     "--d3s-n-init"),
+    ("d3s", A("--d3s-n-final", "0"), "must be positive"),
+    ("d3s", A("--d3s-k-init", "0"), "is outside (0, 1]"),
+    ("d3s", A("--d3s-k-final", "1.5"), "is outside (0, 1]"),
+    ("tabpo", A("--tabpo-tau", "-0.1"), "must be at least 0"),
+    ("tabpo", A("--tabpo-barrier-weight", "-1"), "must be at least 0"),
+    ("tabpo", A("--tabpo-diff-weight", "0"), "must be positive"),
+    ("tabpo", A("--loss", "tab"), "invalid choice: 'tab'"),
+    ("tabpo", A("--beta", "0"), "must be positive"),
 ]
-ONLY = {"pairs": ["token_dpo"]}  # kinds that only some scripts have
+# kinds that only some scripts have
+ONLY = {"pairs": ["token_dpo"], "tw": ["grpo"], "d3s": ["grpo"], "tabpo": ["token_dpo"]}
 FIRST_OF_KIND = {case[0]: i for i, case in reversed(list(enumerate(CASES)))}
 
 

@@ -101,3 +101,15 @@ def test_no_runs_is_a_clear_error(tmp_path):
     (tmp_path / "runs").mkdir()
     with pytest.raises(SystemExit, match="no finished runs"):
         compare.build_outputs(tmp_path, target=0.5)
+
+
+def test_every_method_is_a_valid_flag_set_with_its_diagnostics():
+    """Each method's flags parse and pass the checks of its script (issue 24 added tw-grpo, d3s
+    and tabpo), and each has its diagnostics."""
+    import common
+
+    assert {"tw-grpo", "d3s", "tabpo"} <= set(compare.METHODS)
+    assert set(compare.DIAGNOSTICS) == set(compare.METHODS)
+    for method, (script, flags) in compare.METHODS.items():
+        mod = __import__(script)
+        common.check_args(common.parse_args(mod.Args, flags), script)

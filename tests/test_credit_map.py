@@ -102,6 +102,21 @@ def test_each_panel_is_its_methods_own_function(models, group):
     sas, _, _ = dcpo.sas_advantages(r, 4, [5], dcpo.PromptStats(4))
     assert torch.allclose(mats["DCPO"], sas[:, None] * mask)
     assert mats["DCPO"][0, 0] == pytest.approx(1.0)  # (1 - 0.5) / 0.5
+    # TW-GRPO: grpo's own weights from the policy (= pi_old), one weight per index for the group
+    h = common.response_hidden_states(
+        policy, group["prompt_ids"], group["prompt_mask"], ids, mask
+    )
+    tw, _ = grpo.tw_token_weights(h, mask, 4, 1.7, head=policy.get_output_embeddings())
+    assert torch.allclose(mats["TW-GRPO: w_t"], tw.float())
+    assert (mats["TW-GRPO: w_t"][:, 0] == 1.0).all() and mats["TW-GRPO: w_t"].max() <= 1.7
+    # D3S at its first step: 2 of the 4 rollouts, then 20% of their tokens by |A| * H
+    _, ent = common.per_token_logps(
+        policy, group["prompt_ids"], group["prompt_mask"], ids, mask, 1.0, with_entropy=True
+    )
+    kept = grpo.d3s_select(flat, 4, 2, "cross")
+    e, _ = grpo.d3s_token_mask(flat, ent, mask.float(), kept, 0.2)
+    assert torch.equal(mats["D3S: kept tokens' A"], (flat[:, None] * e).float())
+    assert len(kept) == 2 and ((mats["D3S: kept tokens' A"] != 0).sum(1) > 0).sum() <= 2
     # TDPO: the per-token KL of token_dpo's own function, policy vs reference
     h = common.response_hidden_states(
         policy, group["prompt_ids"], group["prompt_mask"], ids, mask
@@ -124,7 +139,8 @@ def test_each_panel_is_its_methods_own_function(models, group):
 def test_policy_equal_to_reference_leaves_the_preference_panels_out(models, group):
     policy, _, tok = models
     mats, notes = credit_map.credit_matrices(group, policy, tok, ref_model=policy, max_len=16)
-    assert list(mats) == ["GRPO", "TEMPO", "SPO-chain", "DCPO"]
+    assert list(mats) == ["GRPO", "TEMPO", "SPO-chain", "DCPO", "TW-GRPO: w_t",
+                          "D3S: kept tokens' A"]
     assert "TDPO: per-token KL" not in mats and any("KL is 0" in n for n in notes)
     assert any(n.startswith("TGDPO: no guidance model") for n in notes)
     has_cdpo = hasattr(token_dpo, "cdpo_weights")
