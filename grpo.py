@@ -670,13 +670,13 @@ def main(args: Args) -> dict:
         if args.token_weighting == "tw":
             # TW-GRPO's weights, from pi_old: no update has run yet, so `model` IS pi_old. One
             # more no-grad pass of the model body (the head runs a chunk at a time, per group).
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 hidden = torch.cat([common.response_hidden_states(
                     model, prompt_ids[mb], prompt_mask[mb], completion_ids[mb],
                     completion_mask[mb]) for mb in mbs])                       # [B, L, H]
-            tw_w, tw_div = tw_token_weights(hidden, completion_mask, G, args.tw_alpha,
-                                            args.temperature, args.tw_ended,
-                                            model.get_output_embeddings())      # [B, L], [P, L]
+                tw_w, tw_div = tw_token_weights(hidden, completion_mask, G, args.tw_alpha,
+                                                args.temperature, args.tw_ended,
+                                                model.get_output_embeddings())  # [B, L], [P, L]
             del hidden
 
         # ---- 4. ALGO LOGIC: optimisation passes against the sampling weights ----

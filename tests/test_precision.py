@@ -83,26 +83,24 @@ def test_auto_is_fp32_on_a_cpu():
     assert common.resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
 
 
-def test_frozen_models_are_stored_in_the_compute_dtype_and_the_policy_in_fp32(tmp_path):
-    """grpo with beta > 0 loads a reference: bf16 under --dtype bfloat16, the policy fp32."""
+def test_frozen_models_are_stored_in_the_compute_dtype_and_the_policy_in_fp32(tmp_path,
+                                                                             monkeypatch):
+    """grpo with beta > 0 loads a reference: bf16 under --dtype bfloat16, the policy fp32.
+    TW-GRPO's own no-grad pass (hidden states, then the LM head a chunk at a time) runs too."""
     import grpo
 
-    seen = {}
-    real = common.load_frozen
+    seen, real = {}, common.load_frozen
 
     def spy(*a, **k):
         model = real(*a, **k)
         seen["ref"] = next(model.parameters()).dtype
         return model
 
-    common.load_frozen, orig = spy, common.load_frozen
-    try:
-        common.run_main(grpo.main, grpo.Args, [
-            "--dtype", "bfloat16", "--beta", "0.04", "--total-steps", "1", "--eval-size", "1",
-            "--prompts-per-step", "2", "--num-generations", "2", "--num-iterations", "1",
-            "--max-completion-length", "8", "--output-dir", str(tmp_path)])
-    finally:
-        common.load_frozen = orig
+    monkeypatch.setattr(common, "load_frozen", spy)
+    common.run_main(grpo.main, grpo.Args, [
+        "--dtype", "bfloat16", "--beta", "0.04", "--token-weighting", "tw", "--total-steps", "1",
+        "--eval-size", "1", "--prompts-per-step", "2", "--num-generations", "2",
+        "--num-iterations", "1", "--max-completion-length", "8", "--output-dir", str(tmp_path)])
     assert seen["ref"] == torch.bfloat16
     (run_dir,) = list(tmp_path.iterdir())
     config = json.loads(next((run_dir / "checkpoints").glob("step-*")).joinpath(
