@@ -389,3 +389,63 @@ def test_train_trl_refuses_bad_input_with_one_line(tmp_path):
                               capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
         assert proc.returncode == 2, (argv, proc.stderr)
         assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------
+# train_trl.py: fp32 master weights, TRL's config before the model
+# ----------------------------------------------------------------------------------------
+
+
+def fixed_batch(b=8, P=5, T=6, vocab=90):
+    """One generation batch, the same whatever the model computes in: ids, masks, advantages."""
+    gen = torch.Generator().manual_seed(0)
+    prompt_ids = torch.randint(3, vocab, (b, P), generator=gen)
+    completion_ids = torch.randint(3, vocab, (b, T), generator=gen)
+    mask = torch.ones(b, T, dtype=torch.long)
+    return {"prompt_ids": prompt_ids, "prompt_mask": torch.ones(b, P, dtype=torch.long),
+            "completion_ids": completion_ids, "completion_mask": mask,
+            "advantages": torch.tensor([1.0, -1.0] * (b // 2)), "num_items_in_batch": mask.sum()}
+
+
+def test_train_trl_bf16_step_keeps_fp32_weights_and_moves_them_as_an_fp32_step(
+        tmp_path, random_tiny_model_dir):
+    """Issue 22: TRL loads the weights in fp32 and autocasts to bf16 (bf16=True). At lr 1e-6, a
+    bf16 weight of size 0.02 would not move (its spacing is ~1e-4); fp32 master weights do."""
+    def one_step(dtype):
+        args = grpo_args(tmp_path, "grpo", model=str(random_tiny_model_dir), dtype=dtype,
+                         learning_rate=1e-6, max_steps=1, output_dir=str(tmp_path / dtype))
+        trainer = train_trl.build_trainer(args, reward_funcs=[coin])
+        assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+        trainer._generate_and_score_completions = lambda inputs: fixed_batch()
+        seen = []
+        layer = trainer.model.model.layers[0].mlp.down_proj
+        layer.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+        before = weights(trainer)
+        trainer.train()
+        return before, weights(trainer), seen
+
+    b16, a16, seen16 = one_step("bfloat16")
+    b32, a32, seen32 = one_step("float32")
+    assert seen16[0] == torch.bfloat16 and seen32[0] == torch.float32   # the compute dtype
+    assert all(torch.equal(x, y) for x, y in zip(b16, b32))              # the same start
+    numel = sum(p.numel() for p in b16)
+    moved = sum((x != y).sum().item() for x, y in zip(b16, a16)) / numel
+    assert moved >= 0.99, moved
+    step16 = sum((x - y).abs().sum().item() for x, y in zip(b16, a16)) / numel
+    step32 = sum((x - y).abs().sum().item() for x, y in zip(b32, a32)) / numel
+    assert 1 / 1.5 <= step16 / step32 <= 1.5, (step16, step32)
+
+
+def test_train_trl_checks_trls_config_before_any_model_loads(tmp_path, random_tiny_model_dir,
+                                                            monkeypatch):
+    """Issue 23, item 12: the config (and so ZeRO-3's zero.Init) exists before the model."""
+    import transformers
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before TRL's config was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
+    args = grpo_args(tmp_path, "tempo", model=str(random_tiny_model_dir),
+                     per_device_batch_size=3, num_generations=2)   # 3 is not a multiple of 2
+    with pytest.raises(common.UserError, match="divisible"):
+        train_trl.build_trainer(args, reward_funcs=[coin])
