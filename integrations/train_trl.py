@@ -43,7 +43,8 @@ class Args:
         "grpo: TRL's GRPOTrainer as it is; tempo: TempoGRPOTrainer; dcpo: DCPOGRPOTrainer")
     model: str = opt("tiny", "model", "'tiny' (embedded), a hub id or a save_pretrained folder")
     task: Literal["arith", "gsm8k"] = opt(
-        "arith", None, "arith: embedded arithmetic; gsm8k: grade-school math (needs its JSONL files)")
+        "arith", None,
+        "arith: embedded arithmetic; gsm8k: grade-school math (needs its JSONL files)")
     data_dir: Optional[str] = opt(None, "data_dir", "folder with GSM8K train.jsonl/test.jsonl")
     output_dir: str = opt("runs/trl", "output_dir", "TRL's output folder (checkpoints)")
     seed: int = opt(0, "[0, SEED_MAX]", "random seed")
@@ -177,9 +178,7 @@ def main(args: Args):
     trainer = build_trainer(args)
     try:
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    except ValueError as e:  # a checkpoint that is not DCPO's: one line, not a traceback
-        if load_trl().SAS_STATE_FILE not in str(e):
-            raise
+    except load_trl().ResumeError as e:  # not DCPO's, or off a generation boundary: one line
         raise UserError(str(e)) from None
     if trainer.accelerator.is_main_process:
         logged = [h for h in trainer.state.log_history if "reward" in h]
