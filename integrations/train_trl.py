@@ -12,12 +12,13 @@
 The dataset is built in memory from common.load_task (never from the hub); the reward is
 common.reward_fn, the verifier of every script. Batch sizes are TRL's: an optimizer step sees
 per_device_batch_size x gradient_accumulation_steps x processes completions, num_generations
-per prompt. --use-vllm only passes TRL's vLLM options on: it needs a GPU and vllm, and this
-repo's tests do not run it (docs/integrations.md says what to check).
+per prompt. --use-vllm only passes TRL's vLLM options on (with --vllm-mode server, also
+--vllm-server-host and --vllm-server-port): it needs a GPU and vllm, and this repo's tests do
+not run it (docs/integrations.md says what to check). The weights and AdamW's state are fp32;
+--dtype names the compute dtype (TRL's bf16 autocast).
 """
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path

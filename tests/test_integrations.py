@@ -1,7 +1,7 @@
 """integrations/: the TRL plug-ins give the scripts' numbers, train, keep checkpoints, scale out.
 
 Skipped without TRL (pip install -r integrations/requirements.txt). Everything runs on the CPU
-with the embedded tiny model, 1-4 optimizer steps each.
+with the embedded tiny model or a random one, 1-4 optimizer steps each.
 """
 import hashlib
 import json
