@@ -50,6 +50,9 @@ CASES = {
     "token_dpo_tdpo2": ("token_dpo", ["--loss", "tdpo2", *DPO]),
     "token_dpo_cdpo": ("token_dpo", ["--loss", "cdpo", "--ce-sft-steps", "2", "--ce-sft-rows", "4",
                                      *DPO]),
+    "grpo_tw": ("grpo", ["--token-weighting", "tw"]),
+    "grpo_d3s": ("grpo", ["--d3s", "cross", "--d3s-n-init", "2", "--d3s-n-final", "4"]),
+    "token_dpo_tabpo": ("token_dpo", ["--loss", "tabpo", *DPO]),
 }
 
 
