@@ -50,7 +50,7 @@ class Args:
     output_dir: str = opt("runs/trl", "output_dir", "TRL's output folder (checkpoints)")
     seed: int = opt(0, "[0, SEED_MAX]", "random seed")
     dtype: Literal["auto", "float32", "bfloat16"] = opt(
-        "auto", None, "compute dtype (TRL's bf16 autocast); the weights and Adam stay float32. "
+        "auto", "dtype", "compute dtype (TRL's bf16 autocast); the weights and Adam stay float32. "
         "auto = bfloat16 on a GPU that has it, else float32. float16 is refused: TRL would need "
         "a loss scaler")
     train_size: Optional[int] = opt(None, ">0", "train on the first N problems only (small runs)")

@@ -200,7 +200,7 @@ def test_completion_masks_pad_equals_eos():
 SHARED_DEFAULTS = dict(num_generations=8, prompts_per_step=16, num_iterations=2, learning_rate=None,
                        max_grad_norm=1.0, temperature=1.0, top_p=1.0, top_k=0, max_completion_length=None,
                        beta=0.0, epsilon=0.2, epsilon_high=0.2, seed=0, model="tiny", task="arith",
-                       total_steps=80, eval_every=20, eval_size=200, micro_batch_size=32)
+                       total_steps=80, eval_every=20, eval_size=500, micro_batch_size=32)
 
 
 @pytest.mark.parametrize("script", ["grpo", "tempo", "dcpo", "spo", "token_dpo"])
