@@ -356,44 +356,58 @@ def main(argv=None) -> None:
         common.fail(str(e))
 
 
-def _main(a) -> None:
+def load_setting(run: Optional[str], arith_ops: Optional[str], guidance_model=None,
+                 cdpo_dirs=None) -> dict:
+    """The models a credit picture needs, loaded as credit_map.py and credit_truth.py share them.
+
+    run None: the warm start of arith_ops (default 2-4) is both the policy and the reference.
+    A run folder: its last checkpoint is the policy, its setting's warm start the reference,
+    its guidance folder (if any) TGDPO's guidance model. Returns a dict with model, ref,
+    tokenizer, guidance, cdpo_models, ops, max_len and the run's config.
+    """
     config = {}
-    if a.run:
-        ckpt = common.latest_checkpoint(Path(a.run))
+    if run:
+        ckpt = common.latest_checkpoint(Path(run))
         if ckpt is None:
             raise common.UserError(
-                f"{a.run} has no complete checkpoint yet; pass a finished run folder"
+                f"{run} has no complete checkpoint yet; pass a finished run folder"
             )
-        config = json.loads((Path(a.run) / "config.json").read_text())
+        config = json.loads((Path(run) / "config.json").read_text())
         if config.get("model", "tiny") != common.TINY or config.get("task", "arith") != "arith":
             raise common.UserError(
-                "credit_map.py draws runs of the tiny model on the arith task; "
-                f"{a.run} has model {config.get('model')!r}, task {config.get('task')!r}"
+                "the credit benchmarks read runs of the tiny model on the arith task; "
+                f"{run} has model {config.get('model')!r}, task {config.get('task')!r}"
             )
-    ops = a.arith_ops or config.get("arith_ops", "2-4")
-    if a.num_generations < 2:
-        raise common.UserError(
-            f"--num-generations must be at least 2 (got {a.num_generations}): "
-            "a group of one has no spread; pass e.g. --num-generations 8"
-        )
+    ops = arith_ops or config.get("arith_ops", "2-4")
     device, dtype = torch.device("cpu"), torch.float32
     ref, tokenizer = common.load_model_and_tokenizer(common.TINY, device, dtype, ops)
-    model = common.load_model_and_tokenizer(str(ckpt), device, dtype)[0] if a.run else ref
-    guidance_dir = a.guidance_model or (
+    model = common.load_model_and_tokenizer(str(ckpt), device, dtype)[0] if run else ref
+    guidance_dir = guidance_model or (
         config.get("guidance_model")
-        or (
-            str(Path(a.run) / "guidance") if a.run and (Path(a.run) / "guidance").exists() else None
-        )
+        or (str(Path(run) / "guidance") if run and (Path(run) / "guidance").exists() else None)
     )
     guidance = (
         common.load_model_and_tokenizer(guidance_dir, device, dtype)[0] if guidance_dir else None
     )
     cdpo_models = (
-        tuple(common.load_model_and_tokenizer(d, device, dtype)[0] for d in a.cdpo_models)
-        if a.cdpo_models
+        tuple(common.load_model_and_tokenizer(d, device, dtype)[0] for d in cdpo_dirs)
+        if cdpo_dirs
         else None
     )
     max_len = config.get("max_completion_length") or common.default_max_len("arith", ops)
+    return dict(model=model, ref=ref, tokenizer=tokenizer, guidance=guidance,
+                cdpo_models=cdpo_models, ops=ops, max_len=max_len, config=config)
+
+
+def _main(a) -> None:
+    if a.num_generations < 2:
+        raise common.UserError(
+            f"--num-generations must be at least 2 (got {a.num_generations}): "
+            "a group of one has no spread; pass e.g. --num-generations 8"
+        )
+    s = load_setting(a.run, a.arith_ops, a.guidance_model, a.cdpo_models)
+    model, ref, tokenizer, ops, max_len = s["model"], s["ref"], s["tokenizer"], s["ops"], \
+        s["max_len"]
     train = common.load_task("arith", "train", None, ops)
     group = sample_group(model, tokenizer, train, "arith", a.num_generations, max_len, a.seed)
     if group is None:
@@ -406,10 +420,10 @@ def _main(a) -> None:
         model,
         tokenizer,
         ref,
-        guidance,
+        s["guidance"],
         max_len=max_len,
         mc_seed=a.seed,
-        cdpo_models=cdpo_models,
+        cdpo_models=s["cdpo_models"],
     )
     tokens = token_texts(tokenizer, group)
     out = Path(a.out)
