@@ -26,6 +26,10 @@ token, with each method's own functions imported from its script:
     cDPO       token_dpo.cdpo_weights (w_t = 1 - c_t), when token_dpo.py has it and --cdpo-models
                names the positive and negative models
 
+MC truth     benchmarks/credit_truth.py's true advantage A*_t = V(y_<=t) - V(y_<t), from --truth-k
+               keyed continuations of every distinct prefix (0 leaves the panel out): what
+               every panel beside it approximates
+
 The reference is the warm start of the setting. From the warm start itself, policy = reference,
 so TDPO's KL and TGDPO's r_hat are 0 on every token: those panels are left out with a note.
 Writes OUT (default credit_map.png) and OUT with .json (the matrices, for the tests and for
@@ -232,6 +236,15 @@ def credit_matrices(
     return out, notes
 
 
+def truth_panel(group: dict, model, tokenizer, K: int, max_len: int, seed: int) -> torch.Tensor:
+    """The Monte Carlo true advantage A* [G, L] of the group (credit_truth.py's functions)."""
+    import credit_truth  # here, not at the top: credit_truth imports this file
+
+    mc, index, _ = credit_truth.mc_truth(model, tokenizer, group, K, max_len, seed)
+    return credit_truth.true_advantages(mc, index, group["rewards"],
+                                        group["completion_mask"])["adv"].float()
+
+
 def token_texts(tokenizer, group: dict) -> list[list[str]]:
     """The text of each token of each completion ('$' for EOS, '\\n' for a newline)."""
     eos = tokenizer.eos_token_id
@@ -347,6 +360,12 @@ def main(argv=None) -> None:
         help="cDPO's positive and negative model folders",
     )
     p.add_argument(
+        "--truth-k",
+        type=int,
+        default=64,
+        help="K continuations per prefix for the Monte Carlo truth panel (0: no panel)",
+    )
+    p.add_argument(
         "--out", default="credit_map.png", help="the PNG (the matrices go beside it as .json)"
     )
     a = p.parse_args(argv)
@@ -425,6 +444,9 @@ def _main(a) -> None:
         mc_seed=a.seed,
         cdpo_models=s["cdpo_models"],
     )
+    if a.truth_k > 0:  # the truth first, the methods beside it
+        truth = truth_panel(group, model, tokenizer, a.truth_k, max_len, a.seed)
+        matrices = {f"MC truth: A* (K={a.truth_k})": truth, **matrices}
     tokens = token_texts(tokenizer, group)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -410,3 +410,29 @@ def test_bad_settings_are_one_line_exit_2(tmp_path):
                           "--k", "1", "--out", str(tmp_path / "q")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "--k" in out.stderr
+
+
+def test_credit_map_draws_the_truth_beside_the_methods(models, monkeypatch, tmp_path):
+    policy, _, tok = models
+    setting = {"model": policy, "ref": policy, "tokenizer": tok, "guidance": None,
+               "cdpo_models": None, "ops": "2-4", "max_len": 12, "config": {}}
+    monkeypatch.setattr(ct.credit_map, "load_setting", lambda *a: setting)
+    monkeypatch.setattr(common, "finished_rewards", lambda texts, answers, ids, eos: torch.tensor(
+        [float(i % 2) for i in range(len(texts))]))
+    ct.credit_map.main(["--truth-k", "4", "--num-generations", "4",
+                        "--out", str(tmp_path / "m.png")])
+    data = json.loads((tmp_path / "m.json").read_text())
+    assert list(data["matrices"])[:2] == ["MC truth: A* (K=4)", "GRPO"]
+    # the panel is credit_truth's A* on the same group (sampled again with the same seed)
+    train = common.load_task("arith", "train", None, "2-4")
+    group = ct.credit_map.sample_group(policy, tok, train, "arith", 4, 12, 0)
+    truth = ct.credit_map.truth_panel(group, policy, tok, 4, 12, 0)
+    mc, index, _ = ct.mc_truth(policy, tok, group, 4, 12, 0)
+    assert torch.equal(truth, ct.true_advantages(mc, index, group["rewards"],
+                                                 group["completion_mask"])["adv"].float())
+    n = [len(t) for t in data["tokens"]]
+    assert [row[:k] for row, k in zip(data["matrices"]["MC truth: A* (K=4)"], n)] == \
+        [[round(float(v), 6) for v in row[:k]] for row, k in zip(truth, n)]
+    ct.credit_map.main(["--truth-k", "0", "--num-generations", "4",
+                        "--out", str(tmp_path / "n.png")])
+    assert list(json.loads((tmp_path / "n.json").read_text())["matrices"])[0] == "GRPO"
