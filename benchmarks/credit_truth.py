@@ -398,9 +398,25 @@ def bootstrap(stats_by_row: dict[str, list[dict]], n_boot: int,
     return out
 
 
+def spearman_brown(r: float, factor: float) -> float:
+    """The reliability of an average of `factor` times as many continuations, from r:
+    factor * r / (1 + (factor - 1) * r). Example: split-half r = 0.6, factor 2 -> 0.75."""
+    return factor * r / (1 + (factor - 1) * r) if r == r and r > 0 else math.nan
+
+
+def rollouts_for(r_half: float, n_half: float, target: float) -> float:
+    """Continuations a prefix needs for A* of reliability `target`, by Spearman-Brown from the
+    split-half r of n_half continuations: n_half * target (1 - r) / (r (1 - target)).
+    Example: r = 0.6 from 32 each -> 32 * 0.9 * 0.4 / (0.6 * 0.1) = 192 for 0.9."""
+    if not (r_half == r_half and 0 < r_half < 1):
+        return math.nan
+    return n_half * target * (1 - r_half) / (r_half * (1 - target))
+
+
 def score_groups(records: list[dict], n_boot: int, seed: int) -> dict:
     """The table's numbers from per-group records, each {"credits": {method: [G, L]},
-    "truth", "half1", "half2": [G, L], "mask": [G, L], "rewards": [G], "errors": [G]}.
+    "truth", "half1", "half2": [G, L], "mask": [G, L], "rewards": [G], "errors": [G]}, and
+    optionally "truth_se" [G, L] and "K" (for the reliability line).
 
     Rows: every method present in all records; "MC truth" (half 1 vs half 2 correlated, full-K
     A* for the hit rate and the blame); "chance" (uniform blame: the hit rate 1/length).
@@ -421,9 +437,11 @@ def score_groups(records: list[dict], n_boot: int, seed: int) -> dict:
     se = torch.cat([r["truth_se"].flatten() for r in records])[m] if "truth_se" in records[0] \
         else torch.zeros(0)
     wrong = sum(int((r["rewards"] <= 0).sum()) for r in records)
+    K = min(r["K"] for r in records) if "K" in records[0] else math.nan
     return {"rows": table,
             "reliability": {"split_half_r": half,
-                            "spearman_brown_K": 2 * half / (1 + half) if half == half else half,
+                            "spearman_brown_K": spearman_brown(half, 2.0),
+                            "K_for_0.9": rollouts_for(half, K / 2, 0.9),
                             "mean_se_of_A*": float(se.mean()) if se.numel() else math.nan},
             "counts": {"groups": len(records), "tokens": int(m.sum()),
                        "completions": sum(r["rewards"].numel() for r in records),
@@ -456,7 +474,8 @@ def table_markdown(scores: dict, notes: list[str]) -> str:
     lines += ["", f"{c['groups']} groups, {c['completions']} completions ({c['wrong']} wrong, "
               f"{c['wrong_with_first_error']} of them with a first error), {c['tokens']} tokens. "
               f"Split-half reliability of A*: r = {rel['split_half_r']:.3f} (Spearman-Brown for "
-              f"all K: {rel['spearman_brown_K']:.3f}); mean standard error of A*: "
+              f"all K: {rel['spearman_brown_K']:.3f}; continuations for 0.9: "
+              f"{rel['K_for_0.9']:.0f}); mean standard error of A*: "
               f"{rel['mean_se_of_A*']:.3f}. n/a: undefined (a constant credit, or no case)."]
     lines += [f"- left out: {n}" for n in notes]
     return "\n".join(lines) + "\n"
@@ -500,7 +519,7 @@ def group_record(group: dict, model, tokenizer, ref, guidance, cdpo_models, *, K
     timer("methods", time.time() - t0)
     errors = first_error(group["completion_ids"], mask, gold_ids(tokenizer, group["example"]))
     return {"credits": credits, "truth": truth["adv"], "truth_se": truth["se"], "half1": h1,
-            "half2": h2, "mask": mask, "rewards": r, "errors": errors}, notes
+            "half2": h2, "mask": mask, "rewards": r, "errors": errors, "K": K}, notes
 
 
 def main(argv=None) -> None:

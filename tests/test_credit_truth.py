@@ -312,6 +312,10 @@ def test_ranks_pearson_spearman_and_blame():
     assert ct.blamed_most(torch.tensor([0.2, -0.5, -0.5, 0.1]), 4, 1) == 0.5
     assert ct.blamed_most(torch.tensor([0.2, -0.5, -0.5, 0.1]), 4, 0) == 0.0
     assert ct.blamed_most(torch.tensor([-1.0, -1.0, -1.0, 9.0]), 3, 2) == pytest.approx(1 / 3)
+    assert ct.spearman_brown(0.6, 2.0) == pytest.approx(0.75)
+    assert ct.rollouts_for(0.6, 32, 0.9) == pytest.approx(192.0)
+    assert ct.spearman_brown(ct.spearman_brown(0.6, 192 / 32), 1.0) == pytest.approx(0.9)
+    assert math.isnan(ct.rollouts_for(float("nan"), 32, 0.9))
 
 
 def fixture_record():
@@ -324,7 +328,8 @@ def fixture_record():
     return {"credits": {"good": good, "flat": flat, "early": early}, "truth": truth,
             "truth_se": torch.full((2, 4), 0.05, dtype=torch.float64),
             "half1": truth + 0.01 * torch.arange(8.0).view(2, 4).double(), "half2": truth,
-            "mask": mask, "rewards": torch.tensor([1.0, 0.0]), "errors": torch.tensor([-1, 2])}
+            "mask": mask, "rewards": torch.tensor([1.0, 0.0]), "errors": torch.tensor([-1, 2]),
+            "K": 8}
 
 
 def test_pooled_measures_by_hand():
@@ -359,7 +364,9 @@ def test_the_table_on_fixtures(tmp_path):
     assert rows["flat"]["first_error_hit"][:1] == (0.25,)
     assert scores["counts"] == {"groups": 5, "tokens": 40, "completions": 10, "wrong": 5,
                                 "wrong_with_first_error": 5}
-    assert scores["reliability"]["mean_se_of_A*"] == pytest.approx(0.05)
+    rel = scores["reliability"]
+    assert rel["mean_se_of_A*"] == pytest.approx(0.05) and 0 < rel["split_half_r"] < 1
+    assert rel["K_for_0.9"] == pytest.approx(ct.rollouts_for(rel["split_half_r"], 4, 0.9))
     out = tmp_path / "t" / "credit_truth"
     ct.write_outputs(out, scores, ["TDPO: its per-token KL is 0"], {"K": 4})
     md = out.with_suffix(".md").read_text()
