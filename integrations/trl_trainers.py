@@ -46,6 +46,10 @@ import token_dpo  # noqa: E402
 SAS_STATE_FILE = "dcpo_sas_state.json"  # DCPOGRPOTrainer writes it into every checkpoint folder
 
 
+class ResumeError(ValueError):
+    """A checkpoint DCPOGRPOTrainer cannot resume from exactly (train_trl.py: one line, exit 2)."""
+
+
 def log_process_means(trainer, mode: str, metrics: dict) -> None:
     """Append each metric's mean over the processes to TRL's `_metrics` (one gather)."""
     names = sorted(metrics)
@@ -67,6 +71,14 @@ class _RewardTap:
         self._tap_rewards = (per_func * weights).nansum(dim=1)                  # [B_global]
         self._tap_lengths = [len(ids) for ids in completion_ids_list]           # this process's
         return per_func
+
+    def _log_advantages(self, per_completion: torch.Tensor) -> None:
+        """TRL's completions table (log_completions) holds the advantages of its own GRPO step
+        for the generation batch it just logged, [B_global]: put the method's in their place."""
+        logged = self._logs["advantages"]
+        for _ in range(len(per_completion)):
+            logged.pop()
+        logged.extend(per_completion.tolist())
 
     def _process_slice(self, local_batch: int) -> slice:
         i = self.accelerator.process_index
@@ -110,6 +122,8 @@ class TempoGRPOTrainer(_RewardTap, GRPOTrainer):
         out = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
         G = self.num_generations if mode == "train" else self.num_generations_eval
+        if G == 1:  # num_generations_eval=1: one completion is one path, TD = 0, A = r - r = 0,
+            return out                                  # which is TRL's advantage already
         ids = out["completion_ids"]                                  # [b, T] this process
         b, T = ids.shape
         acc, pad = self.accelerator, self._tokenizer.pad_token_id
@@ -122,6 +136,8 @@ class TempoGRPOTrainer(_RewardTap, GRPOTrainer):
             self._tap_rewards.float().cpu(), G, all_ids.cpu(), all_mask.cpu(), self.td_coef,
             self.scale_rewards)
         out["advantages"] = adv[self._process_slice(b), :T].to(out["advantages"].device)
+        # one number a completion for the table: the mean of its tokens' advantages
+        self._log_advantages((adv * all_mask.cpu()).sum(1) / all_mask.cpu().sum(1).clamp(min=1))
         for k, v in metrics.items():                                  # equal on every process
             self._metrics[mode][k].append(v)
         return out
@@ -139,8 +155,9 @@ class DCPOGRPOTrainer(_RewardTap, GRPOTrainer):
         eps_low=0.16, eps_high=0.20, ratio_max=10.0   dynamic clip bounds and the dual-clip cap
         dcpo_loss_type="otm" | "grpo" | "dapo" | "otm_token_sum"   (TRL's loss_type is unused)
         sas=True, sas_std="population" | "unbiased"
-        sas_key_column="id"   the dataset column naming a prompt across steps; without it, a
-                              hash of the prompt text
+        sas_key_column="id"   the dataset column naming a prompt across steps: an integer as
+                              is, any other value (a string id) hashed as dcpo.py hashes
+                              prompts; without the column, a hash of the prompt text
 
     Overrides:
       `_generate_and_score_completions` (train mode): SAS advantages of the whole generation
@@ -150,9 +167,12 @@ class DCPOGRPOTrainer(_RewardTap, GRPOTrainer):
       `_compute_loss`: dcpo.dcpo_loss on TRL's log-probs, with the normalisers of the whole
         optimizer step over every process (DDP averages gradients: the loss is scaled by the
         number of processes to undo that).
-      `_save_checkpoint` / `_load_optimizer_and_scheduler`: the statistics go into every
-        checkpoint folder as dcpo_sas_state.json and come back with
-        `trainer.train(resume_from_checkpoint=...)`, as TRL does for its adaptive-entropy state.
+      `_save_optimizer_and_scheduler` / `_load_optimizer_and_scheduler`: the statistics go
+        into every checkpoint folder as dcpo_sas_state.json, with the optimizer state and so
+        before TRL pushes the folder to the Hub, and come back with
+        `trainer.train(resume_from_checkpoint=...)`. TRL does not save its generation buffer,
+        so only a checkpoint on a generation boundary resumes exactly: save_steps must be a
+        multiple of the generation period, and another checkpoint is refused (ResumeError).
     """
 
     def __init__(self, *args, eps_low: float = 0.16, eps_high: float = 0.20,
@@ -181,6 +201,16 @@ class DCPOGRPOTrainer(_RewardTap, GRPOTrainer):
             raise ValueError(f"OTM averages over the prompts of an optimizer step: its "
                              f"{step_batch} completions must be a multiple of num_generations "
                              f"({self.num_generations})")
+        # a generation every steps_per_generation x num_iterations MICRO-steps; a checkpoint
+        # between two has a half-used buffer that TRL does not save
+        self._generate_every = a.steps_per_generation * self.num_iterations
+        if a.save_strategy == "steps" and a.save_steps >= 1 and \
+                int(a.save_steps) * a.gradient_accumulation_steps % self._generate_every:
+            raise ValueError(
+                f"DCPOGRPOTrainer's checkpoints must fall on generation boundaries (TRL does not "
+                f"save its generation buffer): save_steps={a.save_steps} optimizer steps of "
+                f"{a.gradient_accumulation_steps} micro-steps is not a multiple of "
+                f"steps_per_generation x num_iterations = {self._generate_every} micro-steps")
         self.eps_low, self.eps_high, self.ratio_max = eps_low, eps_high, ratio_max
         self.dcpo_loss_type, self.sas, self.sas_key_column = dcpo_loss_type, sas, sas_key_column
         self.prompt_stats = dcpo.PromptStats(self.num_generations, sas_std)
@@ -189,7 +219,10 @@ class DCPOGRPOTrainer(_RewardTap, GRPOTrainer):
 
     def _prompt_key(self, example: dict) -> int:
         if self.sas_key_column and self.sas_key_column in example:
-            return int(example[self.sas_key_column])
+            key = example[self.sas_key_column]
+            if isinstance(key, int) and not isinstance(key, bool):
+                return key
+            return int(dcpo.prompt_hash(str(key)), 16)  # a string id: hashed, never int("q-17")
         return int(dcpo.prompt_hash(str(example["prompt"])), 16)
 
     def _generate_and_score_completions(self, inputs):
@@ -205,6 +238,7 @@ class DCPOGRPOTrainer(_RewardTap, GRPOTrainer):
             self._tap_rewards.float().cpu(), G, keys[::G], self.prompt_stats, self.sas, hashes[::G])
         self.prompt_stats.by_id.update(new_stats)                  # commit this batch's visits
         out["advantages"] = adv[self._process_slice(len(inputs))].to(out["advantages"].device)
+        self._log_advantages(adv)
         for k, v in metrics.items():
             self._metrics["train"][k].append(v)
         return out
@@ -215,49 +249,70 @@ class DCPOGRPOTrainer(_RewardTap, GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, mask = inputs["completion_ids"], inputs["completion_mask"]
-        logps, entropies, _ = self._get_per_token_logps_and_entropies(
+        logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
             model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, mask], 1),
-            completion_ids.size(1), compute_entropy=True)                  # [b, T] each
+            completion_ids.size(1), compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled)                        # [b, T] each
         old = inputs.get("old_per_token_logps")
         old = logps.detach() if old is None else old   # TRL skips that forward when ratio == 1
         adv = inputs["advantages"]
         if "importance_sampling_ratio" in inputs:
             # vLLM's correction w >= 0 commutes with DCPO's max/min: w * l(A) = l(w * A)
             adv = adv[:, None] * inputs["importance_sampling_ratio"]
-        W = self.accelerator.num_processes
-        accum = self.current_gradient_accumulation_steps if mode == "train" else 1
-        spg = self.args.steps_per_generation if mode == "train" else 1
-        # the normalisers of the whole optimizer step over all processes (dcpo.py: its batch)
-        num_sequences = completion_ids.size(0) * accum * W
-        num_tokens = float(inputs["num_items_in_batch"]) * accum / spg
+        loss_type, scale = self.dcpo_loss_type, 1.0
+        if mode == "train":
+            W = self.accelerator.num_processes
+            accum = self.current_gradient_accumulation_steps
+            G = self.num_generations
+            # the normalisers of the whole optimizer step over all processes (dcpo.py: its batch)
+            num_sequences = completion_ids.size(0) * accum * W
+            spg = self.args.steps_per_generation
+            num_tokens = float(inputs["num_items_in_batch"]) * accum / spg
+        else:  # one process's eval batch, which may hold part of a group (fewer rows than G)
+            W, accum, G = 1, 1, self.num_generations_eval
+            num_sequences, num_tokens = completion_ids.size(0), float(mask.sum())
+            if loss_type == "otm":  # 1/P as G/b: "grpo"'s 1/b times G, never b // G = 0
+                loss_type, scale = "grpo", float(G)
         loss, metrics = dcpo.dcpo_loss(
             logps, old, adv, mask, eps_low=self.eps_low, eps_high=self.eps_high,
-            ratio_max=self.ratio_max, loss_type=self.dcpo_loss_type, num_sequences=num_sequences,
-            num_tokens=num_tokens, num_generations=self.num_generations, beta=self.beta,
+            ratio_max=self.ratio_max, loss_type=loss_type, num_sequences=num_sequences,
+            num_tokens=num_tokens, num_generations=G, beta=self.beta,
             ref_logps=inputs.get("ref_per_token_logps"),
             fixed_band=(self.epsilon_low, self.epsilon_high))
         metrics["entropy"] = float((entropies.detach() * mask).sum() / mask.sum().clamp(min=1))
         log_process_means(self, mode, metrics)
-        return loss * W                                # DDP averages gradients over W processes
+        loss = loss * scale * W                        # DDP averages gradients over W processes
+        if self.aux_loss_enabled:  # an MoE's load-balancing loss, exactly as TRL adds it
+            loss = loss + self.router_aux_loss_coef * aux_loss / accum
+            self._metrics[mode]["aux_loss"].append(
+                self.accelerator.gather_for_metrics(aux_loss).mean().item())
+        return loss
 
     # ---- the statistics in TRL's checkpoints ----
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+    def _save_optimizer_and_scheduler(self, output_dir):
+        # Trainer._save_checkpoint calls this after the weights and before its Hub upload
+        # (push_to_hub), so the uploaded folder always has the file; SAS state is optimizer state
+        super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial),
-                                  f"checkpoint-{self.state.global_step}")
-            with open(os.path.join(folder, SAS_STATE_FILE), "w") as f:
+            with open(os.path.join(output_dir, SAS_STATE_FILE), "w") as f:
                 json.dump(self.prompt_stats.state_dict(), f)  # json round-trips python floats
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
+        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+            step = json.load(f)["global_step"]
+        if step * self.args.gradient_accumulation_steps % self._generate_every:
+            raise ResumeError(
+                f"{checkpoint} lies between two generations (step {step}; one every "
+                f"{self._generate_every} micro-steps): TRL did not save its generation buffer, "
+                "so the SAS statistics would diverge; resume from a checkpoint on a boundary")
         path = os.path.join(checkpoint, SAS_STATE_FILE)
         if not os.path.exists(path):
-            raise ValueError(f"{checkpoint} has no {SAS_STATE_FILE} (not a DCPOGRPOTrainer "
-                             "checkpoint), so SAS would restart empty; resume from a DCPO one")
+            raise ResumeError(f"{checkpoint} has no {SAS_STATE_FILE} (not a DCPOGRPOTrainer "
+                              "checkpoint), so SAS would restart empty; resume from a DCPO one")
         with open(path) as f:
             self.prompt_stats.load_state_dict(json.load(f))  # every process reads the same file
 
@@ -299,14 +354,30 @@ class TokenDPOTrainer(DPOTrainer):
             raise ValueError("TokenDPOTrainer needs the reference's full-vocabulary distributions "
                              "on every batch, which precomputed log-probs do not carry: set "
                              "precompute_ref_log_probs=False")
-        if config is not None and (config.ld_alpha is not None
-                                   or config.f_divergence_type != "reverse_kl"):
-            raise ValueError("TokenDPOTrainer's losses replace TRL's: unset ld_alpha and "
-                             "f_divergence_type")
+        # TRL's options that shape its own loss, which this trainer replaces: each refused
+        ignored = [name for name, on in (
+            ("loss_type", list(getattr(config, "loss_type", ["sigmoid"])) != ["sigmoid"]),
+            ("loss_weights", getattr(config, "loss_weights", None) is not None),
+            ("label_smoothing", getattr(config, "label_smoothing", 0.0) != 0.0),
+            ("use_weighting", getattr(config, "use_weighting", False)),
+            ("ld_alpha", getattr(config, "ld_alpha", None) is not None),
+            ("f_divergence_type", getattr(config, "f_divergence_type", "reverse_kl")
+             != "reverse_kl")) if on]
+        if ignored:
+            raise ValueError(f"TokenDPOTrainer's losses replace TRL's, which {', '.join(ignored)} "
+                             "would change: unset them (loss= picks tdpo1, tdpo2 or tgdpo)")
+        if kwargs.get("compute_metrics", args[7] if len(args) > 7 else None) is not None:
+            raise ValueError("TokenDPOTrainer does not return logits, which compute_metrics "
+                             "needs: drop compute_metrics (its kl/* and rewards/* are logged)")
         if loss == "tgdpo" and guidance_model is None:
             raise ValueError("loss='tgdpo' needs guidance_model= (a frozen model with the policy's "
                              "tokenizer)")
+        dataset = kwargs.get("train_dataset", args[4] if len(args) > 4 else None)
+        if dataset is not None and {"image", "images"} & set(next(iter(dataset))):
+            raise ValueError("TokenDPOTrainer does not pass images to the model (its forward "
+                             "takes input_ids only): train on text pairs")
         super().__init__(*args, **kwargs)
+        self._refuse_sharded_weights()
         if self.ref_model is None:
             raise ValueError("TokenDPOTrainer needs a reference model (PEFT without one is not "
                              "supported)")
@@ -316,10 +387,21 @@ class TokenDPOTrainer(DPOTrainer):
             guidance_model = guidance_model.to(self.accelerator.device).eval()
             self.guidance_model = guidance_model.requires_grad_(False)
 
-    def _hidden(self, model, inputs) -> torch.Tensor:
-        """Final hidden states [N, S-1, H] at positions 0..S-2 (position j predicts token j+1)."""
+    def _refuse_sharded_weights(self) -> None:
+        # the LM heads are applied outside the model's forward, where a sharded weight is an
+        # empty shard: torch fails with a shape error deep in the first step
+        zero3 = self.is_deepspeed_enabled and \
+            self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if zero3 or self.is_fsdp_enabled:
+            raise ValueError("TokenDPOTrainer does not support DeepSpeed ZeRO-3 or FSDP yet (it "
+                             "applies the LM heads outside the forward): use DDP or ZeRO-1/2")
+
+    def _hidden(self, model, inputs, aux: bool = False):
+        """Final hidden states [N, S-1, H] at positions 0..S-2 (position j predicts token j+1);
+        with aux=True, (hidden, the MoE router's load-balancing loss)."""
+        extra = {"output_router_logits": True} if aux else {}  # as TRL: the policy's only
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                    use_cache=False, output_hidden_states=True, logits_to_keep=1)
+                    use_cache=False, output_hidden_states=True, logits_to_keep=1, **extra)
         hidden = out.hidden_states[-1]
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
         # the last position's logits come for free: check they are head(hidden), else refuse
@@ -328,7 +410,7 @@ class TokenDPOTrainer(DPOTrainer):
             raise ValueError("this model's logits are not lm_head(last hidden state) (e.g. "
                              "soft-capping), which TokenDPOTrainer does not reproduce; use a "
                              "plain causal LM")
-        return hidden[:, :-1]
+        return (hidden[:, :-1], out.aux_loss) if aux else hidden[:, :-1]
 
     def _compute_loss(self, model, inputs, return_outputs=False):
         if return_outputs:
@@ -337,7 +419,9 @@ class TokenDPOTrainer(DPOTrainer):
         ids, cmask = inputs["input_ids"][:, 1:], inputs["completion_mask"][:, 1:]  # [2n, S-1]
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
         ref_head = self.accelerator.unwrap_model(self.ref_model).get_output_embeddings()
-        hidden = self._hidden(model, inputs)
+        hidden = self._hidden(model, inputs, aux=self.aux_loss_enabled)
+        if self.aux_loss_enabled:
+            hidden, aux_loss = hidden
         with torch.no_grad():
             ref_hidden = self._hidden(self.ref_model, inputs)
         logps, ref_logps, kl = token_dpo.token_logps_and_kl(
@@ -345,6 +429,10 @@ class TokenDPOTrainer(DPOTrainer):
         loss, metrics = self._pair_loss(inputs, ids, cmask, ref_hidden, ref_head, logps,
                                         ref_logps, kl)
         log_process_means(self, mode, metrics)
+        if self.aux_loss_enabled:  # an MoE's load-balancing loss, exactly as TRL's DPO adds it
+            loss = loss + self.router_aux_loss_coef * aux_loss
+            self._metrics[mode]["aux_loss"].append(
+                self.accelerator.gather_for_metrics(aux_loss).mean().item())
         return loss
 
     def _pair_loss(self, inputs, ids, cmask, ref_hidden, ref_head, logps, ref_logps, kl):

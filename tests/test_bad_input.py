@@ -24,6 +24,10 @@ from conftest import ROOT, batch_flag, field_name, flag_name
 
 SCRIPTS = [s for s in ("grpo", "tempo", "dcpo", "spo", "token_dpo") if (ROOT / f"{s}.py").exists()]
 MODULES = {s: __import__(s) for s in SCRIPTS}
+sys.path.insert(0, str(ROOT / "integrations"))
+import train_trl  # noqa: E402  (imports TRL only when it builds a trainer)
+
+MODULES["train_trl"] = train_trl  # its Args join the field checks below
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +248,7 @@ def numeric_fields(args_cls):
             yield f, inner[0] is int
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", [*SCRIPTS, "train_trl"])
 def test_every_field_has_a_range_and_out_of_range_values_are_refused(script):
     mod = MODULES[script]
     hints = typing.get_type_hints(mod.Args)
@@ -269,7 +273,7 @@ def test_shared_flags_mean_the_same_in_every_script():
     differs = {("token_dpo", "beta"),  # DPO's beta, not a KL coefficient
                ("token_dpo", "num_generations")}  # 1 is fine with --pairs-file
     ranges = {}
-    for script in SCRIPTS:
+    for script in [*SCRIPTS, "train_trl"]:
         for f in dataclasses.fields(MODULES[script].Args):
             if (script, f.name) not in differs and "range" in f.metadata:
                 ranges.setdefault(f.name, set()).add(f.metadata["range"])
@@ -292,3 +296,49 @@ def test_help_shows_each_range():
     parser = common._parser(MODULES["grpo"].Args)
     text = " ".join(parser.format_help().split())  # argparse wraps the lines
     assert "(default: 20; >0)" in text and "(default: 1.0; (0, 1])" in text
+
+
+# ---------------------------------------------------------------- integrations/train_trl.py
+
+TRL_CASES = [  # issue 23, item 9: each was a traceback or silently accepted
+    (["--learning-rate", "-1"], "--learning-rate must be positive"),
+    (["--temperature", "0"], "--temperature must be positive"),
+    (["--eps-low", "-1"], "--eps-low must be positive"),
+    (["--beta", "-0.5"], "--beta must be at least 0"),
+    (["--td-coef", "nan"], "--td-coef must be a finite number"),
+    (["--max-completion-length", "0"], "--max-completion-length must be positive"),
+    (["--vllm-server-port", "0"], "--vllm-server-port is outside [1, 65535]"),
+    (["--task", "gsm8k", "--data-dir", "/no/such/gsm8k"], "GSM8K folder /no/such/gsm8k not found"),
+    (["--method", "dcpo", "--save-steps", "3", "--num-iterations", "2"],
+     "--save-steps 3 must be a multiple of --num-iterations 2"),
+    (["--dtype", "float16"], "invalid choice: 'float16'"),
+]
+
+
+@pytest.mark.parametrize("i", range(len(TRL_CASES)))
+def test_train_trl_bad_input_is_one_line_before_trl_or_a_model_loads(i, ctx, tmp_path, capsys,
+                                                                     monkeypatch):
+    argv, words = TRL_CASES[i]
+    argv = ["--output-dir", str(tmp_path / "out"), *argv]
+    if i == 0:  # as a user types it
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        res = subprocess.run([sys.executable, str(ROOT / "integrations" / "train_trl.py"), *argv],
+                             capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+        code, err = res.returncode, res.stderr
+    else:
+        monkeypatch.setitem(sys.modules, "trl", None)  # any import of TRL would fail loudly
+        with pytest.raises(SystemExit) as e:
+            common.run_main(train_trl.main, train_trl.Args, argv)
+        code, err = e.value.code, capsys.readouterr().err
+    assert code == 2 and err.strip().splitlines() == [err.strip()], err[-2000:]
+    assert err.startswith("error: ") and words in err, err
+
+
+def test_train_trl_refuses_an_unwritable_output_dir(ctx, capsys, monkeypatch):
+    if ctx["ro"] is None:
+        pytest.skip("no folder here is read-only for this user")
+    monkeypatch.setitem(sys.modules, "trl", None)
+    with pytest.raises(SystemExit) as e:
+        common.run_main(train_trl.main, train_trl.Args, ["--output-dir", ctx["ro"]])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "cannot write in" in err and len(err.strip().splitlines()) == 1

@@ -1,7 +1,7 @@
 """integrations/: the TRL plug-ins give the scripts' numbers, train, keep checkpoints, scale out.
 
 Skipped without TRL (pip install -r integrations/requirements.txt). Everything runs on the CPU
-with the embedded tiny model, 1-4 optimizer steps each.
+with the embedded tiny model or a random one, 1-4 optimizer steps each.
 """
 import hashlib
 import json
@@ -214,7 +214,7 @@ def test_dcpo_trainer_trains_and_its_sas_statistics_survive_checkpoint_and_resum
             snapshots[state.global_step] = json.loads(json.dumps(trainer.prompt_stats.state_dict()))
 
     # 2 prompts, so every generation visits both; num_iterations = 2: one generation per 2 steps
-    args = grpo_args(tmp_path, "dcpo", train_size=2, save_steps=1, num_iterations=2, max_steps=4)
+    args = grpo_args(tmp_path, "dcpo", train_size=2, save_steps=2, num_iterations=2, max_steps=4)
     trainer = train_trl.build_trainer(args, callbacks=[Snap()], reward_funcs=[coin])
     before = weights(trainer)
     trainer.train()
@@ -389,3 +389,282 @@ def test_train_trl_refuses_bad_input_with_one_line(tmp_path):
                               capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
         assert proc.returncode == 2, (argv, proc.stderr)
         assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------
+# train_trl.py: fp32 master weights, TRL's config before the model
+# ----------------------------------------------------------------------------------------
+
+
+def fixed_batch(b=8, P=5, T=6, vocab=90):
+    """One generation batch, the same whatever the model computes in: ids, masks, advantages."""
+    gen = torch.Generator().manual_seed(0)
+    prompt_ids = torch.randint(3, vocab, (b, P), generator=gen)
+    completion_ids = torch.randint(3, vocab, (b, T), generator=gen)
+    mask = torch.ones(b, T, dtype=torch.long)
+    return {"prompt_ids": prompt_ids, "prompt_mask": torch.ones(b, P, dtype=torch.long),
+            "completion_ids": completion_ids, "completion_mask": mask,
+            "advantages": torch.tensor([1.0, -1.0] * (b // 2)), "num_items_in_batch": mask.sum()}
+
+
+def test_train_trl_bf16_step_keeps_fp32_weights_and_moves_them_as_an_fp32_step(
+        tmp_path, random_tiny_model_dir):
+    """Issue 22: TRL loads the weights in fp32 and autocasts to bf16 (bf16=True). At lr 1e-6, a
+    bf16 weight of size 0.02 would not move (its spacing is ~1e-4); fp32 master weights do."""
+    def one_step(dtype):
+        args = grpo_args(tmp_path, "grpo", model=str(random_tiny_model_dir), dtype=dtype,
+                         learning_rate=1e-6, max_steps=1, output_dir=str(tmp_path / dtype))
+        trainer = train_trl.build_trainer(args, reward_funcs=[coin])
+        assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+        trainer._generate_and_score_completions = lambda inputs: fixed_batch()
+        seen = []
+        layer = trainer.model.model.layers[0].mlp.down_proj
+        layer.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+        before = weights(trainer)
+        trainer.train()
+        return before, weights(trainer), seen
+
+    b16, a16, seen16 = one_step("bfloat16")
+    b32, a32, seen32 = one_step("float32")
+    assert seen16[0] == torch.bfloat16 and seen32[0] == torch.float32   # the compute dtype
+    assert all(torch.equal(x, y) for x, y in zip(b16, b32))              # the same start
+    numel = sum(p.numel() for p in b16)
+    moved = sum((x != y).sum().item() for x, y in zip(b16, a16)) / numel
+    assert moved >= 0.99, moved
+    step16 = sum((x - y).abs().sum().item() for x, y in zip(b16, a16)) / numel
+    step32 = sum((x - y).abs().sum().item() for x, y in zip(b32, a32)) / numel
+    assert 1 / 1.5 <= step16 / step32 <= 1.5, (step16, step32)
+
+
+def test_train_trl_checks_trls_config_before_any_model_loads(tmp_path, random_tiny_model_dir,
+                                                            monkeypatch):
+    """Issue 23, item 12: the config (and so ZeRO-3's zero.Init) exists before the model."""
+    import transformers
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before TRL's config was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
+    args = grpo_args(tmp_path, "tempo", model=str(random_tiny_model_dir),
+                     per_device_batch_size=3, num_generations=2)   # 3 is not a multiple of 2
+    with pytest.raises(common.UserError, match="divisible"):
+        train_trl.build_trainer(args, reward_funcs=[coin])
+
+
+
+# ----------------------------------------------------------------------------------------
+# Issue 23: what a TRL user meets on day one (each test failed before its fix)
+# ----------------------------------------------------------------------------------------
+
+
+def plugin_trainer(cls, tmp_path, model_dir=None, name="run", rows=None, model=None, tok=None,
+                   plugin=None, **config):
+    """A plug-in trainer built as a TRL user builds one: a GRPOConfig, a model, a dataset."""
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    if model is None:
+        model, tok = common.load_model_and_tokenizer(str(model_dir), CPU, torch.float32)
+    rows = rows or [{"prompt": f"Q: {i}+{i}\nA:", "id": i} for i in range(2)]
+    base = dict(output_dir=str(tmp_path / name), max_steps=1, per_device_train_batch_size=8,
+                num_generations=G, max_completion_length=8, report_to="none", use_cpu=True,
+                save_strategy="no", logging_steps=1, disable_tqdm=True, bf16=False, seed=1,
+                learning_rate=5e-5, top_k=0, top_p=1.0, dataloader_pin_memory=False)
+    return cls(model=model, reward_funcs=[coin], args=GRPOConfig(**{**base, **config}),
+               train_dataset=Dataset.from_list(rows), processing_class=tok, **(plugin or {}))
+
+
+def test_dcpo_keys_string_ids_by_their_hash(tmp_path, random_tiny_model_dir):
+    """Item 3: sas_key_column="id" with string ids died at step 1 in int()."""
+    rows = [{"prompt": f"Q: {i}+1\nA:", "id": f"gsm8k-{i}"} for i in range(2)]
+    trainer = plugin_trainer(trl_trainers.DCPOGRPOTrainer, tmp_path, random_tiny_model_dir,
+                             rows=rows)
+    trainer.train()
+    want = {int(dcpo.prompt_hash(r["id"]), 16) for r in rows}
+    assert set(trainer.prompt_stats.by_id) == want
+    assert trainer._prompt_key({"id": 17, "prompt": "x"}) == 17       # integer ids as they are
+
+
+def test_dcpo_refuses_checkpoints_between_two_generations(tmp_path, random_tiny_model_dir):
+    """Item 5: TRL does not save its generation buffer, so a resume between two generations
+    regenerates and the SAS visits diverge ([3, 3] instead of [2, 2]): refused, at setup and
+    at resume."""
+    dcpo_cls = trl_trainers.DCPOGRPOTrainer
+    with pytest.raises(ValueError, match="generation boundaries") as e:
+        plugin_trainer(dcpo_cls, tmp_path, random_tiny_model_dir, save_strategy="steps",
+                       save_steps=1, num_iterations=2)
+    assert "\n" not in str(e.value)
+    # checkpoint-1 of a run that generates every step ...
+    first = plugin_trainer(dcpo_cls, tmp_path, random_tiny_model_dir, name="every_step",
+                           save_strategy="steps", save_steps=1)
+    first.train()
+    ckpt = tmp_path / "every_step" / "checkpoint-1"
+    # ... is between two generations for a run that generates every 2 steps
+    second = plugin_trainer(dcpo_cls, tmp_path, random_tiny_model_dir, name="every_2",
+                            num_iterations=2, max_steps=2)
+    with pytest.raises(trl_trainers.ResumeError, match="between two generations"):
+        second.train(resume_from_checkpoint=str(ckpt))
+
+
+def test_evaluate_with_eval_groups_smaller_than_training_groups(tmp_path, random_tiny_model_dir):
+    """Item 6: TEMPO with num_generations_eval=1 crashed in build_prefix_tree; DCPO's OTM eval
+    loss was NaN when an eval batch held fewer rows than the training G."""
+    from datasets import Dataset
+
+    eval_rows = Dataset.from_list([{"prompt": f"Q: {i}*2\nA:", "id": i} for i in range(4)])
+    tempo_t = plugin_trainer(trl_trainers.TempoGRPOTrainer, tmp_path, random_tiny_model_dir,
+                             name="tempo", num_generations_eval=1, per_device_eval_batch_size=2)
+    assert math.isfinite(tempo_t.evaluate(eval_dataset=eval_rows)["eval_loss"])
+    dcpo_t = plugin_trainer(trl_trainers.DCPOGRPOTrainer, tmp_path, random_tiny_model_dir,
+                            name="dcpo", num_generations_eval=2, per_device_eval_batch_size=2)
+    assert math.isfinite(dcpo_t.evaluate(eval_dataset=eval_rows)["eval_loss"])
+
+
+def tiny_moe(coef=0.5):
+    """A 1-layer Mixtral (4 experts, 2 a token) with the char tokenizer: TRL's MoE path."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    tok = common.build_char_tokenizer()
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48,
+                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                           num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=coef,
+                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                           bos_token_id=None, max_position_embeddings=64)
+    return MixtralForCausalLM(config), tok
+
+
+def moe_aux(model, input_ids, attention_mask):
+    with torch.no_grad():
+        return model(input_ids=input_ids, attention_mask=attention_mask,
+                     output_router_logits=True).aux_loss
+
+
+def test_dcpo_and_token_dpo_add_the_moe_load_balancing_loss_as_trl_does(tmp_path):
+    """Item 7: TRL turns the router's aux loss on for MoE models; the plug-ins dropped it."""
+    model, tok = tiny_moe()
+    trainer = plugin_trainer(trl_trainers.DCPOGRPOTrainer, tmp_path, model=model, tok=tok)
+    assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == 0.5
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 2
+    inputs = fixed_batch(vocab=len(tok))
+    with_aux = trainer._compute_loss(trainer.model, inputs)
+    trainer.aux_loss_enabled = False
+    without = trainer._compute_loss(trainer.model, inputs)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    aux = moe_aux(trainer.model, ids, torch.ones_like(ids))
+    assert aux > 0
+    assert (with_aux - without).item() == pytest.approx(0.5 * aux.item() / 2, rel=1e-4)
+    assert trainer._metrics["train"]["aux_loss"]
+
+    from datasets import Dataset
+    from trl import DPOConfig
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from transformers import AutoModelForCausalLM
+
+    model.save_pretrained(tmp_path / "moe")  # TRL's DPO loads its reference from the model's id
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
+    config = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=1, report_to="none",
+                       use_cpu=True, per_device_train_batch_size=2, bf16=False, beta=0.1)
+    rows = [{"prompt": "Q: 1+1\nA:", "chosen": "2", "rejected": "3"}] * 2
+    dpo_t = trl_trainers.TokenDPOTrainer(model=model, args=config, processing_class=tok,
+                                         train_dataset=Dataset.from_list(rows), loss="tdpo2")
+    assert dpo_t.aux_loss_enabled
+    batch = DataCollatorForPreference(pad_token_id=tok.pad_token_id)(
+        [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 1], "rejected_ids": [9, 9, 1]}] * 2)
+    dpo_t.model.train()
+    with_aux = dpo_t.compute_loss(dpo_t.model, batch)
+    dpo_t.aux_loss_enabled = False
+    without = dpo_t.compute_loss(dpo_t.model, batch)
+    aux = moe_aux(dpo_t.model, batch["input_ids"], batch["attention_mask"])
+    assert (with_aux - without).item() == pytest.approx(0.5 * aux.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("option", [dict(loss_type=["sigmoid", "sft"]), dict(loss_weights=[1.0]),
+                                    dict(label_smoothing=0.1), dict(use_weighting=True),
+                                    "compute_metrics", "images"])
+def test_token_dpo_refuses_the_dpo_options_it_would_ignore(tmp_path, option):
+    """Item 8: each was silently ignored (or, compute_metrics, raised inside evaluate())."""
+    from datasets import Dataset
+    from trl import DPOConfig
+
+    model, tok = common.load_model_and_tokenizer(str(tiny_dir(tmp_path)), CPU, torch.float32)
+    rows = [{"prompt": "Q: 1+1\nA:", "chosen": "2", "rejected": "3"}] * 2
+    config_kw = option if isinstance(option, dict) else {}
+    extra = {"compute_metrics": lambda p: {}} if option == "compute_metrics" else {}
+    if option == "images":
+        rows = [{**r, "images": None} for r in rows]
+    config = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=1, report_to="none",
+                       use_cpu=True, per_device_train_batch_size=2, bf16=False, **config_kw)
+    with pytest.raises(ValueError) as e:
+        trl_trainers.TokenDPOTrainer(model=model, args=config, processing_class=tok,
+                                     train_dataset=Dataset.from_list(rows), loss="tdpo2", **extra)
+    name = next(iter(config_kw)) if config_kw else option
+    assert str(e.value).startswith("TokenDPOTrainer") and "\n" not in str(e.value)
+    assert name.rstrip("s") in str(e.value)    # (TRL's own refusal of images names no trainer)
+
+
+def tiny_dir(tmp_path):
+    """A random tiny model saved like any HF model (cheap; no warm start)."""
+    path = tmp_path / "tiny"
+    if not path.exists():
+        tok = common.build_char_tokenizer()
+        torch.manual_seed(0)
+        common.build_tiny_model(len(tok), tok.pad_token_id, tok.eos_token_id).save_pretrained(path)
+        tok.save_pretrained(path)
+    return path
+
+
+def test_token_dpo_refuses_zero3_and_fsdp_with_one_line(tmp_path):
+    """Item 12: under ZeRO-3 or FSDP the LM heads outside the forward are empty shards."""
+    trainer = dpo_trainer_on(tmp_path, tiny_dir(tmp_path))
+    trainer._refuse_sharded_weights()                       # DDP or one process: fine
+    trainer.is_fsdp_enabled = True
+    with pytest.raises(ValueError, match="ZeRO-3 or FSDP") as e:
+        trainer._refuse_sharded_weights()
+    assert "\n" not in str(e.value)
+
+
+def dpo_trainer_on(tmp_path, model_dir):
+    from datasets import Dataset
+    from trl import DPOConfig
+
+    model, tok = common.load_model_and_tokenizer(str(model_dir), CPU, torch.float32)
+    rows = [{"prompt": "Q: 1+1\nA:", "chosen": "2", "rejected": "3"}] * 2
+    config = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=1, report_to="none",
+                       use_cpu=True, per_device_train_batch_size=2, bf16=False)
+    return trl_trainers.TokenDPOTrainer(model=model, args=config, processing_class=tok,
+                                        train_dataset=Dataset.from_list(rows), loss="tdpo2")
+
+
+def test_completions_table_shows_the_methods_own_advantages(tmp_path, random_tiny_model_dir):
+    """Item 10: with log_completions=True the table showed TRL's GRPO advantages."""
+    import pandas
+
+    for cls in (trl_trainers.TempoGRPOTrainer, trl_trainers.DCPOGRPOTrainer):
+        name = cls.__name__
+        trainer = plugin_trainer(cls, tmp_path, random_tiny_model_dir, name=name,
+                                 log_completions=True)
+        seen = {}
+        recorder(trainer, seen)
+        trainer.train()
+        out = seen["gen"][0]
+        adv, mask = out["advantages"], out["completion_mask"].float()
+        want = adv if adv.dim() == 1 else (adv * mask).sum(1) / mask.sum(1)
+        assert list(trainer._logs["advantages"]) == pytest.approx(want.tolist()), name
+        table = pandas.read_parquet(tmp_path / name / "completions" / "completions_00001.parquet")
+        assert table["advantage"].tolist() == pytest.approx(want.tolist()), name
+        assert (want != 0).any()
+
+
+def test_dcpo_checkpoint_holds_its_sas_file_before_the_hub_upload(tmp_path, random_tiny_model_dir):
+    """Item 11: the upload began before dcpo_sas_state.json was written."""
+    trainer = plugin_trainer(trl_trainers.DCPOGRPOTrainer, tmp_path, random_tiny_model_dir,
+                             save_strategy="steps", save_steps=1)
+    uploaded = []
+    trainer.args.push_to_hub = True       # after __init__: no hub repository is created
+    trainer._push_from_checkpoint = lambda folder: uploaded.append(sorted(os.listdir(folder)))
+    trainer._finish_current_push = lambda: None
+    trainer.train()
+    assert uploaded and trl_trainers.SAS_STATE_FILE in uploaded[0]
