@@ -92,6 +92,7 @@ import spo  # noqa: E402
 
 TRUTH_SEED_OFFSET = 1_000_003  # the truth's streams are never SPO-chain's (keyed by this + seed)
 ENTROPY_QUANTILE = 0.2         # the 80/20 mask's share of tokens (Wang et al.)
+SPO_RHO = 0.9                  # SPO's default probability threshold (spo.Args.rho)
 MEASURES = ("pearson_all", "spearman_all", "pearson_wrong", "spearman_wrong",
             "pearson_correct", "spearman_correct", "first_error_hit", "innocent_blame")
 TRUTH_ROW, CHANCE_ROW = "MC truth", "chance"
@@ -339,7 +340,8 @@ def group_stats(credit: torch.Tensor, truth: torch.Tensor, completion_mask: torc
     blame = credit if blame is None else blame
     m = completion_mask > 0
     wrong_tok = (rewards[:, None] <= 0).expand_as(m)[m]
-    hit = n_err = chance = innocent = negative = 0.0
+    hit = chance = innocent = negative = 0.0
+    n_err = 0
     for i in range(credit.size(0)):
         n, e = int(m[i].sum()), int(errors[i])
         if rewards[i] > 0 or e < 0:
@@ -431,21 +433,28 @@ def score_groups(records: list[dict], n_boot: int, seed: int) -> dict:
     chance = sum(s["chance"] for s in by_row[TRUTH_ROW])
     n_err = sum(s["n_err"] for s in by_row[TRUTH_ROW])
     table[CHANCE_ROW] = {k: (math.nan,) * 3 for k in MEASURES}
-    table[CHANCE_ROW]["first_error_hit"] = ((chance / n_err) if n_err else math.nan,) * 3
+    table[CHANCE_ROW]["first_error_hit"] = ((chance / n_err) if n_err else math.nan,
+                                            math.nan, math.nan)
     half = table[TRUTH_ROW]["pearson_all"][0]
     m = torch.cat([r["mask"].flatten() for r in records]) > 0
     se = torch.cat([r["truth_se"].flatten() for r in records])[m] if "truth_se" in records[0] \
         else torch.zeros(0)
     wrong = sum(int((r["rewards"] <= 0).sum()) for r in records)
     K = min(r["K"] for r in records) if "K" in records[0] else math.nan
-    return {"rows": table,
-            "reliability": {"split_half_r": half,
-                            "spearman_brown_K": spearman_brown(half, 2.0),
-                            "K_for_0.9": rollouts_for(half, K / 2, 0.9),
-                            "mean_se_of_A*": float(se.mean()) if se.numel() else math.nan},
+    rel = {"split_half_r": half, "spearman_brown_K": spearman_brown(half, 2.0),
+           "K_for_0.9": rollouts_for(half, K / 2, 0.9),
+           "mean_se_of_A*": float(se.mean()) if se.numel() else math.nan}
+    if "cutpoints" in records[0]:  # the same, over SPO's cutpoints only
+        c = torch.cat([r["cutpoints"].flatten() for r in records])
+        h1, h2 = (torch.cat([r[k].flatten() for r in records])[c].numpy()
+                  for k in ("half1", "half2"))
+        rel["cutpoint_tokens"] = int(c.sum())
+        rel["split_half_r_cutpoints"] = pearson(h1, h2)
+        rel["K_for_0.9_cutpoints"] = rollouts_for(rel["split_half_r_cutpoints"], K / 2, 0.9)
+    return {"rows": table, "reliability": rel,
             "counts": {"groups": len(records), "tokens": int(m.sum()),
                        "completions": sum(r["rewards"].numel() for r in records),
-                       "wrong": wrong, "wrong_with_first_error": n_err}}
+                       "wrong": wrong, "wrong_with_first_error": int(n_err)}}
 
 
 # ----------------------------------------------------------------------------------------
@@ -460,7 +469,7 @@ def _cell(v: tuple) -> str:
     value, lo, hi = v
     if value != value:
         return "n/a"
-    if lo != lo or lo == value == hi:  # no interval (the chance row)
+    if lo != lo:  # no interval (the chance row)
         return f"{value:.2f}"
     return f"{value:.2f} [{lo:.2f}, {hi:.2f}]"
 
@@ -476,7 +485,11 @@ def table_markdown(scores: dict, notes: list[str]) -> str:
               f"Split-half reliability of A*: r = {rel['split_half_r']:.3f} (Spearman-Brown for "
               f"all K: {rel['spearman_brown_K']:.3f}; continuations for 0.9: "
               f"{rel['K_for_0.9']:.0f}); mean standard error of A*: "
-              f"{rel['mean_se_of_A*']:.3f}. n/a: undefined (a constant credit, or no case)."]
+              f"{rel['mean_se_of_A*']:.3f}."
+              + (f" On SPO's {rel['cutpoint_tokens']} cutpoints (p < {SPO_RHO}): split-half r = "
+                 f"{rel['split_half_r_cutpoints']:.3f}, continuations for 0.9: "
+                 f"{rel['K_for_0.9_cutpoints']:.0f}." if "cutpoint_tokens" in rel else "")
+              + " n/a: undefined (a constant credit, or no case)."]
     lines += [f"- left out: {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
@@ -518,8 +531,17 @@ def group_record(group: dict, model, tokenizer, ref, guidance, cdpo_models, *, K
                                     mc_seed=key, cdpo_models=cdpo_models)
     timer("methods", time.time() - t0)
     errors = first_error(group["completion_ids"], mask, gold_ids(tokenizer, group["example"]))
+    # SPO's cutpoints (p < rho): the only tokens a dense SPO-chain would train, so the tokens
+    # whose A* reliability sets the continuations it needs (part 2's oracle)
+    device = next(model.parameters()).device
+    with common.autocast(device, torch.float32)():
+        old, _ = common.per_token_logps(model, group["prompt_ids"].to(device),
+                                        group["prompt_mask"].to(device),
+                                        group["completion_ids"].to(device), mask.to(device), 1.0)
+    cut = spo.probability_mask(old.cpu(), mask, SPO_RHO) > 0
     return {"credits": credits, "truth": truth["adv"], "truth_se": truth["se"], "half1": h1,
-            "half2": h2, "mask": mask, "rewards": r, "errors": errors, "K": K}, notes
+            "half2": h2, "mask": mask, "rewards": r, "errors": errors, "K": K,
+            "cutpoints": cut}, notes
 
 
 def main(argv=None) -> None:

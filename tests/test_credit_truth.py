@@ -361,17 +361,28 @@ def test_the_table_on_fixtures(tmp_path):
     v, lo, hi = rows["good"]["pearson_all"]
     assert lo <= v <= hi and v > 0.9
     assert rows[ct.CHANCE_ROW]["first_error_hit"][0] == 0.25
+    assert math.isnan(rows[ct.CHANCE_ROW]["first_error_hit"][1])  # chance has no interval
     assert rows["flat"]["first_error_hit"][:1] == (0.25,)
     assert scores["counts"] == {"groups": 5, "tokens": 40, "completions": 10, "wrong": 5,
                                 "wrong_with_first_error": 5}
     rel = scores["reliability"]
     assert rel["mean_se_of_A*"] == pytest.approx(0.05) and 0 < rel["split_half_r"] < 1
     assert rel["K_for_0.9"] == pytest.approx(ct.rollouts_for(rel["split_half_r"], 4, 0.9))
+    assert "cutpoint_tokens" not in rel  # no cutpoints in the fixture: no such line
+    for rec in records:  # SPO's cutpoints: o1's token 1 and o2's token 2
+        rec["cutpoints"] = torch.zeros(2, 4, dtype=torch.bool)
+        rec["cutpoints"][0, 1] = rec["cutpoints"][1, 2] = True
+    rel = ct.score_groups(records, n_boot=10, seed=0)["reliability"]
+    h1, h2 = (np.array([float(r[k][i, j]) for r in records for i, j in ((0, 1), (1, 2))])
+              for k in ("half1", "half2"))
+    assert rel["cutpoint_tokens"] == 10
+    assert rel["split_half_r_cutpoints"] == pytest.approx(ct.pearson(h1, h2))
     out = tmp_path / "t" / "credit_truth"
     ct.write_outputs(out, scores, ["TDPO: its per-token KL is 0"], {"K": 4})
     md = out.with_suffix(".md").read_text()
     assert md.count("\n| ") == 5 and "| flat | 0." in md and "left out: TDPO" in md
     assert "n/a" in md  # flat's correlation within wrong answers is undefined
+    assert "| 0.25 |" in md and "0.25 [0.25, 0.25]" in md  # chance; flat's hit in every draw
     with out.with_suffix(".csv").open() as f:
         table = list(csv.DictReader(f))
     assert [r["method"] for r in table] == list(rows)
