@@ -1,13 +1,16 @@
 """Golden metrics: a fixed-seed 4-step run of every script gives the metrics it gave before.
 
-Each case below runs `python {script}.py` in this process (common.run_main, the embedded warm
-tiny model, the real verifier) and compares its metrics.jsonl, timing fields dropped, with
-tests/fixtures/golden_metrics.json: same rows, same keys, integers equal, floats at rtol 1e-6.
-It guards refactors: a change that moves any number is a change of behaviour.
+Each case below runs `python {script}.py` in this process (common.run_main, the shipped tiny
+model, the real verifier, one thread) and compares its metrics.jsonl, timing fields dropped,
+with tests/fixtures/golden_metrics.json: same rows, same keys, integers and strings equal,
+floats at rtol 1e-6. It guards refactors: a change that moves any number is a change of
+behaviour.
 
-The tiny model's warm start and its forward passes run on the CPU's own kernels, so the numbers
-hold for one CPU and one torch. The fixture records both; on another machine the test skips
-with the reason. After an intended change of behaviour (or on a new machine), regenerate:
+The start is the same file everywhere, but fp32 matrix products round differently in their last
+bits on another instruction set or torch version, so there (the fixture records its machine)
+floats are held at rtol 2e-3 instead: with the kernels swapped for others (ATen's DEFAULT level
+and MKL's SSE4.2 path on the fixture's machine), every integer and sample was unchanged and no
+float moved by more than 4.1e-4 of itself. After an intended change of behaviour, regenerate:
 
     OMP_NUM_THREADS=1 python tests/test_golden_metrics.py --regenerate
 
@@ -28,7 +31,8 @@ from conftest import batch_flag  # noqa: E402  (also when run as a script: tests
 
 FIXTURE = ROOT / "tests" / "fixtures" / "golden_metrics.json"
 TIMING = ("time", "step_time", "generation_share", "spo/mc_time_share", "cdpo/sft_seconds")
-RTOL = 1e-6
+RTOL = 1e-6           # on the fixture's own machine
+PORTABLE_RTOL = 2e-3  # on another CPU or torch: the last bits of fp32 sums differ
 
 BASE = ["--model", "tiny", "--total-steps", "4", "--num-generations", "4",
         "--eval-size", "4", "--eval-every", "2", "--save-every", "100", "--log-completions-every", "2",
@@ -46,6 +50,9 @@ CASES = {
     "token_dpo_tdpo2": ("token_dpo", ["--loss", "tdpo2", *DPO]),
     "token_dpo_cdpo": ("token_dpo", ["--loss", "cdpo", "--ce-sft-steps", "2", "--ce-sft-rows", "4",
                                      *DPO]),
+    "grpo_tw": ("grpo", ["--token-weighting", "tw"]),
+    "grpo_d3s": ("grpo", ["--d3s", "cross", "--d3s-n-init", "2", "--d3s-n-final", "4"]),
+    "token_dpo_tabpo": ("token_dpo", ["--loss", "tabpo", *DPO]),
 }
 
 
@@ -81,33 +88,32 @@ def run_case(name: str, out_dir: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
 
 
-def same(got, want) -> bool:
+def same(got, want, rtol: float = RTOL) -> bool:
     if isinstance(want, float) or isinstance(got, float):
         if math.isnan(want) or math.isnan(got):
             return math.isnan(want) and math.isnan(got)
-        return math.isclose(got, want, rel_tol=RTOL, abs_tol=1e-9)
+        return math.isclose(got, want, rel_tol=rtol, abs_tol=1e-9 if rtol == RTOL else 1e-5)
     return got == want
 
 
 def load_fixture() -> dict:
     if not FIXTURE.exists():
         pytest.skip(f"no {FIXTURE.name}; make it with python tests/test_golden_metrics.py --regenerate")
-    fixture = json.loads(FIXTURE.read_text())
-    if fixture["machine"] != machine():
-        pytest.skip(f"fixture made on {fixture['machine']}, this machine is {machine()}: the warm "
-                    "start's kernels differ; regenerate here (see the module docstring)")
-    return fixture
+    return json.loads(FIXTURE.read_text())
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_metrics_equal_the_fixture(name, tmp_path):
-    want = load_fixture()["runs"][name]
+    fixture = load_fixture()
+    want = fixture["runs"][name]
+    rtol = RTOL if fixture["machine"] == machine() else PORTABLE_RTOL
     got = run_case(name, tmp_path)
     assert [r["step"] for r in got] == [r["step"] for r in want]
     for g, w in zip(got, want):
         assert sorted(g) == sorted(w), f"{name} step {w['step']}: keys differ"
-        bad = {k: (g[k], w[k]) for k in w if not same(g[k], w[k])}
-        assert not bad, f"{name} step {w['step']}: (got, fixture) {bad}"
+        bad = {k: (g[k], w[k]) for k in w if not same(g[k], w[k], rtol)}
+        assert not bad, (f"{name} step {w['step']}: (got, fixture) {bad} at rtol {rtol}; "
+                         f"fixture machine {fixture['machine']}, this one {machine()}")
 
 
 def regenerate() -> None:

@@ -1,7 +1,8 @@
 """Rebuild the shipped warm starts of the embedded tiny model (tiny/arith-*).
 
-    python tiny/build.py                 # both shipped settings, --arith-ops 2-4 and 6-8
-    python tiny/build.py --arith-ops 6-8 # one of them
+    python tiny/build.py                 # every shipped setting (common.TINY_SHIPPED): 2-4
+    python tiny/build.py --arith-ops 6-8 # another setting, into tiny/arith-6-8 (then add it to
+                                         # common.TINY_SHIPPED, so that --model tiny uses it)
 
 Each folder is the output of common.build_tiny_model_folder (a supervised warm start on the
 arithmetic task that stops at held-out accuracy 0.30), plus, in its warm_start.json, the
@@ -39,12 +40,12 @@ def cpu_description() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arith-ops", choices=["2-4", "6-8"], action="append",
-                        help="the length setting to rebuild (default: both)")
+    parser.add_argument("--arith-ops", action="append",
+                        help="a length setting LO-HI to build (default: every shipped one)")
     args = parser.parse_args()
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip() or "unknown"
-    for text in args.arith_ops or ["2-4", "6-8"]:
+    for text in args.arith_ops or [f"{lo}-{hi}" for lo, hi in common.TINY_SHIPPED]:
         ops = common.parse_arith_ops(text)
         record = dict(command=f"python tiny/build.py --arith-ops {text}", commit=commit,
                       cpu=cpu_description(), torch_threads=common.torch.get_num_threads())
