@@ -454,3 +454,11 @@ def test_credit_map_draws_the_truth_beside_the_methods(models, monkeypatch, tmp_
     ct.credit_map.main(["--truth-k", "0", "--num-generations", "4",
                         "--out", str(tmp_path / "n.png")])
     assert list(json.loads((tmp_path / "n.json").read_text())["matrices"])[0] == "GRPO"
+
+
+def test_a_folder_that_is_no_run_is_one_line_exit_2(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "credit_truth.py"),
+                          "--run", str(tmp_path), "--out", str(tmp_path / "q")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
+    assert "not a run folder" in out.stderr
