@@ -26,6 +26,10 @@ token, with each method's own functions imported from its script:
     cDPO       token_dpo.cdpo_weights (w_t = 1 - c_t), when token_dpo.py has it and --cdpo-models
                names the positive and negative models
 
+MC truth     benchmarks/credit_truth.py's true advantage A*_t = V(y_<=t) - V(y_<t), from --truth-k
+               keyed continuations of every distinct prefix (0 leaves the panel out): what
+               every panel beside it approximates
+
 The reference is the warm start of the setting. From the warm start itself, policy = reference,
 so TDPO's KL and TGDPO's r_hat are 0 on every token: those panels are left out with a note.
 Writes OUT (default credit_map.png) and OUT with .json (the matrices, for the tests and for
@@ -232,6 +236,15 @@ def credit_matrices(
     return out, notes
 
 
+def truth_panel(group: dict, model, tokenizer, K: int, max_len: int, seed: int) -> torch.Tensor:
+    """The Monte Carlo true advantage A* [G, L] of the group (credit_truth.py's functions)."""
+    import credit_truth  # here, not at the top: credit_truth imports this file
+
+    mc, index, _ = credit_truth.mc_truth(model, tokenizer, group, K, max_len, seed)
+    return credit_truth.true_advantages(mc, index, group["rewards"],
+                                        group["completion_mask"])["adv"].float()
+
+
 def token_texts(tokenizer, group: dict) -> list[list[str]]:
     """The text of each token of each completion ('$' for EOS, '\\n' for a newline)."""
     eos = tokenizer.eos_token_id
@@ -347,6 +360,12 @@ def main(argv=None) -> None:
         help="cDPO's positive and negative model folders",
     )
     p.add_argument(
+        "--truth-k",
+        type=int,
+        default=64,
+        help="K continuations per prefix for the Monte Carlo truth panel (0: no panel)",
+    )
+    p.add_argument(
         "--out", default="credit_map.png", help="the PNG (the matrices go beside it as .json)"
     )
     a = p.parse_args(argv)
@@ -356,44 +375,58 @@ def main(argv=None) -> None:
         common.fail(str(e))
 
 
-def _main(a) -> None:
+def load_setting(run: Optional[str], arith_ops: Optional[str], guidance_model=None,
+                 cdpo_dirs=None) -> dict:
+    """The models a credit picture needs, loaded as credit_map.py and credit_truth.py share them.
+
+    run None: the warm start of arith_ops (default 2-4) is both the policy and the reference.
+    A run folder: its last checkpoint is the policy, its setting's warm start the reference,
+    its guidance folder (if any) TGDPO's guidance model. Returns a dict with model, ref,
+    tokenizer, guidance, cdpo_models, ops, max_len and the run's config.
+    """
     config = {}
-    if a.run:
-        ckpt = common.latest_checkpoint(Path(a.run))
+    if run:
+        ckpt = common.latest_checkpoint(Path(run))
         if ckpt is None:
             raise common.UserError(
-                f"{a.run} has no complete checkpoint yet; pass a finished run folder"
+                f"{run} has no complete checkpoint yet; pass a finished run folder"
             )
-        config = json.loads((Path(a.run) / "config.json").read_text())
+        config = json.loads((Path(run) / "config.json").read_text())
         if config.get("model", "tiny") != common.TINY or config.get("task", "arith") != "arith":
             raise common.UserError(
-                "credit_map.py draws runs of the tiny model on the arith task; "
-                f"{a.run} has model {config.get('model')!r}, task {config.get('task')!r}"
+                "the credit benchmarks read runs of the tiny model on the arith task; "
+                f"{run} has model {config.get('model')!r}, task {config.get('task')!r}"
             )
-    ops = a.arith_ops or config.get("arith_ops", "2-4")
-    if a.num_generations < 2:
-        raise common.UserError(
-            f"--num-generations must be at least 2 (got {a.num_generations}): "
-            "a group of one has no spread; pass e.g. --num-generations 8"
-        )
+    ops = arith_ops or config.get("arith_ops", "2-4")
     device, dtype = torch.device("cpu"), torch.float32
     ref, tokenizer = common.load_model_and_tokenizer(common.TINY, device, dtype, ops)
-    model = common.load_model_and_tokenizer(str(ckpt), device, dtype)[0] if a.run else ref
-    guidance_dir = a.guidance_model or (
+    model = common.load_model_and_tokenizer(str(ckpt), device, dtype)[0] if run else ref
+    guidance_dir = guidance_model or (
         config.get("guidance_model")
-        or (
-            str(Path(a.run) / "guidance") if a.run and (Path(a.run) / "guidance").exists() else None
-        )
+        or (str(Path(run) / "guidance") if run and (Path(run) / "guidance").exists() else None)
     )
     guidance = (
         common.load_model_and_tokenizer(guidance_dir, device, dtype)[0] if guidance_dir else None
     )
     cdpo_models = (
-        tuple(common.load_model_and_tokenizer(d, device, dtype)[0] for d in a.cdpo_models)
-        if a.cdpo_models
+        tuple(common.load_model_and_tokenizer(d, device, dtype)[0] for d in cdpo_dirs)
+        if cdpo_dirs
         else None
     )
     max_len = config.get("max_completion_length") or common.default_max_len("arith", ops)
+    return dict(model=model, ref=ref, tokenizer=tokenizer, guidance=guidance,
+                cdpo_models=cdpo_models, ops=ops, max_len=max_len, config=config)
+
+
+def _main(a) -> None:
+    if a.num_generations < 2:
+        raise common.UserError(
+            f"--num-generations must be at least 2 (got {a.num_generations}): "
+            "a group of one has no spread; pass e.g. --num-generations 8"
+        )
+    s = load_setting(a.run, a.arith_ops, a.guidance_model, a.cdpo_models)
+    model, ref, tokenizer, ops, max_len = s["model"], s["ref"], s["tokenizer"], s["ops"], \
+        s["max_len"]
     train = common.load_task("arith", "train", None, ops)
     group = sample_group(model, tokenizer, train, "arith", a.num_generations, max_len, a.seed)
     if group is None:
@@ -406,11 +439,14 @@ def _main(a) -> None:
         model,
         tokenizer,
         ref,
-        guidance,
+        s["guidance"],
         max_len=max_len,
         mc_seed=a.seed,
-        cdpo_models=cdpo_models,
+        cdpo_models=s["cdpo_models"],
     )
+    if a.truth_k > 0:  # the truth first, the methods beside it
+        truth = truth_panel(group, model, tokenizer, a.truth_k, max_len, a.seed)
+        matrices = {f"MC truth: A* (K={a.truth_k})": truth, **matrices}
     tokens = token_texts(tokenizer, group)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
