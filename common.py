@@ -1791,7 +1791,7 @@ def credit_view(tokenizer, completion_ids: torch.Tensor, advantages: torch.Tenso
 
 TINY_VERSION = "v4"             # the warm start's recipe; a cached folder of another is unused
 TINY_DIR = Path(__file__).resolve().parent / "tiny"  # the shipped warm starts (tiny/build.py)
-TINY_SHIPPED = ((2, 4),)  # the length settings shipped there, for seed 0 (6-8: tiny/build.py)
+TINY_SHIPPED = ((2, 4), (6, 8))  # the length settings shipped there, for seed 0
 TINY_TARGET_ACC = (0.10, 0.60)  # the warm start stops inside this band of held-out accuracy
 TINY_STOP_ACC = 0.30            # ... at the first evaluation at or above this, leaving room for RL
 

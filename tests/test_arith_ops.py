@@ -98,13 +98,14 @@ def test_parse_and_defaults():
 
 
 def test_each_setting_has_its_own_warm_start_folder(tmp_path, monkeypatch):
-    """The shipped setting has its folder in tiny/; another is cached under its own name."""
+    """Each shipped setting has its folder in tiny/; another is cached under its own name."""
     assert common.ensure_tiny_model(seed=0, ops=(2, 4)) == common.TINY_DIR / "arith-2-4"
+    assert common.ensure_tiny_model(seed=0, ops=(6, 8)) == common.TINY_DIR / "arith-6-8"
     assert common.ensure_tiny_model(seed=0) == common.TINY_DIR / "arith-2-4"
     monkeypatch.setenv("TOKENCREDIT_CACHE", str(tmp_path))
-    (tmp_path / "tiny-arith-6-8-v4-seed0").mkdir()
-    (tmp_path / "tiny-arith-6-8-v4-seed0" / "warm_start.json").write_text("{}")  # cached
-    assert common.ensure_tiny_model(seed=0, ops=(6, 8)) == tmp_path / "tiny-arith-6-8-v4-seed0"
+    (tmp_path / "tiny-arith-3-5-v4-seed0").mkdir()
+    (tmp_path / "tiny-arith-3-5-v4-seed0" / "warm_start.json").write_text("{}")  # cached
+    assert common.ensure_tiny_model(seed=0, ops=(3, 5)) == tmp_path / "tiny-arith-3-5-v4-seed0"
 
 
 @pytest.mark.parametrize("script", ["grpo", "tempo", "dcpo", "spo", "token_dpo"])

@@ -1,6 +1,6 @@
 """Rebuild the shipped warm starts of the embedded tiny model (tiny/arith-*).
 
-    python tiny/build.py                 # every shipped setting (common.TINY_SHIPPED): 2-4
+    python tiny/build.py                 # every shipped setting (common.TINY_SHIPPED): 2-4, 6-8
     python tiny/build.py --arith-ops 6-8 # another setting, into tiny/arith-6-8 (then add it to
                                          # common.TINY_SHIPPED, so that --model tiny uses it)
 
