@@ -1,4 +1,5 @@
 """Shared fixtures. Everything here runs on a CPU in seconds, offline."""
+import json
 import os
 import subprocess
 import sys
@@ -73,3 +74,24 @@ def run_script(script, *argv, timeout=300, fake_reward=False):
     prefix = [sys.executable, "-c", FAKE_REWARD] if fake_reward else [sys.executable]
     return subprocess.run([*prefix, str(ROOT / f"{script}.py"), *argv], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=env)
+
+
+def run_grpo_main(tmp_path, model_dir, monkeypatch, reward, *extra, steps=2, prompts=2,
+                  micro_batch=3):
+    """grpo.main in this process on `model_dir`, with `reward` (completions, answers) -> floats
+    in place of the verifier; returns (metrics rows, the policy it trained)."""
+    import grpo
+
+    monkeypatch.setattr(common, "reward_fn", reward)
+    models = []
+    load = common.load_model_and_tokenizer
+    monkeypatch.setattr(common, "load_model_and_tokenizer",
+                        lambda *a, **k: models.append(load(*a, **k)) or models[-1])
+    out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+    summary = common.run_main(grpo.main, grpo.Args, [
+        "--model", str(model_dir), "--total-steps", str(steps), "--prompts-per-step",
+        str(prompts), "--num-generations", "4", "--eval-size", "1", "--max-completion-length",
+        "8", "--micro-batch-size", str(micro_batch), "--device", "cpu", "--output-dir", str(out),
+        *extra])
+    rows = [json.loads(line) for line in open(Path(summary["run_dir"]) / "metrics.jsonl")]
+    return rows, models[0][0]

@@ -397,14 +397,20 @@ def test_the_table_on_fixtures(tmp_path):
 # ----------------------------------------------------------------------------------------
 
 
-def test_quick_end_to_end_on_a_random_model(models, monkeypatch, tmp_path, capsys):
-    """The whole pipeline, in-process, on a random model with an alternating reward."""
+def stand_in_setting(models, monkeypatch):
+    """credit_map.load_setting gives the random policy (also as the reference), and a reward
+    that alternates 0, 1 replaces the verifier."""
     policy, _, tok = models
     setting = {"model": policy, "ref": policy, "tokenizer": tok, "guidance": None,
                "cdpo_models": None, "ops": "2-4", "max_len": 12, "config": {}}
     monkeypatch.setattr(ct.credit_map, "load_setting", lambda *a: setting)
     monkeypatch.setattr(common, "finished_rewards", lambda texts, answers, ids, eos: torch.tensor(
         [float(i % 2) for i in range(len(texts))]))
+
+
+def test_quick_end_to_end_on_a_random_model(models, monkeypatch, tmp_path, capsys):
+    """The whole pipeline, in-process, on a random model with an alternating reward."""
+    stand_in_setting(models, monkeypatch)
     ct.main(["--quick", "--out", str(tmp_path / "q")])
     data = json.loads((tmp_path / "q.json").read_text())
     assert data["meta"]["K"] == 4 and data["counts"]["groups"] == 2
@@ -432,11 +438,7 @@ def test_bad_settings_are_one_line_exit_2(tmp_path):
 
 def test_credit_map_draws_the_truth_beside_the_methods(models, monkeypatch, tmp_path):
     policy, _, tok = models
-    setting = {"model": policy, "ref": policy, "tokenizer": tok, "guidance": None,
-               "cdpo_models": None, "ops": "2-4", "max_len": 12, "config": {}}
-    monkeypatch.setattr(ct.credit_map, "load_setting", lambda *a: setting)
-    monkeypatch.setattr(common, "finished_rewards", lambda texts, answers, ids, eos: torch.tensor(
-        [float(i % 2) for i in range(len(texts))]))
+    stand_in_setting(models, monkeypatch)
     ct.credit_map.main(["--truth-k", "4", "--num-generations", "4",
                         "--out", str(tmp_path / "m.png")])
     data = json.loads((tmp_path / "m.json").read_text())

@@ -4,13 +4,13 @@ import itertools
 import json
 import random
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
 import common
 import grpo
+from conftest import run_grpo_main
 from grpo import (compute_advantages, d3s_schedule, d3s_select, d3s_token_mask,
                   entropy_token_mask, grpo_loss, max_variance_subset)
 
@@ -168,20 +168,10 @@ def test_dropped_rows_change_nothing():
 
 # ------------------------------------------------------------------------ through grpo.main
 def run_main(tmp_path, model_dir, monkeypatch, *extra, steps=2):
-    monkeypatch.setattr(common, "reward_fn",
-                        lambda completions, answers: [float(i % 2 and i % 3 != 1)
-                                                      for i in range(len(completions))])
-    models = []
-    load = common.load_model_and_tokenizer
-    monkeypatch.setattr(common, "load_model_and_tokenizer",
-                        lambda *a, **k: models.append(load(*a, **k)) or models[-1])
-    out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
-    summary = common.run_main(grpo.main, grpo.Args, [
-        "--model", str(model_dir), "--total-steps", str(steps), "--prompts-per-step", "3",
-        "--num-generations", "4", "--eval-size", "1", "--max-completion-length", "8",
-        "--micro-batch-size", "5", "--device", "cpu", "--output-dir", str(out), *extra])
-    rows = [json.loads(line) for line in open(Path(summary["run_dir"]) / "metrics.jsonl")]
-    return rows, models[0][0]
+    reward = lambda completions, answers: [float(i % 2 and i % 3 != 1)  # noqa: E731
+                                           for i in range(len(completions))]
+    return run_grpo_main(tmp_path, model_dir, monkeypatch, reward, *extra, steps=steps,
+                         prompts=3, micro_batch=5)
 
 
 @pytest.mark.parametrize("mode", ["cross", "intra"])

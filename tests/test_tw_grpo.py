@@ -1,14 +1,13 @@
 """TW-GRPO (grpo.py --token-weighting tw): the hand example, the reductions, the invariances,
 the numerics, the stop-gradient on the weights, and short runs through grpo.main."""
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 import common
 import grpo
+from conftest import run_grpo_main
 from grpo import compute_advantages, grpo_loss, tw_divergence, tw_metrics, tw_token_weights
 
 T64 = lambda *rows: torch.tensor(rows, dtype=torch.float64)  # noqa: E731
@@ -239,18 +238,7 @@ def run_main(tmp_path, model_dir, monkeypatch, *extra, steps=2):
     """grpo.main on the random tiny model, a reward that alternates 0, 1 (every group has a
     spread); returns (metrics rows, the trained policy)."""
     alternate = lambda completions, answers: [float(i % 2) for i in range(len(completions))]  # noqa
-    monkeypatch.setattr(common, "reward_fn", alternate)
-    models = []
-    load = common.load_model_and_tokenizer
-    monkeypatch.setattr(common, "load_model_and_tokenizer",
-                        lambda *a, **k: models.append(load(*a, **k)) or models[-1])
-    out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
-    summary = common.run_main(grpo.main, grpo.Args, [
-        "--model", str(model_dir), "--total-steps", str(steps), "--prompts-per-step", "2",
-        "--num-generations", "4", "--eval-size", "1", "--max-completion-length", "8",
-        "--micro-batch-size", "3", "--device", "cpu", "--output-dir", str(out), *extra])
-    rows = [json.loads(line) for line in open(Path(summary["run_dir"]) / "metrics.jsonl")]
-    return rows, models[0][0]
+    return run_grpo_main(tmp_path, model_dir, monkeypatch, alternate, *extra, steps=steps)
 
 
 def test_main_logs_the_weights(tmp_path, random_tiny_model_dir, monkeypatch):
