@@ -92,7 +92,7 @@ def test_missing_matplotlib_still_writes_tables(fixture_dir, monkeypatch, capsys
 
 
 def test_curves_png_when_matplotlib_is_there(fixture_dir):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="needs `pip install -r benchmarks/requirements-plots.txt` (matplotlib)")
     compare.build_outputs(fixture_dir, target=0.5)
     assert (fixture_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -161,7 +161,7 @@ def test_png_or_one_line_without_matplotlib(fixture_dir, monkeypatch, capsys):
     assert "matplotlib is not installed" in err and err.count("\n") == 1
     assert (fixture_dir / "study.md").exists() and not (fixture_dir / "study.png").exists()
     monkeypatch.undo()
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="needs `pip install -r benchmarks/requirements-plots.txt` (matplotlib)")
     study.build_outputs(fixture_dir, ["2-4", "6-8"])
     assert (fixture_dir / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -1,6 +1,7 @@
 """Model output is untrusted: the verifiers never raise, never hang, never execute anything.
 
-Property-based (hypothesis) over arbitrary Unicode, plus hand-picked hostile strings. The bound
+Hand-picked hostile strings here; the property-based tests (hypothesis) over arbitrary Unicode
+are in test_verifier_properties.py. The bound
 on time per call is asserted loosely here (CI machines are noisy); benchmarks report the worst case.
 """
 import time
@@ -9,9 +10,6 @@ import pytest
 
 import common
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 HOSTILE = [
     "__import__('os').system('touch /tmp/pwned')", "eval('1+1')", "exec('x=1')", "9**9**9**9", "1e999999",
@@ -29,21 +27,6 @@ def test_hostile_strings(text, tmp_path):
     assert isinstance(out, bool)
     assert time.perf_counter() - t0 < 1.0
     assert isinstance(common.reward_fn([text], ["5"])[0], float)
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.text(max_size=2000), st.text(alphabet="0123456789.,$- ", max_size=30))
-def test_never_raises_on_arbitrary_unicode(text, gold):
-    assert isinstance(common.is_correct(text, gold), bool)
-    ans = common.extract_answer(text)
-    assert ans is None or (isinstance(ans, str) and len(ans) <= common.MAX_VERIFY_CHARS)
-
-
-@settings(max_examples=100, deadline=None)
-@given(st.integers(min_value=-10**30, max_value=10**30), st.sampled_from(["#### {}", "\\boxed{{{}}}", "The answer is {}.", "so {}"]))
-def test_roundtrip_numbers(n, template):
-    assert common.is_correct("some work 1 2 3 " + template.format(n), str(n))
-    assert not common.is_correct("some work " + template.format(n), str(n + 1))
 
 
 def test_megabyte_strings_are_fast():
@@ -128,22 +111,6 @@ def ratio(make, n: int, reps: int = 7) -> float:
         t_small.append(per_call(small))
         t_big.append(per_call(big))
     return min(t_big) / max(min(t_small), 1e-9)
-
-
-@settings(max_examples=40, deadline=None)
-@given(st.sampled_from(sorted(SHAPES)), st.data())
-def test_every_pattern_is_linear_on_adversarial_shapes(name, data):
-    prefix, accepted, endings = SHAPES[name]
-    unit = data.draw(st.text(alphabet=accepted, min_size=1, max_size=4), label="repeated unit")
-    end = data.draw(st.sampled_from(endings), label="near-miss ending")
-    repeat_prefix = data.draw(st.booleans(), label="prefix before every unit")
-
-    def make(n):
-        if repeat_prefix:
-            return (prefix + unit) * (n // len(prefix + unit)) + end
-        return prefix + unit * (n // len(unit)) + end
-
-    assert ratio(make, 900) < 8.0
 
 
 def test_the_ratio_catches_a_backtracking_pattern():
