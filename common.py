@@ -954,7 +954,7 @@ def selective_log_softmax(logits: torch.Tensor, targets: torch.Tensor, temperatu
 
     Equal to `torch.log_softmax(logits.float() / T, -1).gather(-1, targets[..., None])` (tested),
     but peak memory is one chunk of rows in fp32 (CHUNK_ELEMENTS, or `chunk` rows) instead of
-    whole [..., V] fp32 tensors (benchmarks/bench_logps.py).
+    whole [..., V] fp32 tensors (benchmarks/perf/bench_logps.py).
     """
     shape = targets.shape
     flat = logits.reshape(-1, logits.size(-1))

@@ -32,7 +32,7 @@ vocabulary of both models at every rejected position. The scoring runs in chunks
 The fine-tunes here are scaled down (the defaults are 30 steps of 32 rows); their time grows
 with steps x rows, their peak with rows (common.sft_loss builds the rows' full logits).
 
-Run: OMP_NUM_THREADS=1 python benchmarks/bench_token_dpo_memory.py [--only WORD,WORD]
+Run: OMP_NUM_THREADS=1 python benchmarks/perf/bench_token_dpo_memory.py [--only WORD,WORD]
 (--only: measure just the rows whose name contains one of the words, e.g. --only scoring)
 """
 import itertools
@@ -44,7 +44,7 @@ from types import SimpleNamespace
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 import common  # noqa: E402
 import token_dpo as T  # noqa: E402
 

@@ -2,20 +2,20 @@
 # The GPU check, prepared for a lent GPU machine: one script; each item has a time limit, 8 minutes
 # in all at worst (the device allows 10 a command, and 15 a task with its start-up).
 #
-#   bash benchmarks/gpu_check.sh            # on the GPU machine, from the repository root
-#   DEVICE=cpu MODEL=tiny TASK=arith STEPS=2 LEN=16 bash benchmarks/gpu_check.sh   # its plumbing, on a CPU
+#   bash benchmarks/perf/gpu_check.sh       # on the GPU machine (bash benchmarks/gpu_check.sh too)
+#   DEVICE=cpu MODEL=tiny TASK=arith STEPS=2 LEN=16 bash benchmarks/perf/gpu_check.sh  # plumbing, CPU
 #
 # 1. every script for a few steps with SmolLM2-135M-Instruct (converted from ../shared/models)
 #    on GSM8K, --dtype bfloat16: exit code, step time (metrics.jsonl), the GPU memory in use
-#    (nvidia-smi, every 0.5 s); then benchmarks/weights_move.py: the share of weights that move
+#    (nvidia-smi, every 0.5 s); then benchmarks/perf/weights_move.py: the share of weights that move
 #    and their mean |dw| in bf16 compute against fp32, step time and peak memory;
-# 2. benchmarks/bench_overhead.py and bench_methods.py with --model qwen2.5-0.5b-random
+# 2. benchmarks/perf/bench_overhead.py and bench_methods.py with --model qwen2.5-0.5b-random
 #    (throughput; peak memory), and bench_trl.py when trl is installed;
-# 3. benchmarks/bench_decode.py: decode tokens/s against the GPU's memory-bandwidth bound.
+# 3. benchmarks/perf/bench_decode.py: decode tokens/s against the GPU's memory-bandwidth bound.
 # Everything is written under $OUT (default runs/gpu_check); summary.txt holds the figures.
 # Each item has its own time limit, so one that hangs cannot eat the others' time.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-runs/gpu_check}
 DEVICE=${DEVICE:-cuda}
 MODEL=${MODEL:-}
@@ -89,23 +89,23 @@ EOF
 # ---- 1b. the weights really move: grpo.py in bf16 compute against fp32, from one start ----
 WM=(--model "$MODEL" --task "$TASK" "${DATA[@]}" --device "$DEVICE" --steps 3
     --max-completion-length "$LEN")
-item weights_move 80 python benchmarks/weights_move.py "${WM[@]}"
+item weights_move 80 python benchmarks/perf/weights_move.py "${WM[@]}"
 grep -h "^weights_move" "$OUT/weights_move.log" | tee -a "$SUMMARY"
 
 # ---- 2. throughput and peak memory with a Qwen2.5-0.5B-shaped random model ----------------
 Q=(--device "$DEVICE" --model qwen2.5-0.5b-random --prompts 16 --num-generations 8
    --completion-length "$LEN" --repeats 3)
 [ "$DEVICE" = cpu ] && Q=(--device cpu --model tiny-random --quick)
-item bench_overhead 50 python benchmarks/bench_overhead.py "${Q[@]}" --betas 0 \
+item bench_overhead 50 python benchmarks/perf/bench_overhead.py "${Q[@]}" --betas 0 \
   --out "$OUT/bench_overhead"
 if python -c "import trl" 2>/dev/null; then
-  item bench_trl 50 python benchmarks/bench_trl.py "${Q[@]}" --betas 0 --out "$OUT/bench_trl"
+  item bench_trl 50 python benchmarks/perf/bench_trl.py "${Q[@]}" --betas 0 --out "$OUT/bench_trl"
 else
   echo "bench_trl: skipped, trl not installed" | tee -a "$SUMMARY"
 fi
 
 # ---- 3. decode against the memory-bandwidth bound ------------------------------------------
-item bench_decode 50 python benchmarks/bench_decode.py "${Q[@]}" --out "$OUT/bench_decode"
+item bench_decode 50 python benchmarks/perf/bench_decode.py "${Q[@]}" --out "$OUT/bench_decode"
 grep -h "^- decode\|^- bound\|^- weights\|^- batch" "$OUT/bench_decode/report.md" 2>/dev/null \
   | tee -a "$SUMMARY"
 for r in bench_overhead bench_trl; do
