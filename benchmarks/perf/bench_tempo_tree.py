@@ -7,6 +7,7 @@ in its second half or is truncated at 1024.
 
 Run: OMP_NUM_THREADS=1 python benchmarks/perf/bench_tempo_tree.py   (from the repository root)
 """
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 import tempo  # noqa: E402
+
+argparse.ArgumentParser(  # no options: --help prints the docstring
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 
 G, L, VOCAB, PREFIX, EOS, REPS = 64, 1024, 4, 64, 0, 20
 

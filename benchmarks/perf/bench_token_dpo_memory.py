@@ -35,6 +35,7 @@ with steps x rows, their peak with rows (common.sft_loss builds the rows' full l
 Run: OMP_NUM_THREADS=1 python benchmarks/perf/bench_token_dpo_memory.py [--only WORD,WORD]
 (--only: measure just the rows whose name contains one of the words, e.g. --only scoring)
 """
+import argparse
 import itertools
 import sys
 import time
@@ -173,7 +174,11 @@ def peak_bytes(fn) -> tuple[int, float]:
 
 
 def main():
-    only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", help="WORD,WORD: measure just the rows whose name contains a word")
+    a = p.parse_args()
+    only = a.only.split(",") if a.only else None
     wanted = lambda name: only is None or any(w in name for w in only)  # noqa: E731
     policy, ref, batch, pairs = build()
     n_seq, L = batch[2].shape
