@@ -9,7 +9,7 @@
 #    on GSM8K, --dtype bfloat16: exit code, step time (metrics.jsonl), the GPU memory in use
 #    (nvidia-smi, every 0.5 s); then benchmarks/perf/weights_move.py: the share of weights that move
 #    and their mean |dw| in bf16 compute against fp32, step time and peak memory;
-# 2. benchmarks/perf/bench_overhead.py and bench_methods.py with --model qwen2.5-0.5b-random
+# 2. benchmarks/perf/bench_overhead.py with --model qwen2.5-0.5b-random
 #    (throughput; peak memory), and bench_trl.py when trl is installed;
 # 3. benchmarks/perf/bench_decode.py: decode tokens/s against the GPU's memory-bandwidth bound.
 # Everything is written under $OUT (default runs/gpu_check); summary.txt holds the figures.
