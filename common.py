@@ -954,7 +954,7 @@ def selective_log_softmax(logits: torch.Tensor, targets: torch.Tensor, temperatu
 
     Equal to `torch.log_softmax(logits.float() / T, -1).gather(-1, targets[..., None])` (tested),
     but peak memory is one chunk of rows in fp32 (CHUNK_ELEMENTS, or `chunk` rows) instead of
-    whole [..., V] fp32 tensors (benchmarks/bench_logps.py).
+    whole [..., V] fp32 tensors (benchmarks/perf/bench_logps.py).
     """
     shape = targets.shape
     flat = logits.reshape(-1, logits.size(-1))
@@ -1773,15 +1773,24 @@ def render_credit(tokens: typing.Sequence[typing.Sequence[str]], advantages: tor
 def credit_view(tokenizer, completion_ids: torch.Tensor, advantages: torch.Tensor,
                 completion_mask: torch.Tensor,
                 flat: Optional[torch.Tensor] = None, rewards: Optional[torch.Tensor] = None,
-                color: Optional[bool] = None, only_diff: bool = False) -> str:
+                color: Optional[bool] = None, only_diff: bool = False,
+                value: str = "advantage") -> str:
     """render_credit with each token decoded on its own; colour when stdout is a terminal.
-    only_diff: mark only the tokens whose advantage differs from `flat` (credit_marks)."""
+    only_diff: mark only the tokens whose advantage differs from `flat` (credit_marks).
+    The first line is a key to the rest; value names what `advantages` holds."""
     lengths = (completion_mask > 0).sum(1).tolist()
     tokens = [[tokenizer.decode([t]) for t in row[:n]]
               for row, n in zip(completion_ids.tolist(), lengths)]
     marks = credit_marks(advantages, flat, completion_mask) if only_diff else None
     color = sys.stdout.isatty() if color is None else color
-    return render_credit(tokens, advantages, completion_mask, color, flat, rewards, marks=marks)
+    if color:
+        key = f"key: colour = the token's {value}: green > 0, red < 0, deeper = larger"
+        key += "; uncoloured = 0" + (" or GRPO's flat advantage" if only_diff else "")
+    else:
+        key = f"key: x[+0.12] = the {value} of token x, the token just before the [ ]"
+        key += "; a token without [ ] has GRPO's flat advantage" if only_diff else ""
+    return key + "\n" + render_credit(tokens, advantages, completion_mask, color, flat, rewards,
+                                      marks=marks)
 
 
 # ----------------------------------------------------------------------------------------

@@ -914,6 +914,8 @@ def main(args: Args) -> dict:
                     for row in zip(batch.segment_start.tolist(), completion_ids.tolist())]
             bar.write(common.credit_group_text(step, train, idx, rewards, G, lambda g: (
                 "'|' starts a segment; only the tokens SPO trains (p < rho) are marked:\n"
+                "key: x[+0.12] = the advantage of token x, the token just before the [ ] (on a "
+                "terminal its colour instead: green > 0, red < 0)\n"
                 + common.render_credit(toks[g], advantages[g], completion_mask[g],
                                        color=sys.stdout.isatty(), rewards=rewards[g],
                                        marks=prob_mask[g] > 0))))

@@ -864,7 +864,8 @@ def cdpo_credit_view(pair: dict, tokenizer, gold: Optional[list[int]] = None) ->
     if gold is not None:
         head += f"; gold solution {tokenizer.decode(gold[:-1])!r}"
     ids = torch.tensor([pair["rejected"]])
-    return head + ":\n" + common.credit_view(tokenizer, ids, w, torch.ones_like(w))
+    return head + ":\n" + common.credit_view(tokenizer, ids, w, torch.ones_like(w),
+                                             value="weight w_t")
 
 
 # ----------------------------------------------------------------------------------------

@@ -23,25 +23,30 @@ token, with each method's own functions imported from its script:
     TDPO       token_dpo.token_logps_and_kl: the per-token KL(pi_ref || pi_theta) of its penalty
     TGDPO      the guidance token reward r_hat_t = beta (log pi_g - log pi_ref), pi_g = the run's
                guidance folder or --guidance-model
-    cDPO       token_dpo.cdpo_weights (w_t = 1 - c_t), when token_dpo.py has it and --cdpo-models
-               names the positive and negative models
+    cDPO       token_dpo.cdpo_weights (w_t = 1 - c_t) from its positive and negative models:
+               --cdpo-models, else fitted here as token_dpo.py fits them in a round (fresh copies
+               of the reference, token_dpo.train_ce_model, --cdpo-sft-steps steps) on the rows
+               token_dpo.cdpo_sets picks from the batch the group was sampled in
 
 MC truth     benchmarks/credit_truth.py's true advantage A*_t = V(y_<=t) - V(y_<t), from --truth-k
                keyed continuations of every distinct prefix (0 leaves the panel out): what
                every panel beside it approximates
 
 The reference is the warm start of the setting. From the warm start itself, policy = reference,
-so TDPO's KL and TGDPO's r_hat are 0 on every token: those panels are left out with a note.
-Writes OUT (default credit_map.png) and OUT with .json (the matrices, for the tests and for
-anyone who wants the numbers). matplotlib is optional: without it the JSON is still written.
+so TDPO's KL is 0 on every token, and TGDPO has no guidance model yet (token_dpo.py's is the
+policy after its first DPO round): both panels are left out with a note that names the --run to
+pass. Writes OUT (default runs/credit_map/credit_map.png, under the ignored runs/) and OUT with
+.json (the matrices, for the tests and for anyone who wants the numbers).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -56,6 +61,16 @@ import tempo  # noqa: E402
 import token_dpo  # noqa: E402
 
 EOS_TEXT = "$"  # how EOS shows in a cell
+EPILOG = """\
+outputs: the PNG at --out (default runs/credit_map/credit_map.png) and the matrices beside it
+  as .json (runs/credit_map/credit_map.json). The PNG needs matplotlib, which the project does
+  not install: pip install -r benchmarks/requirements-plots.txt. Without it only the JSON is
+  written.
+panels that a warm start cannot fill (no --run: the policy is the reference):
+  TDPO   its per-token KL is 0: pass --run RUN_DIR of a trained run (e.g. token_dpo.py --loss tdpo2)
+  TGDPO  no guidance model: pass --run RUN_DIR of a token_dpo.py --loss tgdpo run that finished a
+         round (its RUN_DIR/guidance), or --guidance-model DIR
+"""
 
 
 # ----------------------------------------------------------------------------------------
@@ -78,7 +93,8 @@ def sample_group(
     """G completions of one training prompt whose rewards differ, or None after `tries` batches.
 
     Prompts come in a seeded order, prompts_per_try at a time; rewards are common.finished_rewards
-    (a completion without EOS scores 0, as in SPO). Returns the group's tensors on the CPU.
+    (a completion without EOS scores 0, as in SPO). Returns the group's tensors on the CPU, and
+    under "batch" the whole try it was picked from (the round cDPO's models are fitted on).
     """
     device = next(model.parameters()).device
     common.seed_everything(seed)
@@ -111,6 +127,8 @@ def sample_group(
             "completion_mask": mask[:, :L],
             "rewards": rewards[rs],
             "texts": texts[rs.start : rs.stop],
+            "batch": {"examples": [examples[i] for i in idx], "prompt_rows": rows,
+                      "completion_ids": c_ids, "texts": texts, "rewards": rewards},
         }
     return None
 
@@ -197,7 +215,9 @@ def credit_matrices(
         if kl.abs().max() > 0:
             out["TDPO: per-token KL"] = kl.cpu()
         else:
-            notes.append("TDPO: its per-token KL is 0 on every token (the policy is the reference)")
+            notes.append("TDPO: its per-token KL is 0 on every token (the policy is the "
+                         "reference); pass --run RUN_DIR of a trained run, e.g. token_dpo.py "
+                         "--loss tdpo2")
         if guidance_model is not None:
             g_logps, _ = common.per_token_logps(
                 guidance_model, p_ids, p_mask, ids.to(device), mask.to(device), 1.0
@@ -211,7 +231,8 @@ def credit_matrices(
                 )
         else:
             notes.append(
-                "TGDPO: no guidance model (a token_dpo --loss tgdpo run, or --guidance-model)"
+                "TGDPO: no guidance model (its guidance is the policy after a first DPO round): "
+                "pass --run RUN_DIR of a token_dpo.py --loss tgdpo run, or --guidance-model DIR"
             )
     cdpo_weights = getattr(token_dpo, "cdpo_weights", None)
     if cdpo_weights is None:
@@ -245,6 +266,38 @@ def truth_panel(group: dict, model, tokenizer, K: int, max_len: int, seed: int) 
                                         group["completion_mask"])["adv"].float()
 
 
+def fit_cdpo_models(group: dict, ref_model, tokenizer, steps: int, seed: int = 0,
+                    round_no: int = 1) -> tuple[tuple, str]:
+    """cDPO's positive and negative models, fitted as token_dpo.py fits them in round round_no.
+
+    The round's samples are group["batch"] (the prompts x G completions the group was picked
+    from); token_dpo.cdpo_sets picks the rows, and each model is token_dpo.train_ce_model on a
+    fresh copy of ref_model, with token_dpo.py's defaults (rows per step, learning rate) and the
+    generators seeded as token_dpo.add_cdpo_weights seeds them. Returns ((pos, neg), a note).
+    """
+    b, G = group["batch"], group["completion_ids"].size(0)
+    defaults = {f.name: f.default for f in dataclasses.fields(token_dpo.Args)}
+    args = SimpleNamespace(seed=seed, task="arith")
+    n = len(b["examples"])
+    (pos_rows, neg_rows), _, flags = token_dpo.cdpo_sets(
+        b["texts"], b["rewards"], b["completion_ids"], tokenizer, list(range(n)), b["examples"],
+        b["prompt_rows"], G, [], args, round_no)
+    base = seed * 100003 + round_no
+    models = []
+    for k, rows in ((1, pos_rows), (2, neg_rows)):
+        gen = torch.Generator().manual_seed(base + k * 1_000_000_007)
+        models.append(token_dpo.train_ce_model(ref_model, tokenizer, rows, steps,
+                                               defaults["ce_sft_rows"], defaults["ce_sft_lr"],
+                                               gen)[0])
+    fallback = " (every wrong row: none finished with an answer)" if flags[
+        "cdpo/neg_fallback"] else ""
+    note = (f"cDPO: its positive and negative models fitted here from the reference, as "
+            f"token_dpo.py's round {round_no} does: {steps} steps of {defaults['ce_sft_rows']} "
+            f"rows on {len(pos_rows)} right and {len(neg_rows)}{fallback} wrong answers of "
+            f"the {n} prompts sampled")
+    return (models[0], models[1]), note
+
+
 def token_texts(tokenizer, group: dict) -> list[list[str]]:
     """The text of each token of each completion ('$' for EOS, '\\n' for a newline)."""
     eos = tokenizer.eos_token_id
@@ -273,7 +326,8 @@ def draw(
         from matplotlib.colors import Normalize, TwoSlopeNorm
     except ImportError:
         print(
-            "note: matplotlib is not installed, so no PNG (pip install matplotlib); "
+            "note: matplotlib is not installed, so no PNG "
+            "(pip install -r benchmarks/requirements-plots.txt); "
             "the matrices are in the .json",
             file=sys.stderr,
         )
@@ -336,8 +390,11 @@ def draw(
 
 
 def main(argv=None) -> None:
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=Formatter, epilog=EPILOG
     )
     p.add_argument(
         "--run",
@@ -357,7 +414,15 @@ def main(argv=None) -> None:
         nargs=2,
         default=None,
         metavar=("POS", "NEG"),
-        help="cDPO's positive and negative model folders",
+        help="cDPO's positive and negative model folders; without them both are fitted here "
+        "(--cdpo-sft-steps)",
+    )
+    p.add_argument(
+        "--cdpo-sft-steps",
+        type=int,
+        default=token_dpo.Args.ce_sft_steps,
+        help="without --cdpo-models: fit cDPO's two models for this many steps, as token_dpo.py's "
+        "first round does (its --ce-sft-steps; about 30 s on one CPU thread); 0: no cDPO panel",
     )
     p.add_argument(
         "--truth-k",
@@ -366,7 +431,9 @@ def main(argv=None) -> None:
         help="K continuations per prefix for the Monte Carlo truth panel (0: no panel)",
     )
     p.add_argument(
-        "--out", default="credit_map.png", help="the PNG (the matrices go beside it as .json)"
+        "--out",
+        default="runs/credit_map/credit_map.png",
+        help="the PNG (needs matplotlib); the matrices go beside it as .json",
     )
     a = p.parse_args(argv)
     try:
@@ -424,6 +491,9 @@ def _main(a) -> None:
             f"--num-generations must be at least 2 (got {a.num_generations}): "
             "a group of one has no spread; pass e.g. --num-generations 8"
         )
+    if a.cdpo_sft_steps < 0:
+        raise common.UserError(f"--cdpo-sft-steps must be at least 0 (got {a.cdpo_sft_steps}); "
+                               "0 leaves the cDPO panel out")
     s = load_setting(a.run, a.arith_ops, a.guidance_model, a.cdpo_models)
     model, ref, tokenizer, ops, max_len = s["model"], s["ref"], s["tokenizer"], s["ops"], \
         s["max_len"]
@@ -434,6 +504,10 @@ def _main(a) -> None:
             "no group with differing rewards in 160 prompts (every answer right, or every "
             "one wrong); try another --seed or a less or more trained --run"
         )
+    cdpo_models, fitted = s["cdpo_models"], []
+    if cdpo_models is None and a.cdpo_sft_steps > 0:
+        cdpo_models, note = fit_cdpo_models(group, ref, tokenizer, a.cdpo_sft_steps, a.seed)
+        fitted.append(note)
     matrices, notes = credit_matrices(
         group,
         model,
@@ -442,8 +516,9 @@ def _main(a) -> None:
         s["guidance"],
         max_len=max_len,
         mc_seed=a.seed,
-        cdpo_models=s["cdpo_models"],
+        cdpo_models=cdpo_models,
     )
+    notes = fitted + notes
     if a.truth_k > 0:  # the truth first, the methods beside it
         truth = truth_panel(group, model, tokenizer, a.truth_k, max_len, a.seed)
         matrices = {f"MC truth: A* (K={a.truth_k})": truth, **matrices}

@@ -1,5 +1,6 @@
-"""The benchmarks' random models (benchmarks/_bench.py): right shape, decodable, without building
-494M weights; and the GPU path of benchmarks/bench_overhead.py on a CPU at a reduced size."""
+"""The benchmarks' random models (benchmarks/perf/_bench.py): right shape, decodable, without
+building 494M weights; and the GPU path of benchmarks/perf/bench_overhead.py on a CPU at a reduced
+size."""
 import json
 import sys
 
@@ -7,7 +8,7 @@ import torch
 
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks" / "perf"))
 import _bench  # noqa: E402
 import bench_overhead  # noqa: E402
 import common  # noqa: E402

@@ -640,6 +640,9 @@ def test_credit_view_shows_each_rejected_tokens_weight(random_tiny_model_dir):
         out.splitlines()[-1] == "o1: 1[+0.01]+[+0.50]2[+0.99]<eos>[+0.00]"
         and "gold solution '3'" in out
     )
+    assert out.splitlines()[-2] == (
+        "key: x[+0.12] = the weight w_t of token x, the token just before the [ ]"
+    )
 
 
 # --------------------------------------------------------------------------- end to end, rounds

@@ -5,9 +5,9 @@ and spo.py copy the GRPO pieces they reuse (the advantage, the clipped objective
 reduction, ...). A copy that drifts would make `diff grpo.py X.py` lie about what the method
 changes, so every top-level function of a method script that has the name of one of grpo.py's
 must be grpo.py's, character for character (docstring included). The failure names the file to fix.
-benchmarks/_bench.py's `grpo_step` (the step every benchmark times) is a copy of grpo.main's loop
-body, not of a function: it is checked by what it does (one step trains the weights exactly as
-grpo.main's step does).
+benchmarks/perf/_bench.py's `grpo_step` (the step every benchmark times) is a copy of grpo.main's
+loop body, not of a function: it is checked by what it does (one step trains the weights exactly
+as grpo.main's step does).
 """
 import ast
 import difflib
@@ -119,12 +119,12 @@ def test_dcpo_aggregate_loss_also_ignores_nan_at_masked_positions():
 
 # ------------------------------------------------------- the benchmarks' copy of grpo.main's step
 def test_bench_grpo_step_trains_like_grpo_main(monkeypatch, tmp_path, random_tiny_model_dir):
-    """benchmarks/_bench.py's grpo_step is grpo.main's loop body (rollout, advantages, the mu
+    """benchmarks/perf/_bench.py's grpo_step is grpo.main's loop body (rollout, advantages, the mu
     passes, the optimizer step) without the logging. On the same completions and rewards, one
     step of each must leave bitwise the same weights, with beta > 0 (reference model) and two
     micro-batches. If this fails, grpo.main changed: change grpo_step in _bench.py with it.
     """
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "benchmarks" / "perf"))
     import _bench as bench
 
     calls = []

@@ -2,6 +2,7 @@
 each method's own function on that group; the picture itself is only checked to be a PNG."""
 
 import builtins
+import json
 import subprocess
 import sys
 
@@ -207,3 +208,66 @@ def test_sample_group_picks_a_group_whose_rewards_differ(models, monkeypatch):
         common.format_prompt(tok, g["example"]["question"], "arith"), add_special_tokens=False
     )["input_ids"]
     assert g["prompt_row"] == prompt and g["prompt_mask"].sum(1).tolist() == [len(prompt)] * 4
+
+
+def alternating_rewards(monkeypatch):
+    """Rewards 1, 0, 1, 0, ... by position replace the verifier: every group is half right."""
+    monkeypatch.setattr(common, "finished_rewards", lambda texts, answers, ids, eos: torch.tensor(
+        [float((i + 1) % 2) for i in range(len(texts))]))
+
+
+def test_fitted_cdpo_models_are_token_dpos_round_1(models, monkeypatch):
+    """Without --cdpo-models, cDPO's two models are token_dpo.py's round 1 on the sampled batch:
+    the rows of token_dpo.cdpo_sets, each model token_dpo.train_ce_model with its seeds."""
+    policy, _, tok = models
+    alternating_rewards(monkeypatch)
+    train = common.arith_dataset("train")[:16]
+    g = credit_map.sample_group(policy, tok, train, "arith", 4, 8, seed=0)
+    b = g["batch"]
+    assert b["completion_ids"].size(0) == 4 * len(b["examples"]) == 4 * len(b["prompt_rows"])
+    (pos, neg), note = credit_map.fit_cdpo_models(g, policy, tok, steps=2, seed=0)
+    args = type("A", (), {"seed": 0, "task": "arith"})
+    (pos_rows, neg_rows), _, _ = token_dpo.cdpo_sets(
+        b["texts"], b["rewards"], b["completion_ids"], tok, list(range(len(b["examples"]))),
+        b["examples"], b["prompt_rows"], 4, [], args, 1)
+    for k, rows, fitted in ((1, pos_rows, pos), (2, neg_rows, neg)):
+        gen = torch.Generator().manual_seed(0 * 100003 + 1 + k * 1_000_000_007)  # seed 0, round 1
+        want, _ = token_dpo.train_ce_model(policy, tok, rows, 2, 32, 3e-4, gen)
+        assert all(torch.equal(a, w) for a, w in zip(fitted.parameters(), want.parameters()))
+    assert any(not torch.equal(a, r) for a, r in zip(pos.parameters(), policy.parameters()))
+    assert note.startswith("cDPO: its positive and negative models fitted here") and \
+        f"on {len(pos_rows)} right and {len(neg_rows)}" in note
+
+
+def test_bare_command_fills_the_cdpo_panel_and_writes_under_runs(models, monkeypatch, tmp_path,
+                                                                 capsys):
+    """The bare command (here with a random policy as the warm start): outputs under
+    runs/credit_map/; the cDPO panel drawn from models fitted here; the notes of the two panels a
+    warm start cannot fill name what to pass."""
+    policy, _, tok = models
+    setting = {"model": policy, "ref": policy, "tokenizer": tok, "guidance": None,
+               "cdpo_models": None, "ops": "2-4", "max_len": 8, "config": {}}
+    monkeypatch.setattr(credit_map, "load_setting", lambda *a: setting)
+    alternating_rewards(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    credit_map.main(["--truth-k", "0", "--num-generations", "4", "--cdpo-sft-steps", "2"])
+    data = json.loads((tmp_path / "runs" / "credit_map" / "credit_map.json").read_text())
+    assert "cDPO: w_t" in data["matrices"] and "TDPO: per-token KL" not in data["matrices"]
+    w = torch.tensor([v for row in data["matrices"]["cDPO: w_t"] for v in row])
+    assert ((w >= 0) & (w <= 1)).all() and (w > 0).any()
+    notes = data["notes"]
+    assert notes[0].startswith("cDPO: its positive and negative models fitted here")
+    assert any(n.startswith("TDPO:") and "--run RUN_DIR" in n for n in notes)
+    assert any(n.startswith("TGDPO:") and "--loss tgdpo" in n and "--guidance-model DIR" in n
+               for n in notes)
+    credit_map.main(["--truth-k", "0", "--num-generations", "4", "--cdpo-sft-steps", "0",
+                     "--out", str(tmp_path / "no_cdpo.png")])
+    data = json.loads((tmp_path / "no_cdpo.json").read_text())
+    assert "cDPO: w_t" not in data["matrices"]
+    assert any(n.startswith("cDPO:") and "--cdpo-models" in n for n in data["notes"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        credit_map.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "pip install -r benchmarks/requirements-plots.txt" in text and "matplotlib" in text
+    assert "runs/credit_map/credit_map.png" in text

@@ -439,7 +439,7 @@ def test_bad_settings_are_one_line_exit_2(tmp_path):
 def test_credit_map_draws_the_truth_beside_the_methods(models, monkeypatch, tmp_path):
     policy, _, tok = models
     stand_in_setting(models, monkeypatch)
-    ct.credit_map.main(["--truth-k", "4", "--num-generations", "4",
+    ct.credit_map.main(["--truth-k", "4", "--num-generations", "4", "--cdpo-sft-steps", "0",
                         "--out", str(tmp_path / "m.png")])
     data = json.loads((tmp_path / "m.json").read_text())
     assert list(data["matrices"])[:2] == ["MC truth: A* (K=4)", "GRPO"]
@@ -453,7 +453,7 @@ def test_credit_map_draws_the_truth_beside_the_methods(models, monkeypatch, tmp_
     n = [len(t) for t in data["tokens"]]
     assert [row[:k] for row, k in zip(data["matrices"]["MC truth: A* (K=4)"], n)] == \
         [[round(float(v), 6) for v in row[:k]] for row, k in zip(truth, n)]
-    ct.credit_map.main(["--truth-k", "0", "--num-generations", "4",
+    ct.credit_map.main(["--truth-k", "0", "--num-generations", "4", "--cdpo-sft-steps", "0",
                         "--out", str(tmp_path / "n.png")])
     assert list(json.loads((tmp_path / "n.json").read_text())["matrices"])[0] == "GRPO"
 

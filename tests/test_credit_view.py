@@ -56,8 +56,13 @@ def test_tempo_view_marks_exactly_the_td_tokens():
     # every completion shares "1+2=" and branches at the 5th token (index 4): '3' vs '4' vs '9'
     assert marks.any(0).nonzero().flatten().tolist() == [4]
     out = common.credit_view(tok, ids, adv, mask, flat, rewards, color=False, only_diff=True)
-    first = out.split("\n")[0]
+    key, first = out.split("\n")[:2]
+    assert key == ("key: x[+0.12] = the advantage of token x, the token just before the [ ]; "
+                   "a token without [ ] has GRPO's flat advantage")
     assert first.startswith("o1 (r=1.00, GRPO +0.87): 1+2=3[+") and first.count("[") == 1
+    colored = common.credit_view(tok, ids, adv, mask, flat, rewards, color=True, only_diff=True)
+    assert colored.split("\n")[0] == ("key: colour = the token's advantage: green > 0, red < 0, "
+                                      "deeper = larger; uncoloured = 0 or GRPO's flat advantage")
 
 
 def test_spo_show_credit_end_to_end(random_tiny_model_dir, tmp_path):
@@ -70,5 +75,6 @@ def test_spo_show_credit_end_to_end(random_tiny_model_dir, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "step 1, credit view of " in out.stdout and ", group 1 of 2; " in out.stdout
     assert "only the tokens SPO trains (p < rho) are marked" in out.stdout
+    assert "key: x[+0.12] = the advantage of token x, the token just before the [ ]" in out.stdout
     rows = [line for line in out.stdout.splitlines() if line.startswith(("o1 (r=", "o2 (r="))]
     assert [r[:10] for r in rows] == ["o1 (r=0.00", "o2 (r=1.00"]

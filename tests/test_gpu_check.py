@@ -1,4 +1,5 @@
-"""benchmarks/gpu_check.sh runs only where a GPU is lent, so a flag it passes must be checked here.
+"""benchmarks/perf/gpu_check.sh runs only where a GPU is lent, so a flag it passes must be checked
+here.
 
 Every `item NAME SECONDS python SCRIPT.py ...` line of the method scripts, with the COMMON flags
 it shares, must parse with that script's Args: a renamed flag would otherwise be found only on
@@ -12,7 +13,7 @@ import pytest
 import common
 from conftest import ROOT
 
-TEXT = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+TEXT = (ROOT / "benchmarks" / "perf" / "gpu_check.sh").read_text()
 ITEMS = re.findall(r'^item \S+ \d+ python (grpo|tempo|dcpo|spo|token_dpo)\.py (.*)$', TEXT, re.M)
 
 

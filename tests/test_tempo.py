@@ -448,7 +448,8 @@ def test_credit_view_decodes_tokens():
     ids = torch.tensor([tok("7+1", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]])
     out = common.credit_view(tok, torch.cat([ids, ids]), torch.tensor([[1.0, 0, 0, -1], [0.5, 0, 0, 0]]),
                              torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0]]), color=False)
-    assert out == "o1: 7[+1.00]+[+0.00]1[+0.00]<eos>[-1.00]\no2: 7[+0.50]+[+0.00]"
+    assert out == ("key: x[+0.12] = the advantage of token x, the token just before the [ ]\n"
+                   "o1: 7[+1.00]+[+0.00]1[+0.00]<eos>[-1.00]\no2: 7[+0.50]+[+0.00]")
 
 
 # ----------------------------------------------------------------------------- the script, end to end

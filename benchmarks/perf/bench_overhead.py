@@ -1,6 +1,6 @@
 """A grpo.py step against the machine's limit: its essential compute, and where generation goes.
 
-In one process, timed alone and paired (benchmarks/_bench.py): (a) the batched generation,
+In one process, timed alone and paired (benchmarks/perf/_bench.py): (a) the batched generation,
 (b) one forward+backward of the policy over the whole batch (completion log-probs and a trivial
 loss), (c) the reference forward when beta > 0, (d) the optimizer step (shown, not in the goal),
 then the full step (_bench.grpo_step, grpo.main's loop body). Reported: full / (a + mu*b + c),
@@ -9,12 +9,12 @@ table of one full step (top ops by self time). Then generation itself: a profile
 token (aten ops, their kernel time, the top ops), and common.generate paired with two ways around
 generate()'s overhead that we tried and did not adopt (a static KV cache, a hand-written loop).
 
-    python benchmarks/bench_overhead.py --quick                                   # smoke test, CPU
-    OMP_NUM_THREADS=2 python benchmarks/bench_overhead.py               # CPU, tiny random model
-    OMP_NUM_THREADS=2 python benchmarks/bench_overhead.py --betas 0 --repeats 9   # decode profile
-    python benchmarks/bench_overhead.py --device cuda --model qwen2.5-0.5b-random \\
+    python benchmarks/perf/bench_overhead.py --quick                           # smoke test, CPU
+    OMP_NUM_THREADS=2 python benchmarks/perf/bench_overhead.py         # CPU, tiny random model
+    OMP_NUM_THREADS=2 python benchmarks/perf/bench_overhead.py --betas 0 --repeats 9  # decode profile
+    python benchmarks/perf/bench_overhead.py --device cuda --model qwen2.5-0.5b-random \\
         --prompts 16 --num-generations 8 --completion-length 256                  # GPU
-    python benchmarks/bench_overhead.py --device cuda --model /tmp/smollm2 \\
+    python benchmarks/perf/bench_overhead.py --device cuda --model /tmp/smollm2 \\
         --prompts 16 --num-generations 8 --completion-length 256                  # GPU, SmolLM2
 
 The report is printed and written, with the raw timings as JSON, to --out (runs/bench_overhead/).

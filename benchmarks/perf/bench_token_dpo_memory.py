@@ -32,9 +32,10 @@ vocabulary of both models at every rejected position. The scoring runs in chunks
 The fine-tunes here are scaled down (the defaults are 30 steps of 32 rows); their time grows
 with steps x rows, their peak with rows (common.sft_loss builds the rows' full logits).
 
-Run: OMP_NUM_THREADS=1 python benchmarks/bench_token_dpo_memory.py [--only WORD,WORD]
+Run: OMP_NUM_THREADS=1 python benchmarks/perf/bench_token_dpo_memory.py [--only WORD,WORD]
 (--only: measure just the rows whose name contains one of the words, e.g. --only scoring)
 """
+import argparse
 import itertools
 import sys
 import time
@@ -44,7 +45,7 @@ from types import SimpleNamespace
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 import common  # noqa: E402
 import token_dpo as T  # noqa: E402
 
@@ -173,7 +174,11 @@ def peak_bytes(fn) -> tuple[int, float]:
 
 
 def main():
-    only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", help="WORD,WORD: measure just the rows whose name contains a word")
+    a = p.parse_args()
+    only = a.only.split(",") if a.only else None
     wanted = lambda name: only is None or any(w in name for w in only)  # noqa: E731
     policy, ref, batch, pairs = build()
     n_seq, L = batch[2].shape

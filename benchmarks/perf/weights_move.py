@@ -1,8 +1,8 @@
 """Do the weights really move? A few grpo.py steps in bf16 compute and in fp32, from one start.
 
-    python benchmarks/weights_move.py --model /tmp/smollm2 --task gsm8k \
+    python benchmarks/perf/weights_move.py --model /tmp/smollm2 --task gsm8k \
         --data-dir ../shared/data/gsm8k --device cuda             # the GPU check (gpu_check.sh)
-    python benchmarks/weights_move.py --device cpu --steps 2       # its plumbing, tiny model
+    python benchmarks/perf/weights_move.py --device cpu --steps 2       # its plumbing, tiny model
 
 For each --dtype (bfloat16, then float32) it runs grpo.py's main for --steps rollout steps at
 lr 1e-6 (the hub default) and compares the checkpoint with the start: the share of weights that
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 import common  # noqa: E402
 import grpo  # noqa: E402
 

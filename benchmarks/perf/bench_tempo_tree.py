@@ -5,16 +5,20 @@ branches right after the prefix and again for a few tokens after that (random to
 make pairs of responses agree for ~1.3 tokens on average). Each response stops at a random EOS
 in its second half or is truncated at 1024.
 
-Run: OMP_NUM_THREADS=1 python benchmarks/bench_tempo_tree.py   (from the repository root)
+Run: OMP_NUM_THREADS=1 python benchmarks/perf/bench_tempo_tree.py   (from the repository root)
 """
+import argparse
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 import tempo  # noqa: E402
+
+argparse.ArgumentParser(  # no options: --help prints the docstring
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 
 G, L, VOCAB, PREFIX, EOS, REPS = 64, 1024, 4, 64, 0, 20
 

@@ -14,9 +14,10 @@ Measured: common.generate (one batched, KV-cached call, exactly L new tokens per
 suppressed with min_new_tokens = L), timed for L tokens and for 1 token. The decode rate is
 batch * (L - 1) / (t_L - t_1), so the prompt's prefill is not counted; the median of --repeats.
 
-    python benchmarks/bench_decode.py --quick                       # CPU smoke test
-    python benchmarks/bench_decode.py --device cuda --model qwen2.5-0.5b-random --dtype bfloat16 \\
-        --prompts 16 --num-generations 8 --completion-length 256      # GPU (bandwidth from its name)
+    python benchmarks/perf/bench_decode.py --quick                       # CPU smoke test
+    python benchmarks/perf/bench_decode.py --device cuda --model qwen2.5-0.5b-random \\
+        --dtype bfloat16 --prompts 16 --num-generations 8 --completion-length 256
+                                                          # GPU (bandwidth from its name)
 
 --bandwidth-gbs sets the bandwidth (GB/s, 1e9 bytes); without it, a few GPUs are known by name
 (KNOWN_BANDWIDTH_GBS) and others get no bound. The report goes to --out (runs/bench_decode/).

@@ -1,8 +1,8 @@
 """What the TRL plug-ins add to one TRL step: TempoGRPOTrainer and DCPOGRPOTrainer vs GRPOTrainer.
 
     pip install -r integrations/requirements.txt          # into its own venv (see that file)
-    OMP_NUM_THREADS=2 python benchmarks/bench_trl_plugins.py          # CPU, embedded tiny model
-    python benchmarks/bench_trl_plugins.py --model /path/to/folder --prompts 16 \\
+    OMP_NUM_THREADS=2 python benchmarks/perf/bench_trl_plugins.py     # CPU, embedded tiny model
+    python benchmarks/perf/bench_trl_plugins.py --model /path/to/folder --prompts 16 \\
         --completion-length 256                                       # a real model, on a GPU
 
 Each trainer runs `trainer.train()` for one optimizer step, round-robin with the others,
@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # benchmarks/perf/ -> the repository root
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "integrations"))
 import common  # noqa: E402

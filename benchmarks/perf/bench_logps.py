@@ -2,12 +2,12 @@
 
 The naive way is torch.log_softmax(logits.float(), -1).gather(...). Both run forward and backward
 on random logits of --shape (default 8 x 256 x 49,152: SmolLM2's vocabulary), in each of --dtypes,
-paired (benchmarks/_bench.py), with the largest difference of the values and of the gradients.
+paired (benchmarks/perf/_bench.py), with the largest difference of the values and of the gradients.
 Goal: a peak of at most 0.5 x the naive one. No model is needed.
 
-    python benchmarks/bench_logps.py --quick                  # smoke test: logits 2 x 1024 x 8192
-    OMP_NUM_THREADS=1 python benchmarks/bench_logps.py        # the README's numbers
-    python benchmarks/bench_logps.py --device cuda            # GPU
+    python benchmarks/perf/bench_logps.py --quick              # smoke test: logits 2 x 1024 x 8192
+    OMP_NUM_THREADS=1 python benchmarks/perf/bench_logps.py    # the README's numbers
+    python benchmarks/perf/bench_logps.py --device cuda        # GPU
 
 The report is printed and written, with the raw timings as JSON, to --out (runs/bench_logps/).
 """

@@ -1,14 +1,14 @@
 """What each method adds to a GRPO step, from the scripts' own functions on one batch.
 
 One batch sampled by the model (its natural lengths) with one _bench.grpo_step; then, paired
-(benchmarks/_bench.py): TEMPO's prefix tree and advantages, DCPO's SAS statistics and its loss,
+(benchmarks/perf/_bench.py): TEMPO's prefix tree and advantages, DCPO's SAS statistics and its loss,
 SPO-chain's old-log-prob forward, segment planning and Monte Carlo continuations (with the extra
 tokens generated), and TDPO2's full-vocabulary KL against DPO on pairs made from the batch. Each
 "extra" is the method's time minus what GRPO does in its place, a median of paired differences.
 
-    python benchmarks/bench_methods.py --quick                     # smoke test, CPU
-    python benchmarks/bench_methods.py --model tiny                # the warm-started model
-    python benchmarks/bench_methods.py --device cuda --model /tmp/smollm2 --prompts 16 \\
+    python benchmarks/perf/bench_methods.py --quick                     # smoke test, CPU
+    python benchmarks/perf/bench_methods.py --model tiny                # the warm-started model
+    python benchmarks/perf/bench_methods.py --device cuda --model /tmp/smollm2 --prompts 16 \\
         --num-generations 8 --completion-length 256 --repeats 3 --mc-rollouts 4 \\
         --out runs/bench_methods_smollm2                                          # GPU, SmolLM2
 

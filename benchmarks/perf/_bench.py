@@ -16,9 +16,9 @@ Memory: "peak" is the most tensor bytes allocated during the measured code and a
 above what was allocated when it started (weights, optimizer state and the reference model are
 there before and are equal for both sides by construction). On CUDA:
 torch.cuda.max_memory_allocated. On CPU: the torch profiler's allocation events, as in
-benchmarks/bench_token_dpo_memory.py, on one extra run that is not timed (the profiler slows it);
-the profiler does not see the freeing of tensors allocated before it started, so a CPU peak can
-only err upward.
+benchmarks/perf/bench_token_dpo_memory.py, on one extra run that is not timed (the profiler slows
+it); the profiler does not see the freeing of tensors allocated before it started, so a CPU peak
+can only err upward.
 
 Models (--model): tiny-random, the embedded tiny Llama (common.build_tiny_model) with random
 weights; qwen2.5-0.5b-random, a Qwen2 of Qwen2.5-0.5B's shape (494M parameters) with random
@@ -48,7 +48,7 @@ from typing import Callable, Optional
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # benchmarks/perf/ -> the repository root
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import grpo  # noqa: E402
@@ -73,7 +73,7 @@ class PeakMemory:
     """Peak tensor bytes allocated between start() and stop() and alive at once, above the start.
 
     CUDA: torch.cuda.max_memory_allocated. CPU: the running sum of the profiler's allocation
-    events (benchmarks/bench_token_dpo_memory.py's method), which counts tensors only.
+    events (benchmarks/perf/bench_token_dpo_memory.py's method), which counts tensors only.
     enabled=False makes both calls free and stop() return None.
     """
 
@@ -436,7 +436,7 @@ def arg_parser(doc: str, out: str, step: bool = True) -> argparse.ArgumentParser
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="What is measured and how: the docstring at the top of this "
-                                       "script and of benchmarks/_bench.py.")
+                                       "script and of benchmarks/perf/_bench.py.")
     if step:
         p.add_argument("--model", default="tiny-random",
                        help="tiny-random (the embedded tiny Llama, random weights), "

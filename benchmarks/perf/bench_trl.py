@@ -10,7 +10,7 @@ optimizer steps per GRPO step; a TrainerCallback reads the clock at the first on
 the last on_step_end of each GRPO step (so generation, reward, advantages, the old/ref log-probs,
 every pass and optimizer step are inside, and Trainer set-up, logging and saving are outside).
 The same callback runs our step between TRL's steps, alternately before and after, so each pair
-shares the moment (the pairing of benchmarks/_bench.py).
+shares the moment (the pairing of benchmarks/perf/_bench.py).
 
 Made equal on purpose (TRL's defaults differ in the ones marked *):
   model and weights (both loaded from one folder with common.load_model_and_tokenizer),
@@ -35,17 +35,17 @@ no-grad forward for the old log-probs (grpo.py takes pass 1's, detached); TRL co
 entropy on every pass (grpo.py on pass 1 only); TRL's LM head runs chunked with its own fused
 log-softmax (grpo.py: common.selective_log_softmax).
 
-Run (TRL lives in its own environment, see benchmarks/requirements-perf.txt; without it the
+Run (TRL lives in its own environment, see benchmarks/perf/requirements-perf.txt; without it the
 report says "Skipped" in one line):
 
     python -m venv --system-site-packages /tmp/trlenv
-    /tmp/trlenv/bin/pip install -r benchmarks/requirements-perf.txt
-    OMP_NUM_THREADS=2 /tmp/trlenv/bin/python benchmarks/bench_trl.py --quick   # smoke test, CPU
-    OMP_NUM_THREADS=2 /tmp/trlenv/bin/python benchmarks/bench_trl.py   # CPU, tiny random model
+    /tmp/trlenv/bin/pip install -r benchmarks/perf/requirements-perf.txt
+    OMP_NUM_THREADS=2 /tmp/trlenv/bin/python benchmarks/perf/bench_trl.py --quick  # smoke test, CPU
+    OMP_NUM_THREADS=2 /tmp/trlenv/bin/python benchmarks/perf/bench_trl.py   # CPU, tiny random model
     python /work/shared/tools/smollm2_to_hf.py /tmp/smollm2            # a real model folder
-    /tmp/trlenv/bin/python benchmarks/bench_trl.py --device cuda --model qwen2.5-0.5b-random \\
+    /tmp/trlenv/bin/python benchmarks/perf/bench_trl.py --device cuda --model qwen2.5-0.5b-random \\
         --prompts 16 --num-generations 8 --completion-length 256                  # GPU
-    /tmp/trlenv/bin/python benchmarks/bench_trl.py --device cuda --model /tmp/smollm2 \\
+    /tmp/trlenv/bin/python benchmarks/perf/bench_trl.py --device cuda --model /tmp/smollm2 \\
         --prompts 16 --num-generations 8 --completion-length 256                  # GPU, SmolLM2
 
 The report is printed and written, with the raw timings as JSON, to --out (runs/bench_trl/).
@@ -70,8 +70,8 @@ def part_trl(b: Bench) -> None:
         from datasets import Dataset  # noqa: F401  (TRL needs it; checked here for a clear message)
     except ImportError as e:
         rep.append(f"Skipped: {e}. Install TRL in its own environment "
-                   "(benchmarks/requirements-perf.txt) and run this script with that environment's "
-                   "python.\n")
+                   "(benchmarks/perf/requirements-perf.txt) and run this script with that "
+                   "environment's python.\n")
         return
     rows, raw = [], {}
     for beta in b.args.betas:
