@@ -168,7 +168,7 @@ def test_token_texts_and_outputs(models, group, tmp_path, monkeypatch, capsys):
         and not (tmp_path / "x.png").exists()
     )
     monkeypatch.undo()
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="needs `pip install -r benchmarks/requirements-plots.txt` (matplotlib)")
     assert credit_map.draw(tmp_path / "x.png", mats, toks, group, notes, "t")
     assert (tmp_path / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

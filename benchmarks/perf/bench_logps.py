@@ -6,7 +6,7 @@ paired (benchmarks/perf/_bench.py), with the largest difference of the values an
 Goal: a peak of at most 0.5 x the naive one. No model is needed.
 
     python benchmarks/perf/bench_logps.py --quick              # smoke test: logits 2 x 1024 x 8192
-    OMP_NUM_THREADS=1 python benchmarks/perf/bench_logps.py    # the README's numbers
+    OMP_NUM_THREADS=1 python benchmarks/perf/bench_logps.py    # the numbers in docs/performance.md
     python benchmarks/perf/bench_logps.py --device cuda        # GPU
 
 The report is printed and written, with the raw timings as JSON, to --out (runs/bench_logps/).
