@@ -1,4 +1,4 @@
-"""The text credit view (common.py section 11): the group it shows and the tokens it marks."""
+"""The text credit view (common.py section 12): the group it shows and the tokens it marks."""
 import torch
 
 import common
