@@ -1283,8 +1283,19 @@ def check_args(args, algo: str) -> None:
         else:
             raise ValueError(f"field {f.name} of {type(args).__name__}: unknown range {rng!r} "
                              f"({hints[f.name]})")
+    check_tiny_task(args)
     if hasattr(args, "check"):  # a script's checks of flag combinations (grpo.py's D3S)
         args.check()
+
+
+def check_tiny_task(args) -> None:
+    """The embedded tiny model only for --task arith: it was warm-started on arithmetic alone, and
+    it reads one token per character, so GSM8K's prompts do not fit its context."""
+    if getattr(args, "model", None) == TINY and getattr(args, "task", None) == "gsm8k":
+        raise UserError("--task gsm8k needs --model: the embedded tiny model (--model tiny, the "
+                        "default) is for --task arith (trained on arithmetic only, and GSM8K's "
+                        "prompts do not fit its context); pass --model for gsm8k, e.g. "
+                        "--model Qwen/Qwen2.5-0.5B-Instruct")
 
 
 # ----------------------------------------------------------------------------------------

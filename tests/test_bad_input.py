@@ -140,6 +140,10 @@ CASES = [
     ("data", gsm8k("broken"), "train.jsonl:2 is not a GSM8K record", "--data-dir"),
     ("data", A("--task", "gsm8k", "--data-dir", "hub"), "needs the `datasets` package",
      "--data-dir"),
+    # the embedded tiny model with gsm8k: refused before any load (issue 26, item 2a); the folder
+    # exists, so the data is not what is refused
+    ("tiny", lambda c, s: ["--model", "tiny", *gsm8k("utf8")(c, s)], "is for --task arith",
+     "--model"),
     ("resume", lambda c, s: ["--resume", str(c[f"run_{s}"]), batch_flag(s), "3"],
      " 3 differs from the run's 2", batch_flag),
     ("resume", lambda c, s: ["--resume", str(c[f"run_{s}"]), "--seed", "1", "--total-steps", "9"],
@@ -290,6 +294,21 @@ def test_zero_is_honoured_or_refused_never_replaced():
     for script in SCRIPTS:  # no `args.x or default` left in any main
         src = (ROOT / f"{script}.py").read_text()
         assert "args.learning_rate or" not in src and "args.max_completion_length or" not in src
+
+
+def test_tiny_model_with_gsm8k_is_one_line_naming_a_model_to_pass(ctx, tmp_path, capsys):
+    """`grpo.py --task gsm8k` leaves --model at tiny: one line that says to pass --model, where a
+    user once got a context error that named only --max-completion-length (issue 26, item 2a)."""
+    argv = ["--task", "gsm8k", "--total-steps", "1", "--data-dir", str(ctx["root"] / "utf8"),
+            "--output-dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as e:
+        common.run_main(MODULES["grpo"].main, MODULES["grpo"].Args, argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: --task gsm8k needs --model: the embedded tiny model (--model tiny, the default) is "
+        "for --task arith (trained on arithmetic only, and GSM8K's prompts do not fit its "
+        "context); pass --model for gsm8k, e.g. --model Qwen/Qwen2.5-0.5B-Instruct\n")
+    assert not (tmp_path / "out").exists()
 
 
 def test_help_shows_each_range():
