@@ -904,6 +904,7 @@ def load_model_and_tokenizer(name: str, device: torch.device, dtype: torch.dtype
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     if name == TINY:
         name = str(ensure_tiny_model(seed=0, ops=parse_arith_ops(arith_ops)))
     elif name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
@@ -926,6 +927,21 @@ def load_model_and_tokenizer(name: str, device: torch.device, dtype: torch.dtype
     model.eval()  # no dropout, ever: else ratio != 1 on the first pass and the clip fires on noise
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def quiet_transformers() -> None:
+    """Hide transformers' own progress bars ("Loading weights", "Writing model shards"), so that
+    a run shows one bar, its own (progress). The hub's download bars stay: a first download of
+    a model can take minutes. Older transformers, without set_tqdm_hook, lose those too."""
+    from transformers.utils import logging as hf_logging
+
+    def no_bar(make_bar, args, kwargs):  # the bar's iterable still runs; nothing is drawn
+        return make_bar(*args, **dict(kwargs, disable=True))
+
+    if hasattr(hf_logging, "set_tqdm_hook"):
+        hf_logging.set_tqdm_hook(no_bar)
+    else:
+        hf_logging.disable_progress_bar()
 
 
 def load_frozen(name: str, device: torch.device, dtype: torch.dtype, arith_ops: str = "2-4"):

@@ -128,6 +128,23 @@ def test_checkpoint_is_atomic_and_loadable(random_tiny_model_dir, tmp_path):
     assert common.latest_checkpoint(tmp_path) == ckpt
 
 
+def test_a_run_shows_no_transformers_progress_bars(random_tiny_model_dir, tmp_path, capsys):
+    """Loading, saving a checkpoint and loading it back draw none of transformers' own bars
+    ("Loading weights", "Writing model shards"): a run shows one bar, its own (issue 26, 2b)."""
+    from transformers.utils import logging as hf_logging
+    previous = hf_logging.set_tqdm_hook(None)  # as in a fresh process: the loader must set it
+    try:
+        model, tok = common.load_model_and_tokenizer(str(random_tiny_model_dir), torch.device("cpu"),
+                                                     torch.float32)
+        (tmp_path / "config.json").write_text("{}")
+        ckpt = common.save_checkpoint(tmp_path, 1, model, tok, {})
+        common.load_frozen(str(ckpt), torch.device("cpu"), torch.float32)
+    finally:
+        hf_logging.set_tqdm_hook(previous)
+    err = capsys.readouterr().err
+    assert "Loading weights" not in err and "Writing model shards" not in err and "it/s" not in err, err
+
+
 def test_generation_ignores_model_generation_config(random_tiny_model_dir):
     """A hub model's generation_config.json (top_k, repetition_penalty, ...) must not change our sampler."""
     model, tok = common.load_model_and_tokenizer(str(random_tiny_model_dir), torch.device("cpu"), torch.float32)
