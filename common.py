@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import functools
 import hashlib
 import inspect
@@ -982,10 +983,31 @@ def context_length(model) -> Optional[int]:
 
 
 class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but its own errors (`--dtype fp8`, `--total-steps two`) are one line, no usage."""
+    """argparse, but its own errors (`--dtype fp8`, `--total-steps two`) are one line, no usage,
+    and a mistyped flag gets the nearest real one (`--totalsteps`: did you mean --total-steps?)."""
 
     def error(self, message: str) -> typing.NoReturn:
         fail(f"{message}; see {self.prog} --help")
+
+    def parse_args(self, args=None, namespace=None):
+        ns, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}{self._did_you_mean(unknown)}")
+        return ns
+
+    def _did_you_mean(self, unknown: list[str]) -> str:
+        """' (did you mean --total-steps?)' for the unknown flags that are close to a known one."""
+        known = [s for action in self._actions for s in action.option_strings]
+        guesses = []
+        for arg in unknown:
+            flag = arg.split("=", 1)[0]
+            close = difflib.get_close_matches(flag, known, n=1) if flag.startswith("-") else []
+            if close:
+                guesses.append((flag, close[0]))
+        if len(guesses) == 1:
+            return f" (did you mean {guesses[0][1]}?)"
+        return (" (did you mean " + ", ".join(f"{guess} for {flag}" for flag, guess in guesses)
+                + "?)") if guesses else ""
 
 
 def _parser(args_cls, suppress_defaults: bool = False) -> argparse.ArgumentParser:
@@ -1005,8 +1027,9 @@ def _parser(args_cls, suppress_defaults: bool = False) -> argparse.ArgumentParse
         tp = hints[f.name]
         help_text = f.metadata.get("help", "")
         rng = f.metadata.get("range")
-        rng = f"; {rng}" if rng and rng[0] in "<>[(" else ""
-        kwargs: dict[str, Any] = dict(help=f"{help_text} (default: {f.default}{rng})")
+        rng = rng.replace("SEED_MAX", str(SEED_MAX)) if rng and rng[0] in "<>[(" else ""
+        shown = "; ".join(part for part in (_help_default(f), rng) if part)
+        kwargs: dict[str, Any] = dict(help=f"{help_text} ({shown})" if shown else help_text)
         if not suppress_defaults:
             kwargs["default"] = f.default
         origin = typing.get_origin(tp)
@@ -1023,6 +1046,24 @@ def _parser(args_cls, suppress_defaults: bool = False) -> argparse.ArgumentParse
             kwargs["type"] = tp
         parser.add_argument(flag, dest=f.name, **kwargs)
     return parser
+
+
+def _help_default(f: dataclasses.Field) -> str:
+    """The default a help line shows: the field's, or for a computed one (None) the GSM8K folder,
+    or nothing where the help text already says what it is ("default 48 for arith, ...")."""
+    if f.default is not None:
+        return f"default: {f.default}"
+    if f.metadata.get("range") == "data_dir":
+        return f"default: {_short_path(gsm8k_dir(None))}"
+    return "" if "default" in f.metadata.get("help", "") else "default: None"
+
+
+def _short_path(path: Path) -> str:
+    """A path as the shorter of its absolute form and its form relative to the current folder."""
+    try:
+        return min(os.path.relpath(path), str(path), key=len)
+    except ValueError:  # on another drive (Windows)
+        return str(path)
 
 
 def parse_args(args_cls, argv: Optional[list[str]] = None):

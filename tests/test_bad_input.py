@@ -106,6 +106,8 @@ CASES = [
     ("argparse", A("--total-steps", "two"), "invalid int value: 'two'"),
     ("argparse", A("--learning-rate", "fast"), "invalid float value"),
     ("argparse", A("--no-such-flag", "1"), "unrecognized arguments"),
+    ("argparse", A("--totalsteps", "1"),
+     "unrecognized arguments: --totalsteps 1 (did you mean --total-steps?)"),
     ("range", lambda c, s: [flag_name(s, "temperature"), "0"], "must be positive, got 0.0"),
     ("range", A("--seed", "-1"), "is outside [0, 4294967295], got -1"),
     ("range", A("--seed", str(2**32)), "is outside"),
@@ -315,6 +317,33 @@ def test_help_shows_each_range():
     parser = common._parser(MODULES["grpo"].Args)
     text = " ".join(parser.format_help().split())  # argparse wraps the lines
     assert "(default: 20; >0)" in text and "(default: 1.0; (0, 1])" in text
+    assert "(default: 0; [0, 4294967295])" in text and "SEED_MAX" not in text  # --seed
+
+
+@pytest.mark.parametrize("script", [*SCRIPTS, "train_trl"])
+def test_help_gives_each_flag_one_default(script, monkeypatch, tmp_path):
+    """--data-dir shows the folder it reads when not given, once; a computed default that the help
+    text describes ("default 48 for arith, ...") is not also shown as None (issue 26, item 2c)."""
+    monkeypatch.chdir(tmp_path)  # the folder is shown relative to here, or absolute if shorter
+    text = " ".join(common._parser(MODULES[script].Args).format_help().split())
+    text = text.split(" options: ", 1)[1]  # the help lines, after the usage
+    data_dir = text.split("--data-dir DATA_DIR", 1)[1].split(" --", 1)[0]
+    assert data_dir.count("default") == 1, data_dir
+    shown = data_dir.split("(default: ", 1)[1].split(")", 1)[0]
+    assert (tmp_path / shown).resolve() == common.gsm8k_dir(None).resolve(), shown
+    for flag in ("--learning-rate", "--max-completion-length"):
+        line = text.split(f"{flag} {flag[2:].upper().replace('-', '_')}", 1)[1].split(" --", 1)[0]
+        assert "default" in line and "default: None" not in line, line
+
+
+def test_a_mistyped_flag_gets_the_nearest_flags(capsys):
+    argv = ["--totalsteps", "3", "--evalevery=2", "--no-such-flag"]
+    with pytest.raises(SystemExit) as e:
+        common.parse_args(MODULES["grpo"].Args, argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: unrecognized arguments: --totalsteps 3 --evalevery=2 --no-such-flag (did you mean "
+        "--total-steps for --totalsteps, --eval-every for --evalevery?); see grpo.py --help\n")
 
 
 # ---------------------------------------------------------------- integrations/train_trl.py
