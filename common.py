@@ -1027,9 +1027,8 @@ def _parser(args_cls, suppress_defaults: bool = False) -> argparse.ArgumentParse
         tp = hints[f.name]
         help_text = f.metadata.get("help", "")
         rng = f.metadata.get("range")
-        rng = rng.replace("SEED_MAX", str(SEED_MAX)) if rng and rng[0] in "<>[(" else ""
-        shown = "; ".join(part for part in (_help_default(f), rng) if part)
-        kwargs: dict[str, Any] = dict(help=f"{help_text} ({shown})" if shown else help_text)
+        rng = f"; {rng.replace('SEED_MAX', str(SEED_MAX))}" if rng and rng[0] in "<>[(" else ""
+        kwargs: dict[str, Any] = dict(help=f"{help_text} ({_help_default(f)}{rng})")
         if not suppress_defaults:
             kwargs["default"] = f.default
         origin = typing.get_origin(tp)
@@ -1049,13 +1048,10 @@ def _parser(args_cls, suppress_defaults: bool = False) -> argparse.ArgumentParse
 
 
 def _help_default(f: dataclasses.Field) -> str:
-    """The default a help line shows: the field's, or for a computed one (None) the GSM8K folder,
-    or nothing where the help text already says what it is ("default 48 for arith, ...")."""
-    if f.default is not None:
-        return f"default: {f.default}"
-    if f.metadata.get("range") == "data_dir":
+    """The default a help line shows: the field's, but for --data-dir (None) the folder read."""
+    if f.default is None and f.metadata.get("range") == "data_dir":
         return f"default: {_short_path(gsm8k_dir(None))}"
-    return "" if "default" in f.metadata.get("help", "") else "default: None"
+    return f"default: {f.default}"
 
 
 def _short_path(path: Path) -> str:
