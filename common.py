@@ -1608,6 +1608,11 @@ def progress(iterable, desc: str):
     return tqdm(iterable, desc=desc, dynamic_ncols=True)
 
 
+def plural(n: int, noun: str) -> str:
+    """'1 step', '2 steps', '0 steps'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 class Run:
     """A run folder and everything that makes a run resumable.
 
@@ -1676,6 +1681,11 @@ class Run:
         for log in ("metrics.jsonl", "completions.jsonl"):  # drop the steps the checkpoint lacks
             trim_jsonl(self.run_dir / log, step)
         (self.run_dir / "summary.json").unlink(missing_ok=True)  # written again when it ends
+        if "best_accuracy" not in self.state:  # a checkpoint from before the best was kept
+            for line in (self.run_dir / "metrics.jsonl").read_text().splitlines():
+                row = json.loads(line)  # (trim_jsonl kept only whole lines)
+                if row["step"] > 0 and "eval/accuracy" in row:
+                    self._note_eval(row["step"], row["eval/accuracy"])
         config = json.loads((self.run_dir / "config.json").read_text())
         record = {"from_step": step, "checkpoint": ckpt.name, "time": round(time.time()),
                   "changed": getattr(self.args, "resume_changes", {})}
@@ -1720,6 +1730,8 @@ class Run:
         not change, and no checkpoint is written, so the last good checkpoint stays.
         """
         self.logger.log(step, metrics)
+        if "eval/accuracy" in metrics:
+            self._note_eval(step, metrics["eval/accuracy"])
         passes, skipped = metrics.get("num_updates", 0), metrics.get("skipped_updates", 0)
         self.bad_steps = self.bad_steps + 1 if passes > 0 and skipped == passes else 0
         limit = self.args.max_bad_steps
@@ -1727,9 +1739,19 @@ class Run:
             self.logger.close()
             last = latest_checkpoint(self.run_dir)
             raise TrainingDiverged(
-                f"{self.bad_steps} steps in a row had a non-finite loss or gradient (step {step}). "
-                f"Last good checkpoint: {last or 'none yet'}. Lower --learning-rate, or raise "
-                "--max-bad-steps (0 never stops), then --resume the run")
+                f"{plural(self.bad_steps, 'step')} in a row had a non-finite loss or gradient "
+                f"(step {step}). Last good checkpoint: {last or 'none yet'}. Lower "
+                "--learning-rate, or raise --max-bad-steps (0 never stops), then --resume the run")
+
+    def best(self) -> tuple[float, int]:
+        """The best held-out accuracy so far and the first step that reached it (0: the start)."""
+        if "best_accuracy" not in self.state:
+            return self.state["start_accuracy"], 0
+        return self.state["best_accuracy"], self.state["best_step"]
+
+    def _note_eval(self, step: int, accuracy: float) -> None:
+        if accuracy > self.best()[0]:  # kept in run.state, so a checkpoint and --resume keep it
+            self.state["best_accuracy"], self.state["best_step"] = accuracy, step
 
     def end_step(self, step: int, metrics: dict, texts: list[str], rewards: torch.Tensor,
                  idx: list[int], examples: list[dict], num_generations: int) -> None:
@@ -1740,11 +1762,15 @@ class Run:
                                         rewards[:num_generations].tolist())
 
     def finish(self, final_accuracy: float, wall_time: float) -> dict:
-        """Write summary.json; its "status" is "finished", or "interrupted" (with the signal)."""
+        """Write summary.json and print the summary line: the start, last and best held-out
+        accuracy (the best with its step). Its "status" is "finished", or "interrupted" (with the
+        signal)."""
         import signal
 
         start = self.state["start_accuracy"]
+        best, best_step = self.best()
         summary = dict(algo=self.algo, start_accuracy=start, final_accuracy=final_accuracy,
+                       best_accuracy=best, best_step=best_step,
                        steps=self.state["step"], wall_time_s=round(wall_time, 1),
                        run_dir=str(self.run_dir))
         summary["status"] = "finished" if self.stop_signal is None else "interrupted"
@@ -1757,8 +1783,9 @@ class Run:
                   f"{self.args.total_steps}; --resume {self.run_dir} continues", flush=True)
             return summary
         print(f"{self.algo}: held-out greedy accuracy {start:.3f} -> {final_accuracy:.3f} "
-              f"({100 * (final_accuracy - start):+.1f} pts) in {summary['steps']} steps, "
-              f"{wall_time:.0f}s; saved to {self.run_dir}", flush=True)
+              f"({100 * (final_accuracy - start):+.1f} pts; best {best:.3f} at step {best_step}) "
+              f"in {plural(summary['steps'], 'step')}, {wall_time:.0f}s; saved to {self.run_dir}",
+              flush=True)
         return summary
 
 
@@ -1803,8 +1830,9 @@ def credit_group_text(step: int, examples: list[dict], idx: list[int], rewards: 
     line saying that no group's rewards differ (every advantage of the step is then 0)."""
     g = pick_credit_group(rewards, num_generations)
     if g is None:
-        return (f"step {step}, credit view: in all {len(idx)} groups every completion has the same "
-                "reward, so every advantage is 0; nothing to show")
+        groups = "its one group" if len(idx) == 1 else f"all {len(idx)} groups"
+        return (f"step {step}, credit view: in {groups} every completion has the same reward, so "
+                "every advantage is 0; nothing to show")
     ex, rows = examples[idx[g]], slice(g * num_generations, (g + 1) * num_generations)
     return (f"step {step}, credit view of {ex['question']!r} (gold {ex['answer']}), "
             f"group {g + 1} of {len(idx)}; " + render(rows))
@@ -2043,7 +2071,7 @@ def build_tiny_model_folder(path: Path, seed: int = 0, ops: tuple[int, int] = AR
     path.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, path)  # atomic: a half-written model is never used
     if not quiet:
-        print(f"warm start: {step} SFT steps, held-out accuracy {acc:.3f}, "
+        print(f"warm start: {plural(step, 'SFT step')}, held-out accuracy {acc:.3f}, "
               f"{info['seconds']}s -> {path}")
     return info
 

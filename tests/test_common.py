@@ -98,6 +98,10 @@ def test_char_tokenizer_roundtrip(tmp_path):
     assert tok2.padding_side == "left" and tok2.pad_token_id != tok2.eos_token_id
 
 
+def test_plural():
+    assert [common.plural(n, "step") for n in (0, 1, 2)] == ["0 steps", "1 step", "2 steps"]
+
+
 def test_prompt_sampler_resumes_exactly():
     a = common.PromptSampler(10, seed=3)
     first = [a.next(4) for _ in range(3)]
