@@ -1,21 +1,37 @@
 """Plumbing shared by every method script: nothing here is an RL algorithm.
 
 grpo.py, tempo.py, dcpo.py, spo.py and token_dpo.py import this file for the parts that are
-the same in all of them, so that each script shows its own algorithm and little else:
+the same in all of them, so that each script shows its own algorithm and little else. The
+sections come in the order a reader needs them.
 
-  1. CLI             parse_args(Args): argparse built from a dataclass, one help line per field
-  2. errors          UserError -> one clear line on stderr, exit code 2; every flag's range
-  3. tasks           the embedded arithmetic task, GSM8K from JSONL, prompt formatting
-  4. verifiers       extract_answer / is_correct / reward_fn: bounded, never eval or exec
-  5. models          any Hugging Face causal LM (and `--model tiny`), frozen copies
-  6. sampling        batched KV-cached generation, the completion mask (first EOS included)
-  7. log-probs       per-token log-probs of completion tokens only, without an fp32 vocab copy;
-                     the no-grad pass (step 2 of every RL loop); hidden states for a chunked head
-  8. evaluation      greedy held-out accuracy
-  9. runs            run folder, config.json, metrics.jsonl, atomic checkpoints, resume, Run
- 10. pairs           preference pairs for token_dpo.py: a JSONL file, tokenised, batched
- 11. credit view     one group's completions, each token with its advantage, as text
- 12. tiny model      the embedded model: character tokenizer, Llama config, warm start (SFT)
+To follow grpo.py's training loop, read 1-5 (in the order of the loop's steps), then 6-8 (its
+setup):
+
+  1. sampling        batched KV-cached generation, the completion mask (first EOS included),
+                     the decoded completions                                    (loop step 1)
+  2. verifiers       extract_answer / is_correct / reward_fn: bounded, never eval or exec;
+                     the rollout's reward and length statistics                 (loop step 1)
+  3. log-probs       per-token log-probs of completion tokens only, without an fp32 vocab copy;
+                     the no-grad pass (loop step 2); hidden states for a chunked head
+  4. the update      metrics averaged over micro-batches and passes; the optimizer step with
+                     gradient clipping, which skips a non-finite gradient       (loop step 4)
+  5. evaluation      greedy held-out accuracy                                   (loop step 5)
+  6. tasks           the embedded arithmetic task, GSM8K from JSONL, prompt formatting
+  7. pairs           preference pairs for token_dpo.py: a JSONL file, tokenised, batched
+                     (token_dpo.py's data, as 6 is the RL scripts'; grpo.py never uses it)
+  8. models          any Hugging Face causal LM (and `--model tiny`), frozen copies, devices,
+                     dtypes, seeding
+
+Plumbing a learner may skip: it makes the scripts safe to run, stop and resume, not different.
+
+  9. CLI             parse_args(Args): argparse built from a dataclass, one help line per field;
+                     run_main: parse, check, run, and turn every error into one line
+ 10. errors          UserError -> one clear line on stderr, exit code 2; every flag's range
+ 11. runs            run folder, config.json, metrics.jsonl, atomic checkpoints, resume, Run,
+                     the prompt order, the summary line
+ 12. credit view     one group's completions, each token with its advantage, as text
+                     (--show-credit in tempo.py, spo.py and token_dpo.py)
+ 13. tiny model      the embedded model: character tokenizer, Llama config, warm start (SFT)
 
 The advantage and the loss of each method live in that method's own file, on purpose.
 """
@@ -24,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import functools
 import hashlib
 import inspect
@@ -47,15 +64,950 @@ import torch
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------
-# 1. CLI: a dataclass is the single source of truth for every knob
+# 1. Sampling: left-padded prompts, one KV-cached generate call per batch, the decoded text
+# ----------------------------------------------------------------------------------------
+
+
+def tokenize_prompts(tokenizer, examples: list[dict], task: str, max_len: Optional[int],
+                     max_completion_length: int) -> list[list[int]]:
+    """Token ids of each example's prompt. Refuses prompts that do not fit the context."""
+    out = []
+    for ex in examples:
+        ids = tokenizer(format_prompt(tokenizer, ex["question"], task),
+                        add_special_tokens=False)["input_ids"]
+        if max_len is not None and len(ids) + max_completion_length > max_len:
+            raise UserError(f"prompt of example {ex['id']} has {len(ids)} tokens, and with "
+                            f"--max-completion-length {max_completion_length} it exceeds the "
+                            f"model's context of {max_len}; shorten the prompt or lower "
+                            "--max-completion-length")
+        out.append(ids)
+    return out
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[[5,6],[7]] -> ids [[5,6],[pad,7]], mask [[1,1],[0,1]] (left padding, for generation)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+             max_new_tokens: int, num_generations: int = 1, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0,
+             greedy: bool = False, row_keys: Optional[list[int]] = None) -> torch.Tensor:
+    """Sample `num_generations` completions per prompt in one batched, KV-cached call.
+
+    Returns completion ids [P*G, L] (L <= max_new_tokens), GROUP-CONTIGUOUS: rows g*G..g*G+G-1
+    belong to prompt g. The generation config is built here from our arguments only, so a
+    hub model's own generation_config.json (top_k=20, repetition_penalty, ...) cannot change
+    the sampler: with top_p=1 and top_k=0 it samples exactly softmax(logits / T).
+
+    row_keys (one int per prompt row, num_generations must be 1): each row draws from its own
+    random stream (KeyedSampler), so a row's sample does not depend on which rows share the
+    call, their order or their padding. Used where a batched result must equal a
+    one-row-at-a-time one (SPO's Monte Carlo values).
+    """
+    from transformers import GenerationConfig
+
+    keyed = row_keys is not None and not greedy
+    if keyed and (num_generations != 1 or len(row_keys) != prompt_ids.size(0)):
+        raise ValueError("row_keys needs one key per prompt row and num_generations == 1 "
+                         "(repeat the rows instead)")
+    # Every sampling knob is set explicitly: transformers fills knobs left at None from the
+    # model's own generation_config.json, which may hold temperature 0.7 or repetition_penalty.
+    # (Greedy decoding ignores the sampling knobs, so they are only set when sampling.)
+    sample = not greedy and not keyed  # keyed sampling picks the token; generate() takes its argmax
+    sampling = (dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=0.0, typical_p=1.0)
+                if sample else {})
+    cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=sample, **sampling, repetition_penalty=1.0,
+        no_repeat_ngram_size=0, num_beams=1, num_return_sequences=num_generations if sample else 1,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True)
+    extra = ({"logits_processor": [KeyedSampler(row_keys, temperature, top_p, top_k)]}
+             if keyed else {})
+    was_training = model.training  # train mode only under --gradient-checkpointing: no KV cache
+    model.eval()
+    try:
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                             generation_config=cfg, **extra)
+    finally:
+        model.train(was_training)
+    return out[:, prompt_ids.size(1):]
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32, C. Wellons) on int64 tensors with values in [0, 2^32)."""
+    m = 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & m   # int64 products may wrap; the low 32 bits are still right
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & m
+    return x ^ (x >> 16)
+
+
+class KeyedSampler:
+    """A logits processor that samples row r's t-th new token from a stream keyed by (key_r, t).
+
+        p      = softmax(top_p(top_k(logits / T)))            (the same sampler as do_sample)
+        u[v]   = (hash(hash(hash(key_r) ^ t) ^ v) + 0.5) / 2^32,   g[v] = -log(-log u[v])
+        token  = argmax_v (log p[v] + g[v])                   (Gumbel-max: an exact sample of p)
+                                  (log p = logits' - logsumexp: the argmax of logits' + g)
+
+    It returns 0 at that token and -inf elsewhere, and runs under greedy decoding, which takes
+    the argmax. The noise is a pure function of (key, t, v): no generator state is shared
+    between rows, so the same key gives the same sample in any batch.
+    """
+
+    def __init__(self, keys: list[int], temperature: float, top_p: float, top_k: int):
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.keys = torch.tensor([k & 0xFFFFFFFF for k in keys], dtype=torch.long)
+        self.warpers = [TemperatureLogitsWarper(temperature)] + \
+            ([TopKLogitsWarper(top_k)] if top_k > 0 else []) + \
+            ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+        self.start: Optional[int] = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.start is None:
+            self.start = input_ids.size(1)
+        t = input_ids.size(1) - self.start                                     # new tokens so far
+        for w in self.warpers:
+            scores = w(input_ids, scores)
+        B, V = scores.shape
+        keys = self.keys.to(scores.device)
+        row = _hash32(_hash32(keys) ^ t)                                       # [B]
+        h = _hash32(row[:, None] ^ torch.arange(V, device=scores.device)[None, :])  # [B, V]
+        u = (h.float() + 0.5) / 2.0 ** 32                                     # in (0, 1)
+        noisy = scores.float() - torch.log(-torch.log(u))  # log p = scores - logsumexp: same argmax
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, noisy.argmax(-1, keepdim=True), 0.0)
+
+
+def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1.0 on tokens up to AND including the first EOS; all ones when there is no EOS.
+
+    Built from the index of the first EOS, never from `ids != pad`: with pad == eos a
+    pad-based mask would drop the EOS and the policy would never learn to stop.
+
+    >>> completion_mask_from_ids(torch.tensor([[5, 7, 2, 2, 2], [5, 7, 8, 9, 9],
+    ...                                        [2, 2, 2, 2, 2]]), eos_id=2)
+    tensor([[1., 1., 1., 0., 0.],
+            [1., 1., 1., 1., 1.],
+            [1., 0., 0., 0., 0.]])
+    """
+    is_eos = completion_ids == eos_id                                   # [B, L]
+    L = completion_ids.size(1)
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1),
+                        torch.full_like(is_eos[:, 0], L, dtype=torch.long))
+    positions = torch.arange(L, device=completion_ids.device)[None, :]  # [1, L]
+    return (positions <= first[:, None]).float()
+
+
+def decode_completions(tokenizer, completion_ids: torch.Tensor) -> list[str]:
+    mask = completion_mask_from_ids(completion_ids, tokenizer.eos_token_id).bool()
+    return [tokenizer.decode(row[m].tolist(), skip_special_tokens=True)
+            for row, m in zip(completion_ids.cpu(), mask.cpu())]
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Verifiers and rewards. Model output is untrusted: bounded, linear-time regexes, no eval
+# ----------------------------------------------------------------------------------------
+
+MAX_VERIFY_CHARS = 4096   # only the tail of a completion is read; the answer comes last
+MAX_NUMBER_CHARS = 40     # longer digit strings are not numbers we compare
+# A number-like token is a maximal run of the characters numbers are written with: digits (any
+# script), . , / ^ $ and every minus or dash sign, and e/E between digits ("1e5"). The run is
+# read whole or not at all (normalize_number): "3/4", "1e5", ".5", "1,2", "1.2.3" and "−5"
+# (U+2212) are not plain numbers, so they never score as 3, 1, 5, 12, 1 or 5.
+_MINUS = "\\-\u2010-\u2015\u2212\ufe58\ufe63\uff0d"
+_CHARS = rf"[\d.,/^$+{_MINUS}]"
+_RUN = rf"(?:{_CHARS}|(?<=\d)[eE](?=[+{_MINUS}]?\d))++"   # possessive: never backtracks
+# Every quantifier below is possessive (*+, ++): a run is taken whole and never given back, so
+# each pattern costs time linear in the window, whatever the text.
+_BOXED = re.compile(r"\\boxed\{\s*+(" + _RUN + ")")
+_HASHES = re.compile(r"####\s*+(" + _RUN + ")")
+_ANSWER_IS = re.compile(r"answer is[:\s*]*+(" + _RUN + ")", re.IGNORECASE)
+_ANY_NUM = re.compile(_RUN)
+_LEADING_RUN = re.compile(_RUN)
+# A plain number: ASCII digits, an optional leading '-' and '$', commas only between groups of
+# exactly three digits, an optional decimal part. "1,000", "$1,000.50", "-3", "0.5" are plain.
+_PLAIN = re.compile(r"-?\$?(?:[0-9]{1,3}(?:,[0-9]{3})++|[0-9]++)(?:\.[0-9]++)?+")
+
+
+def _has_digit(token: str) -> bool:
+    return any(c.isdigit() for c in token)
+
+
+def extract_answer(text: str) -> Optional[str]:
+    """The final answer of a completion, as a number-like token, or None.
+
+    Order: \\boxed{n}, then '#### n', then 'the answer is n', then the last number-like token
+    (see _RUN above); the last match of the first kind found wins. A trailing '.' or ','
+    (the end of a sentence) is dropped. Only the last MAX_VERIFY_CHARS characters are read,
+    so a megabyte of output costs microseconds; a number cut by that window's left edge is
+    dropped, never read in part.
+    """
+    if not isinstance(text, str):
+        return None
+    start = max(0, len(text) - MAX_VERIFY_CHARS)
+    tail = text[start:]
+    if start > 0 and _LEADING_RUN.fullmatch(text[start - 1:start + 1]):  # a run across the edge
+        tail = tail[_LEADING_RUN.match(tail).end():]
+    for pattern in (_BOXED, _HASHES, _ANSWER_IS, _ANY_NUM):
+        found = [t for t in pattern.findall(tail) if _has_digit(t)]
+        if found:
+            return found[-1].rstrip(".,") or None
+    return None
+
+
+def normalize_number(s: Optional[str]) -> Optional[Fraction]:
+    """'$1,234.50' -> Fraction(2469, 2); '18.0' -> 18; '18.' -> 18. None unless a plain number.
+
+    Plain (see _PLAIN): ASCII digits, commas between groups of three, an optional decimal part,
+    an optional leading '-' and '$'. Not plain, so None: '3/4', '1e5', '.5', '1,2', '−5'.
+    """
+    if not isinstance(s, str):
+        return None
+    s = s.strip()
+    s = s[:-1] if s.endswith(".") else s
+    if not s or len(s) > MAX_NUMBER_CHARS or not _PLAIN.fullmatch(s):
+        return None
+    return Fraction(s.replace(",", "").replace("$", ""))  # exact decimal, no float rounding
+
+
+def is_correct(completion: str, gold: str) -> bool:
+    pred, ref = normalize_number(extract_answer(completion)), normalize_number(gold)
+    return pred is not None and ref is not None and pred == ref
+
+
+def reward_fn(completions: list[str], answers: list[str]) -> list[float]:
+    """1.0 if the final number equals the gold answer, else 0.0 (TRL's reward signature).
+
+    A completion is model output (anything: it scores 0.0 unless it ends in the right number);
+    the golds are ours, so a gold that is not a string, or lists of different lengths, raise.
+    """
+    if len(completions) != len(answers):
+        raise ValueError(f"reward_fn: {len(completions)} completions but {len(answers)} gold "
+                         "answers; pass one gold answer per completion")
+    for i, a in enumerate(answers):
+        if not isinstance(a, str):
+            raise TypeError(f"reward_fn: gold answer {i} is {type(a).__name__} {a!r}, not a str; "
+                            "pass golds as strings like '42'")
+    return [1.0 if is_correct(c, a) else 0.0 for c, a in zip(completions, answers)]
+
+
+def finished_rewards(completions: list[str], answers: list[str], completion_ids: torch.Tensor,
+                     eos_id: int) -> torch.Tensor:
+    """reward_fn, with 0 for a completion that never emitted EOS (truncated = wrong). [B] float."""
+    finished = (completion_ids == eos_id).any(1).float().cpu()
+    return torch.tensor(reward_fn(completions, answers), dtype=torch.float32) * finished
+
+
+def rollout_metrics(rewards: torch.Tensor, completion_ids: torch.Tensor,
+                    completion_mask: torch.Tensor, eos_id: int, num_generations: int) -> dict:
+    """Reward and length statistics of one rollout batch, with TRL's metric names."""
+    r = rewards.float().view(-1, num_generations)
+    lengths = completion_mask.sum(1).float().cpu()
+    terminated = (completion_ids == eos_id).any(1).cpu()
+    return {
+        "reward": r.mean().item(), "reward_std": r.std(1).mean().item(),
+        "accuracy": (rewards > 0.5).float().mean().item(),
+        "frac_reward_zero_std": (r.std(1) < 1e-6).float().mean().item(),
+        "completions/mean_length": lengths.mean().item(),
+        "completions/min_length": lengths.min().item(),
+        "completions/max_length": lengths.max().item(),
+        "completions/clipped_ratio": 1.0 - terminated.float().mean().item(),
+        "completions/mean_terminated_length": (lengths[terminated].mean().item()
+                                               if terminated.any() else 0.0),
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Per-token log-probs of the completion tokens, without an fp32 copy of the vocabulary
+# ----------------------------------------------------------------------------------------
+
+CHUNK_ELEMENTS = 1 << 22  # fp32 elements per chunk of rows (16 MiB): 85 rows of a 49k vocabulary
+
+
+def _rows_per_chunk(vocab: int, chunk: Optional[int]) -> int:
+    return chunk if chunk is not None else max(1, CHUNK_ELEMENTS // vocab)
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """log softmax(z / T)[y] for each row, fp32, chunked, with a hand-written backward.
+
+    Forward keeps only the logits (already alive, in the model's dtype) and the row
+    log-sum-exp (fp32, one number a row). Backward recomputes softmax chunk by chunk, in place:
+        d logp / d z = (onehot(y) - softmax(z / T)) / T
+    So besides the logits' own gradient (which any method needs), only one fp32 chunk of
+    [rows, V] is alive at a time, in forward or backward.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature: float, chunk: int):
+        n = logits.size(0)
+        logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        for s in range(0, n, chunk):
+            z = logits[s:s + chunk].float()
+            if temperature != 1.0:
+                z = z / temperature
+            lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
+            picked = z.gather(-1, targets[s:s + chunk, None]).squeeze(-1)
+            logp[s:s + chunk] = picked - lse[s:s + chunk]
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        logits, targets, lse = ctx.saved_tensors
+        T, chunk = ctx.temperature, ctx.chunk
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.size(0), chunk):
+            z = logits[s:s + chunk].to(torch.float32, copy=True)  # a copy even for fp32: edited
+            g = grad_logp[s:s + chunk, None].float()             # [c, 1]
+            if T != 1.0:
+                z.div_(T)
+            z.sub_(lse[s:s + chunk, None]).exp_().mul_(-g)        # -softmax * g
+            z.scatter_add_(-1, targets[s:s + chunk, None], g)     # + onehot * g
+            if T != 1.0:
+                z.div_(T)
+            grad[s:s + chunk] = z                                 # cast to the logits' dtype
+        return grad, None, None, None
+
+
+def selective_log_softmax(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                          chunk: Optional[int] = None) -> torch.Tensor:
+    """log softmax(logits / T) gathered at `targets`. logits [..., V], targets [...] -> [...] fp32.
+
+    Equal to `torch.log_softmax(logits.float() / T, -1).gather(-1, targets[..., None])` (tested),
+    but peak memory is one chunk of rows in fp32 (CHUNK_ELEMENTS, or `chunk` rows) instead of
+    whole [..., V] fp32 tensors (benchmarks/perf/bench_logps.py).
+    """
+    shape = targets.shape
+    flat = logits.reshape(-1, logits.size(-1))
+    out = _SelectiveLogSoftmax.apply(flat, targets.reshape(-1), temperature,
+                                     _rows_per_chunk(flat.size(-1), chunk))
+    return out.view(shape)
+
+
+@torch.no_grad()
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0,
+                        chunk: Optional[int] = None) -> torch.Tensor:
+    """Full-vocabulary entropy of softmax(z / T), chunked, no grad: lse(z) - sum softmax(z) z."""
+    flat = logits.reshape(-1, logits.size(-1))
+    chunk = _rows_per_chunk(flat.size(-1), chunk)
+    out = torch.empty(flat.size(0), dtype=torch.float32, device=logits.device)
+    for s in range(0, flat.size(0), chunk):
+        z = flat[s:s + chunk].float() / temperature
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        out[s:s + chunk] = (lse.squeeze(-1) - (torch.exp(z - lse) * z).sum(-1))
+    return out.view(logits.shape[:-1])
+
+
+def model_inputs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                 completion_mask: torch.Tensor) -> dict:
+    """input_ids, attention_mask and position_ids [B, P+L] of left-padded prompts followed by
+    their completions. Position ids = cumsum(attention_mask) - 1, what generation used."""
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)                  # [B, P+L]
+    attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)    # [B, P+L]
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+
+def per_token_logps(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                    completion_ids: torch.Tensor, completion_mask: torch.Tensor, temperature: float,
+                    with_entropy: bool = False):
+    """Log-probs [B, L] (fp32) of each completion token under `model`, from logits / T.
+
+    Prompts are left-padded, so position ids = cumsum(attention_mask) - 1, which matches what
+    generation used. The LM head runs only on the last L+1 positions (logits_to_keep): prompt
+    logits are never built. Logit j predicts token j+1, so the final one is dropped.
+    Returns (logps, entropies or None).
+    """
+    L = completion_ids.size(1)
+    logits = model(**model_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask),
+                   logits_to_keep=L + 1, use_cache=False).logits[:, :-1]         # [B, L, V]
+    logps = selective_log_softmax(logits, completion_ids, temperature)         # [B, L]
+    entropies = entropy_from_logits(logits, temperature) if with_entropy else None
+    return logps, entropies
+
+
+def response_hidden_states(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                           completion_ids: torch.Tensor,
+                           completion_mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states [B, L, H] at the positions that predict each completion token.
+
+    The model body runs without its LM head, so no [B, L, V] logits are built: a caller applies
+    the head a chunk of positions at a time (token_dpo.py's full-vocabulary KL and cDPO's score).
+    Inputs as per_token_logps (model_inputs). Needs check_plain_lm_head to hold for the model.
+    """
+    hidden = model.get_decoder()(**model_inputs(prompt_ids, prompt_mask, completion_ids,
+                                                completion_mask),
+                                 use_cache=False).last_hidden_state             # [B, P+L, H]
+    P, L = prompt_ids.size(1), completion_ids.size(1)
+    return hidden[:, P - 1:P - 1 + L]                              # hidden j predicts token j+1
+
+
+def check_plain_lm_head(model, device) -> None:
+    """Refuse a model whose logits are not head(last hidden state) (e.g. soft-capped logits):
+    response_hidden_states followed by the head would not give its distributions."""
+    ids = torch.tensor([[1, 2, 3]], device=device)
+    with torch.no_grad():
+        full = model(input_ids=ids).logits.float()
+        hidden = model.get_decoder()(input_ids=ids).last_hidden_state
+        ours = model.get_output_embeddings()(hidden).float()
+    if not torch.allclose(full, ours, rtol=1e-2, atol=1e-2 * max(1.0, full.abs().max().item())):
+        raise UserError("this model transforms its logits after the LM head (e.g. soft-capping), "
+                        "which token_dpo.py does not reproduce; pass --model with a plain causal "
+                        "LM (Llama, Qwen, ...)")
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    """sum(values * mask) / sum(mask), as a float: a per-token metric over the real tokens."""
+    return ((values * mask).sum() / mask.sum()).item()
+
+
+@torch.no_grad()
+def no_grad_pass(fwd, mbs: list, policy=None, reference=None):
+    """Step 2 of every RL loop: one no-grad pass for what the update needs before it starts.
+
+    fwd(model, mb, with_entropy) -> (log-probs [b, L], entropies [b, L] or None) of the rows mb;
+    mbs: the micro-batches covering the batch. Runs `policy` (log-probs AND entropies) and
+    `reference` (log-probs) if given; a model not given costs nothing. Returns (policy log-probs,
+    policy entropies, reference log-probs), each [B, L] in mbs order, or None.
+    The old log-probs need no pass here when nothing reads them before the update: the first
+    optimisation pass runs on the weights that sampled the batch, so its log-probs, detached,
+    ARE the old ones (ratio exactly 1), and that saves a forward.
+    """
+    logps = entropies = ref_logps = None
+    if reference is not None:
+        ref_logps = torch.cat([fwd(reference, mb)[0] for mb in mbs])
+    if policy is not None:
+        outs = [fwd(policy, mb, True) for mb in mbs]
+        logps, entropies = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+    return logps, entropies, ref_logps
+
+
+# ----------------------------------------------------------------------------------------
+# 4. The update: metrics averaged over micro-batches and passes, the clipped optimizer step
+# ----------------------------------------------------------------------------------------
+
+
+class MetricAverager:
+    """Averages metrics over a whole update (every micro-batch and pass), weighted by tokens.
+
+    `approx_kl_old` is averaged over the last pass only: it says how far the passes moved.
+    """
+    LAST_PASS_ONLY = ("approx_kl_old",)
+    SUMMED = ("policy_loss",)  # each micro-batch holds a part of the loss: sum, then pass mean
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+        self.skipped_updates = 0
+        self.passes = 0  # counted by optimizer_step
+
+    def add(self, metrics: dict, weight: float, last_pass: bool = True) -> None:
+        for k, v in metrics.items():
+            if k in self.LAST_PASS_ONLY and not last_pass:
+                continue
+            w = 1.0 if k in self.SUMMED else weight
+            self.sums[k] = self.sums.get(k, 0.0) + v * w
+            self.weights[k] = self.weights.get(k, 0.0) + w
+
+    def means(self) -> dict:
+        out = {k: self.sums[k] / (max(self.passes, 1) if k in self.SUMMED
+                                  else max(self.weights[k], 1e-12)) for k in self.sums}
+        out["skipped_updates"] = self.skipped_updates
+        out["num_updates"] = self.passes
+        return out
+
+
+def optimizer_step(model, optimizer, max_grad_norm: float, avg: MetricAverager) -> float:
+    """Clip the gradient norm and step. A non-finite gradient skips the update (and is counted)."""
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
+    avg.passes += 1
+    if math.isfinite(grad_norm):
+        optimizer.step()
+    else:
+        avg.skipped_updates += 1
+        print(f"warning: non-finite gradient norm ({grad_norm}); update skipped", file=sys.stderr)
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+# ----------------------------------------------------------------------------------------
+# 5. Evaluation: greedy, on a fixed held-out set
+# ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, examples: list[dict], task: str, max_new_tokens: int,
+             batch_size: int = 64, return_completions: bool = False):
+    """Greedy pass@1 accuracy on `examples` (and the completions, if asked)."""
+    device = next(model.parameters()).device
+    correct, texts = 0, []
+    for s in range(0, len(examples), batch_size):
+        chunk = examples[s:s + batch_size]
+        rows = [tokenizer(format_prompt(tokenizer, ex["question"], task),
+                          add_special_tokens=False)["input_ids"] for ex in chunk]
+        ids, mask = left_pad(rows, tokenizer.pad_token_id, device)
+        out = generate(model, tokenizer, ids, mask, max_new_tokens, greedy=True)
+        decoded = decode_completions(tokenizer, out)
+        correct += sum(reward_fn(decoded, [ex["answer"] for ex in chunk]))
+        texts += decoded
+    acc = correct / max(len(examples), 1)
+    return (acc, texts) if return_completions else acc
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Tasks. An example is {"id": int, "question": str, "answer": str (the gold number)}.
+# ----------------------------------------------------------------------------------------
+
+ARITH_TRAIN_SIZE = 1000  # the RL prompts: a fixed set, revisited across epochs (DCPO's statistics)
+ARITH_TEST_SIZE = 500    # held-out, never trained on
+ARITH_SFT_SIZE = 10000   # the warm start's own problems (disjoint from both)
+SYSTEM_PROMPT = ("Solve the problem step by step. "
+                 "End your answer with a line of the form '#### <number>'.")
+
+
+ARITH_OPS = (2, 4)  # operations per problem: the default length of the embedded task
+ARITH_MAX_OPS = 32  # the longest setting --arith-ops accepts
+
+
+def parse_arith_ops(text: str) -> tuple[int, int]:
+    """'2-4' -> (2, 4); '6' -> (6, 6). Refuses anything else with a UserError naming the fix.
+
+    LO >= 2: one operation gives fewer distinct problems than the three splits need.
+    """
+    m = re.fullmatch(r"\s*(\d{1,3})\s*(?:-\s*(\d{1,3})\s*)?", str(text))
+    lo, hi = (int(m.group(1)), int(m.group(2) or m.group(1))) if m else (0, -1)
+    if not 2 <= lo <= hi <= ARITH_MAX_OPS:
+        raise UserError(f"--arith-ops {text!r} is not a range of operations LO-HI with "
+                        f"2 <= LO <= HI <= {ARITH_MAX_OPS}; pass e.g. --arith-ops 2-4 or 6-8")
+    return lo, hi
+
+
+def arith_completion_length(ops: tuple[int, int]) -> int:
+    """The default max completion length of a setting: 9 * HI + 12 tokens (48 for 2-4, 84 for 6-8).
+
+    A step is at most 9 characters with its space ('99-30=69 '), the answer ' #### 69' and EOS
+    8 more (the last step has no space), so the longest solution of HI steps is 9 * HI + 7 + 1
+    tokens; the rule adds 4 of slack. The tiny model reads one token per character.
+    """
+    return 9 * ops[1] + 12
+
+
+def arith_problem(rng: random.Random, ops: tuple[int, int] = ARITH_OPS) -> tuple[str, str, str]:
+    """One multi-step integer arithmetic problem with its chain-of-thought solution.
+
+    ops[0] to ops[1] additions/subtractions (2 to 4 by default) of numbers in 1..30, every
+    intermediate result in 0..99. Each step of the solution can go wrong on its own (a carry,
+    a borrow, a copied number), so there is room for credit assignment; more operations mean
+    a longer chain of steps before the answer.
+
+    >>> arith_problem(random.Random(0))
+    ('25+29-2-17', '25+29=54 54-2=52 52-17=35 #### 35', '35')
+    """
+    n_steps = rng.randint(*ops)
+    cur = rng.randint(1, 30)
+    question, steps = str(cur), []
+    for _ in range(n_steps):
+        b = rng.randint(1, 30)
+        op = rng.choice("+-")
+        if op == "-" and b > cur:
+            op = "+"
+        if op == "+" and cur + b > 99:
+            op = "-"
+        new = cur + b if op == "+" else cur - b
+        question += f"{op}{b}"
+        steps.append(f"{cur}{op}{b}={new}")
+        cur = new
+    return question, " ".join(steps) + f" #### {cur}", str(cur)
+
+
+def arith_dataset(split: str, seed: int = 1234, ops: tuple[int, int] = ARITH_OPS) -> list[dict]:
+    """The embedded task: a fixed list of problems per split ("test", "train", "sft").
+
+    The splits are disjoint by question text, so no held-out question is ever trained on.
+    `seed` is the task's own seed (not the run's): every run and machine sees the same sets.
+    `ops` is the length setting (see arith_problem); the default gives the original sets.
+    """
+    sizes = {"test": ARITH_TEST_SIZE, "train": ARITH_TRAIN_SIZE, "sft": ARITH_SFT_SIZE}
+    rng = random.Random(seed)
+    seen: dict[str, dict] = {}
+    while len(seen) < sum(sizes.values()):
+        q, solution, ans = arith_problem(rng, ops)
+        if q not in seen:
+            seen[q] = {"question": q, "solution": solution, "answer": ans}
+    items, start = list(seen.values()), 0
+    for name, size in sizes.items():
+        if name == split:
+            return [dict(id=i, **ex) for i, ex in enumerate(items[start:start + size])]
+        start += size
+    raise ValueError(f"unknown split {split!r}")
+
+
+HUB = "hub"  # --data-dir hub: GSM8K from the Hugging Face hub, through the optional `datasets`
+HUB_NEEDS_DATASETS = ("--data-dir hub needs the `datasets` package; `pip install datasets`, "
+                      "or pass --data-dir DIR holding train.jsonl and test.jsonl")
+
+
+def gsm8k_dir(data_dir: Optional[str]) -> Path:
+    default = Path(__file__).resolve().parent.parent / "shared/data/gsm8k"
+    return Path(data_dir) if data_dir else default
+
+
+def gsm8k_missing(path: Path) -> str:
+    return (f"GSM8K file {path} not found; pass --data-dir DIR holding {path.name} (from "
+            "github.com/openai/grade-school-math), or --data-dir hub to download GSM8K "
+            "with `datasets`")
+
+
+def load_gsm8k(split: str, data_dir: Optional[str]) -> list[dict]:
+    """GSM8K in the official JSONL format ({"question", "answer": "...#### 42"}).
+
+    Reads `data_dir`/{split}.jsonl (default: ../shared/data/gsm8k beside the project). The hub
+    is used only when asked for, with `--data-dir hub` (needs the optional `datasets` package).
+    """
+    if data_dir == HUB:
+        try:
+            import datasets  # optional dependency
+        except ImportError:
+            raise UserError(HUB_NEEDS_DATASETS) from None
+        ds = datasets.load_dataset("openai/gsm8k", "main", split=split)
+        return [dict(id=i, question=r["question"], solution=r["answer"],
+                     answer=gsm8k_gold(r["answer"], f"hub gsm8k {split}:{i + 1}"))
+                for i, r in enumerate(ds)]
+    path = gsm8k_dir(data_dir) / f"{split}.jsonl"
+    if not path.is_file():
+        raise UserError(gsm8k_missing(path))
+    return read_gsm8k_jsonl(path)
+
+
+def gold_from_gsm8k(answer_field: str) -> str:
+    return answer_field.split("####")[-1].strip().replace(",", "")
+
+
+def gsm8k_gold(answer_field: str, where: str) -> str:
+    """The gold number after '####', or UserError naming the record if it is not a plain number."""
+    gold = gold_from_gsm8k(answer_field)
+    if normalize_number(gold) is None:
+        raise UserError(f"{where}: the gold answer after '####' is {gold[:40]!r}, not a number; "
+                        "fix the record (e.g. '#### 42'), drop the line, "
+                        "or pass --data-dir another folder")
+    return gold
+
+
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a bad byte
+
+
+def check_utf8(line: str, where: str, flag: str) -> None:
+    """UserError naming file:line if `line` (read with errors="surrogateescape") had bad UTF-8."""
+    bad = _NOT_UTF8.search(line)
+    if bad:
+        byte = ord(bad.group()) - 0xDC00
+        raise UserError(f"{where} is not valid UTF-8 (byte {byte:#04x} at column "
+                        f"{bad.start() + 1}); save the file as UTF-8, or pass {flag} another")
+
+
+def read_gsm8k_jsonl(path: Path) -> list[dict]:
+    out = []
+    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+        lines = [(n, line) for n, line in enumerate(fh, 1) if line.strip()]
+    for lineno, line in lines:
+        check_utf8(line, f"{path}:{lineno}", "--data-dir")
+        try:
+            row = json.loads(line)
+            q, a = row["question"], row["answer"]
+            if not isinstance(q, str) or not isinstance(a, str) or "####" not in a:
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path}:{lineno} is not a GSM8K record; each line must be JSON "
+                            'like {"question": "...", "answer": "... #### 42"} '
+                            "(or pass --data-dir another folder)") from None
+        gold = gsm8k_gold(a, f"{path}:{lineno}")
+        out.append(dict(id=len(out), question=q, answer=gold, solution=a))
+    if not out:
+        raise UserError(f"{path} holds no examples; point --data-dir at a folder with a non-empty "
+                        f"{path.name}")
+    return out
+
+
+def load_task(task: str, split: str, data_dir: Optional[str] = None,
+              arith_ops: str = "2-4") -> list[dict]:
+    if task == "arith":
+        return arith_dataset(split, ops=parse_arith_ops(arith_ops))
+    if task == "gsm8k":
+        return load_gsm8k(split, data_dir)
+    raise UserError(f"unknown --task {task!r}; use arith or gsm8k")
+
+
+def default_max_len(task: str, arith_ops: str = "2-4") -> int:
+    """--max-completion-length when it is not given: arith_completion_length, or 512 for gsm8k."""
+    return arith_completion_length(parse_arith_ops(arith_ops)) if task == "arith" else 512
+
+
+def format_prompt(tokenizer, question: str, task: str) -> str:
+    """Instruct models get their chat template; base models (and the tiny model) a plain prompt."""
+    if task == "arith" and getattr(tokenizer, "chat_template", None) is None:
+        return f"Q:{question}\nA:"
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": question}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"Question: {question}\nAnswer: Let's think step by step."
+
+
+# ----------------------------------------------------------------------------------------
+# 7. Preference pairs (token_dpo.py): a JSONL file of pairs, tokenised, batched
+# ----------------------------------------------------------------------------------------
+
+# A pair of token ids is {"prompt": [int], "chosen": [int], "rejected": [int]}; each response
+# ends with its EOS, as a finished answer does.
+
+def read_preference_jsonl(path: str) -> list[dict]:
+    """Rows {"prompt": str, "chosen": str, "rejected": str} of a JSONL file (extra keys ignored).
+
+    Any bad line raises UserError with one line "<path>:<line>: <problem>; <fix>".
+    """
+    fields = ('each line must be a JSON object with non-empty string fields "prompt", '
+              '"chosen" and "rejected"')
+    if not Path(path).is_file():
+        raise UserError(f"--pairs-file {path} does not exist; pass a JSONL file, one pair per "
+                        f"line ({fields})")
+    rows = []
+    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+        for lineno, line in enumerate(fh, 1):
+            check_utf8(line, f"{path}:{lineno}", "--pairs-file")  # one line, no traceback
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); {fields}") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object, got "
+                                f"{type(row).__name__}; {fields}")
+            for key in ("prompt", "chosen", "rejected"):
+                if not isinstance(row.get(key), str) or not row[key].strip():
+                    problem = "missing" if key not in row else "not a non-empty string"
+                    raise UserError(f"{path}:{lineno}: '{key}' is {problem}; {fields}")
+            if row["chosen"] == row["rejected"]:
+                raise UserError(f"{path}:{lineno}: 'chosen' equals 'rejected', which carries no "
+                                "preference; drop the line or fix one answer")
+            rows.append({k: row[k] for k in ("prompt", "chosen", "rejected")})
+    if not rows:
+        raise UserError(f"{path} holds no pairs; {fields}")
+    return rows
+
+
+def tokenize_pairs(rows: list[dict], tokenizer, task: str, context: Optional[int]) -> list[dict]:
+    """Text pairs -> token-id pairs. The prompt is formatted like the task's prompts; a response
+    is tokenised on its own (no merge across the boundary) and ends with EOS."""
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    out = []
+    for i, r in enumerate(rows, 1):
+        prompt = ids(format_prompt(tokenizer, r["prompt"], task))
+        chosen, rejected = (ids(r[k]) + [tokenizer.eos_token_id] for k in ("chosen", "rejected"))
+        n = len(prompt) + max(len(chosen), len(rejected))
+        if context is not None and n > context:
+            raise UserError(f"pair {i} of --pairs-file has {n} tokens, more than the model's "
+                            f"context of {context}; shorten it or drop it")
+        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return out
+
+
+def right_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[[5,6],[7]] -> ids [[5,6],[7,pad]], mask [[1,1],[1,0]] (float, from the lengths: a pad
+    id inside a row is still a token)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width))
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1.0
+    return ids.to(device), mask.to(device)
+
+
+def collate_pairs(pairs: list[dict], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """N pairs -> one batch of 2N sequences, [chosen_1..chosen_N; rejected_1..rejected_N]:
+    prompt ids/mask [2N, P] (left-padded), completion ids/mask [2N, L] (right-padded)."""
+    prompt_ids, prompt_mask = left_pad([p["prompt"] for p in pairs] * 2, pad_id, device)
+    responses = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    completion_ids, completion_mask = right_pad(responses, pad_id, device)
+    return prompt_ids, prompt_mask, completion_ids, completion_mask
+
+
+# ----------------------------------------------------------------------------------------
+# 8. Models: any Hugging Face causal LM and the embedded tiny model, loaded the same way
+# ----------------------------------------------------------------------------------------
+
+TINY = "tiny"  # the --model value that selects the embedded model (section 13 builds it)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch. CPU runs are then deterministic; GPU kernels may not be."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device: "auto" is the GPU if there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype, the COMPUTE dtype: "auto" is bf16 on a GPU with bf16 units (Ampere or newer),
+    else fp32 (a CPU without bf16 instructions only emulates it, slower than fp32)."""
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if bf16 else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """`with autocast():` runs the model calls inside it in `dtype`, on fp32 master weights.
+
+    Mixed precision the standard way (torch.autocast, as TRL and nanoGPT do): the policy's
+    weights, gradients and AdamW state stay fp32, so an update of lr * ~1 = 1e-6 is kept (a bf16
+    weight near 0.02 moves in steps of 1.2e-4, so a bf16 copy would round it away), while the
+    matrix products run in bf16. Log-probs are still taken in fp32 (selective_log_softmax).
+    Within one region autocast casts each fp32 weight once and reuses the copy, so decoding
+    reads bf16 weights; the copies are dropped when the region ends. Hence: never step an
+    optimizer inside a region, and run backward outside it, as PyTorch advises.
+    fp32 gives a context that does nothing. Returns a function that makes a fresh context.
+    """
+    if dtype == torch.float32:
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device.type, dtype=dtype)
+
+
+def load_model_and_tokenizer(name: str, device: torch.device, dtype: torch.dtype,
+                             arith_ops: str = "2-4"):
+    """Load any causal LM the same way: AutoModelForCausalLM.from_pretrained(path).
+
+    `name == "tiny"` warm-starts (or loads from cache) the embedded model first, for the length
+    setting `arith_ops` (each setting has its own warm start). Tokenizers
+    pad on the left for generation; a tokenizer with no pad token pads with EOS.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    if name == TINY:
+        name = str(ensure_tiny_model(seed=0, ops=parse_arith_ops(arith_ops)))
+    elif name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise UserError(f"model folder {name} does not exist; pass --model with a Hugging Face id "
+                        "or a folder made by save_pretrained (or --model tiny for the embedded "
+                        "model)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load model {name!r} ({first}); pass --model with a local "
+                        "folder made by save_pretrained, or a hub id that is downloaded or "
+                        "reachable") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"tokenizer of {name!r} has no EOS token; the completion mask needs one")
+    model.to(device)
+    model.eval()  # no dropout, ever: else ratio != 1 on the first pass and the clip fires on noise
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def quiet_transformers() -> None:
+    """Hide transformers' own progress bars ("Loading weights", "Writing model shards"), so that
+    a run shows one bar, its own (progress). The hub's download bars stay: a first download of
+    a model can take minutes. Older transformers, without set_tqdm_hook, lose those too."""
+    from transformers.utils import logging as hf_logging
+
+    def no_bar(make_bar, args, kwargs):  # the bar's iterable still runs; nothing is drawn
+        return make_bar(*args, **dict(kwargs, disable=True))
+
+    if hasattr(hf_logging, "set_tqdm_hook"):
+        hf_logging.set_tqdm_hook(no_bar)
+    else:
+        hf_logging.disable_progress_bar()
+
+
+def load_frozen(name: str, device: torch.device, dtype: torch.dtype, arith_ops: str = "2-4"):
+    """A model that never trains (a reference, a guidance model): loaded as above, no gradients."""
+    model, _ = load_model_and_tokenizer(name, device, dtype, arith_ops)
+    return model.requires_grad_(False)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations during backward instead of storing them.
+
+    For bigger models (docs/grpo.md, implementation item 5): activation memory drops from one copy
+    per layer to one layer's, for about one extra forward of compute. Transformers checkpoints
+    only in train mode, so the model goes to train mode with every dropout set to 0 (the first
+    pass must still see ratio == 1); common.generate switches to eval mode to keep the KV cache.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)  # newer (transformers >= 5)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+    model.train()
+
+
+def context_length(model) -> Optional[int]:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+# ----------------------------------------------------------------------------------------
+# 9. CLI: a dataclass is the single source of truth for every knob; run_main runs a script
 # ----------------------------------------------------------------------------------------
 
 
 class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but its own errors (`--dtype fp8`, `--total-steps two`) are one line, no usage."""
+    """argparse, but its own errors (`--dtype fp8`, `--total-steps two`) are one line, no usage,
+    and a mistyped flag gets the nearest real one (`--totalsteps`: did you mean --total-steps?)."""
 
     def error(self, message: str) -> typing.NoReturn:
         fail(f"{message}; see {self.prog} --help")
+
+    def parse_args(self, args=None, namespace=None):
+        ns, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}{self._did_you_mean(unknown)}")
+        return ns
+
+    def _did_you_mean(self, unknown: list[str]) -> str:
+        """' (did you mean --total-steps?)' for the unknown flags that are close to a known one."""
+        known = [s for action in self._actions for s in action.option_strings]
+        guesses = []
+        for arg in unknown:
+            flag = arg.split("=", 1)[0]
+            close = difflib.get_close_matches(flag, known, n=1) if flag.startswith("-") else []
+            if close:
+                guesses.append((flag, close[0]))
+        if len(guesses) == 1:
+            return f" (did you mean {guesses[0][1]}?)"
+        return (" (did you mean " + ", ".join(f"{guess} for {flag}" for flag, guess in guesses)
+                + "?)") if guesses else ""
 
 
 def _parser(args_cls, suppress_defaults: bool = False) -> argparse.ArgumentParser:
@@ -75,8 +1027,8 @@ def _parser(args_cls, suppress_defaults: bool = False) -> argparse.ArgumentParse
         tp = hints[f.name]
         help_text = f.metadata.get("help", "")
         rng = f.metadata.get("range")
-        rng = f"; {rng}" if rng and rng[0] in "<>[(" else ""
-        kwargs: dict[str, Any] = dict(help=f"{help_text} (default: {f.default}{rng})")
+        rng = f"; {rng.replace('SEED_MAX', str(SEED_MAX))}" if rng and rng[0] in "<>[(" else ""
+        kwargs: dict[str, Any] = dict(help=f"{help_text} ({_help_default(f)}{rng})")
         if not suppress_defaults:
             kwargs["default"] = f.default
         origin = typing.get_origin(tp)
@@ -93,6 +1045,21 @@ def _parser(args_cls, suppress_defaults: bool = False) -> argparse.ArgumentParse
             kwargs["type"] = tp
         parser.add_argument(flag, dest=f.name, **kwargs)
     return parser
+
+
+def _help_default(f: dataclasses.Field) -> str:
+    """The default a help line shows: the field's, but for --data-dir (None) the folder read."""
+    if f.default is None and f.metadata.get("range") == "data_dir":
+        return f"default: {_short_path(gsm8k_dir(None))}"
+    return f"default: {f.default}"
+
+
+def _short_path(path: Path) -> str:
+    """A path as the shorter of its absolute form and its form relative to the current folder."""
+    try:
+        return min(os.path.relpath(path), str(path), key=len)
+    except ValueError:  # on another drive (Windows)
+        return str(path)
 
 
 def parse_args(args_cls, argv: Optional[list[str]] = None):
@@ -113,8 +1080,42 @@ def parse_args(args_cls, argv: Optional[list[str]] = None):
     return args
 
 
+def run_main(main, args_cls, argv: Optional[list[str]] = None):
+    """Parse and check the CLI, run `main`; every error a user can fix is one line.
+
+    Before any work: argparse (one line), the run's own config.json on --resume (resume_args),
+    then every field against its range (check_args). Exit codes: 2 bad input, 3 diverged,
+    128 + the signal (130 SIGINT, 143 SIGTERM) for an interrupted run, whose summary.json
+    says "status": "interrupted".
+    """
+    import signal
+
+    args = parse_args(args_cls, argv)
+    algo = Path(inspect.getfile(main)).stem
+    try:
+        if getattr(args, "resume", None):  # integrations/train_trl.py has no --resume
+            args = resume_args(args, algo)
+        check_args(args, algo)
+        result = main(args)
+    except UserError as e:
+        fail(str(e))
+    except TrainingDiverged as e:
+        print(f"stopped: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
+    except Interrupted as e:
+        print(f"stopped: {e.args[1]}", file=sys.stderr, flush=True)
+        sys.exit(128 + e.args[0])
+    except KeyboardInterrupt:  # before the run had its signal handlers: no checkpoint was written
+        print("stopped: SIGINT before training started; nothing to resume", file=sys.stderr,
+              flush=True)
+        sys.exit(128 + signal.SIGINT)
+    if isinstance(result, dict) and result.get("status") == "interrupted":
+        sys.exit(128 + signal.Signals[result["signal"]])
+    return result
+
+
 # ----------------------------------------------------------------------------------------
-# 2. Errors a user can fix: one line, exit code 2, never a traceback from inside torch
+# 10. Errors a user can fix: one line, exit code 2, never a traceback from inside torch
 # ----------------------------------------------------------------------------------------
 
 
@@ -335,764 +1336,23 @@ def check_args(args, algo: str) -> None:
         else:
             raise ValueError(f"field {f.name} of {type(args).__name__}: unknown range {rng!r} "
                              f"({hints[f.name]})")
+    check_tiny_task(args)
     if hasattr(args, "check"):  # a script's checks of flag combinations (grpo.py's D3S)
         args.check()
 
 
-# ----------------------------------------------------------------------------------------
-# 3. Tasks. An example is {"id": int, "question": str, "answer": str (the gold number)}.
-# ----------------------------------------------------------------------------------------
-
-ARITH_TRAIN_SIZE = 1000  # the RL prompts: a fixed set, revisited across epochs (DCPO's statistics)
-ARITH_TEST_SIZE = 500    # held-out, never trained on
-ARITH_SFT_SIZE = 10000   # the warm start's own problems (disjoint from both)
-SYSTEM_PROMPT = ("Solve the problem step by step. "
-                 "End your answer with a line of the form '#### <number>'.")
-
-
-ARITH_OPS = (2, 4)  # operations per problem: the default length of the embedded task
-ARITH_MAX_OPS = 32  # the longest setting --arith-ops accepts
-
-
-def parse_arith_ops(text: str) -> tuple[int, int]:
-    """'2-4' -> (2, 4); '6' -> (6, 6). Refuses anything else with a UserError naming the fix.
-
-    LO >= 2: one operation gives fewer distinct problems than the three splits need.
-    """
-    m = re.fullmatch(r"\s*(\d{1,3})\s*(?:-\s*(\d{1,3})\s*)?", str(text))
-    lo, hi = (int(m.group(1)), int(m.group(2) or m.group(1))) if m else (0, -1)
-    if not 2 <= lo <= hi <= ARITH_MAX_OPS:
-        raise UserError(f"--arith-ops {text!r} is not a range of operations LO-HI with "
-                        f"2 <= LO <= HI <= {ARITH_MAX_OPS}; pass e.g. --arith-ops 2-4 or 6-8")
-    return lo, hi
-
-
-def arith_completion_length(ops: tuple[int, int]) -> int:
-    """The default max completion length of a setting: 9 * HI + 12 tokens (48 for 2-4, 84 for 6-8).
-
-    A step is at most 9 characters with its space ('99-30=69 '), the answer ' #### 69' and EOS
-    8 more (the last step has no space), so the longest solution of HI steps is 9 * HI + 7 + 1
-    tokens; the rule adds 4 of slack. The tiny model reads one token per character.
-    """
-    return 9 * ops[1] + 12
-
-
-def arith_problem(rng: random.Random, ops: tuple[int, int] = ARITH_OPS) -> tuple[str, str, str]:
-    """One multi-step integer arithmetic problem with its chain-of-thought solution.
-
-    ops[0] to ops[1] additions/subtractions (2 to 4 by default) of numbers in 1..30, every
-    intermediate result in 0..99. Each step of the solution can go wrong on its own (a carry,
-    a borrow, a copied number), so there is room for credit assignment; more operations mean
-    a longer chain of steps before the answer.
-
-    >>> arith_problem(random.Random(0))
-    ('25+29-2-17', '25+29=54 54-2=52 52-17=35 #### 35', '35')
-    """
-    n_steps = rng.randint(*ops)
-    cur = rng.randint(1, 30)
-    question, steps = str(cur), []
-    for _ in range(n_steps):
-        b = rng.randint(1, 30)
-        op = rng.choice("+-")
-        if op == "-" and b > cur:
-            op = "+"
-        if op == "+" and cur + b > 99:
-            op = "-"
-        new = cur + b if op == "+" else cur - b
-        question += f"{op}{b}"
-        steps.append(f"{cur}{op}{b}={new}")
-        cur = new
-    return question, " ".join(steps) + f" #### {cur}", str(cur)
-
-
-def arith_dataset(split: str, seed: int = 1234, ops: tuple[int, int] = ARITH_OPS) -> list[dict]:
-    """The embedded task: a fixed list of problems per split ("test", "train", "sft").
-
-    The splits are disjoint by question text, so no held-out question is ever trained on.
-    `seed` is the task's own seed (not the run's): every run and machine sees the same sets.
-    `ops` is the length setting (see arith_problem); the default gives the original sets.
-    """
-    sizes = {"test": ARITH_TEST_SIZE, "train": ARITH_TRAIN_SIZE, "sft": ARITH_SFT_SIZE}
-    rng = random.Random(seed)
-    seen: dict[str, dict] = {}
-    while len(seen) < sum(sizes.values()):
-        q, solution, ans = arith_problem(rng, ops)
-        if q not in seen:
-            seen[q] = {"question": q, "solution": solution, "answer": ans}
-    items, start = list(seen.values()), 0
-    for name, size in sizes.items():
-        if name == split:
-            return [dict(id=i, **ex) for i, ex in enumerate(items[start:start + size])]
-        start += size
-    raise ValueError(f"unknown split {split!r}")
-
-
-HUB = "hub"  # --data-dir hub: GSM8K from the Hugging Face hub, through the optional `datasets`
-HUB_NEEDS_DATASETS = ("--data-dir hub needs the `datasets` package; `pip install datasets`, "
-                      "or pass --data-dir DIR holding train.jsonl and test.jsonl")
-
-
-def gsm8k_dir(data_dir: Optional[str]) -> Path:
-    default = Path(__file__).resolve().parent.parent / "shared/data/gsm8k"
-    return Path(data_dir) if data_dir else default
-
-
-def gsm8k_missing(path: Path) -> str:
-    return (f"GSM8K file {path} not found; pass --data-dir DIR holding {path.name} (from "
-            "github.com/openai/grade-school-math), or --data-dir hub to download GSM8K "
-            "with `datasets`")
-
-
-def load_gsm8k(split: str, data_dir: Optional[str]) -> list[dict]:
-    """GSM8K in the official JSONL format ({"question", "answer": "...#### 42"}).
-
-    Reads `data_dir`/{split}.jsonl (default: ../shared/data/gsm8k beside the project). The hub
-    is used only when asked for, with `--data-dir hub` (needs the optional `datasets` package).
-    """
-    if data_dir == HUB:
-        try:
-            import datasets  # optional dependency
-        except ImportError:
-            raise UserError(HUB_NEEDS_DATASETS) from None
-        ds = datasets.load_dataset("openai/gsm8k", "main", split=split)
-        return [dict(id=i, question=r["question"], solution=r["answer"],
-                     answer=gsm8k_gold(r["answer"], f"hub gsm8k {split}:{i + 1}"))
-                for i, r in enumerate(ds)]
-    path = gsm8k_dir(data_dir) / f"{split}.jsonl"
-    if not path.is_file():
-        raise UserError(gsm8k_missing(path))
-    return read_gsm8k_jsonl(path)
-
-
-def gold_from_gsm8k(answer_field: str) -> str:
-    return answer_field.split("####")[-1].strip().replace(",", "")
-
-
-def gsm8k_gold(answer_field: str, where: str) -> str:
-    """The gold number after '####', or UserError naming the record if it is not a plain number."""
-    gold = gold_from_gsm8k(answer_field)
-    if normalize_number(gold) is None:
-        raise UserError(f"{where}: the gold answer after '####' is {gold[:40]!r}, not a number; "
-                        "fix the record (e.g. '#### 42'), drop the line, "
-                        "or pass --data-dir another folder")
-    return gold
-
-
-_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a bad byte
-
-
-def check_utf8(line: str, where: str, flag: str) -> None:
-    """UserError naming file:line if `line` (read with errors="surrogateescape") had bad UTF-8."""
-    bad = _NOT_UTF8.search(line)
-    if bad:
-        byte = ord(bad.group()) - 0xDC00
-        raise UserError(f"{where} is not valid UTF-8 (byte {byte:#04x} at column "
-                        f"{bad.start() + 1}); save the file as UTF-8, or pass {flag} another")
-
-
-def read_gsm8k_jsonl(path: Path) -> list[dict]:
-    out = []
-    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
-        lines = [(n, line) for n, line in enumerate(fh, 1) if line.strip()]
-    for lineno, line in lines:
-        check_utf8(line, f"{path}:{lineno}", "--data-dir")
-        try:
-            row = json.loads(line)
-            q, a = row["question"], row["answer"]
-            if not isinstance(q, str) or not isinstance(a, str) or "####" not in a:
-                raise ValueError
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{path}:{lineno} is not a GSM8K record; each line must be JSON "
-                            'like {"question": "...", "answer": "... #### 42"} '
-                            "(or pass --data-dir another folder)") from None
-        gold = gsm8k_gold(a, f"{path}:{lineno}")
-        out.append(dict(id=len(out), question=q, answer=gold, solution=a))
-    if not out:
-        raise UserError(f"{path} holds no examples; point --data-dir at a folder with a non-empty "
-                        f"{path.name}")
-    return out
-
-
-def load_task(task: str, split: str, data_dir: Optional[str] = None,
-              arith_ops: str = "2-4") -> list[dict]:
-    if task == "arith":
-        return arith_dataset(split, ops=parse_arith_ops(arith_ops))
-    if task == "gsm8k":
-        return load_gsm8k(split, data_dir)
-    raise UserError(f"unknown --task {task!r}; use arith or gsm8k")
-
-
-def default_max_len(task: str, arith_ops: str = "2-4") -> int:
-    """--max-completion-length when it is not given: arith_completion_length, or 512 for gsm8k."""
-    return arith_completion_length(parse_arith_ops(arith_ops)) if task == "arith" else 512
-
-
-def format_prompt(tokenizer, question: str, task: str) -> str:
-    """Instruct models get their chat template; base models (and the tiny model) a plain prompt."""
-    if task == "arith" and getattr(tokenizer, "chat_template", None) is None:
-        return f"Q:{question}\nA:"
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": SYSTEM_PROMPT},
-                    {"role": "user", "content": question}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return f"Question: {question}\nAnswer: Let's think step by step."
+def check_tiny_task(args) -> None:
+    """The embedded tiny model only for --task arith: it was warm-started on arithmetic alone, and
+    it reads one token per character, so GSM8K's prompts do not fit its context."""
+    if getattr(args, "model", None) == TINY and getattr(args, "task", None) == "gsm8k":
+        raise UserError("--task gsm8k needs --model: the embedded tiny model (--model tiny, the "
+                        "default) is for --task arith (trained on arithmetic only, and GSM8K's "
+                        "prompts do not fit its context); pass --model for gsm8k, e.g. "
+                        "--model Qwen/Qwen2.5-0.5B-Instruct")
 
 
 # ----------------------------------------------------------------------------------------
-# 4. Verifiers. Model output is untrusted: bounded size, linear-time regexes, no eval/exec.
-# ----------------------------------------------------------------------------------------
-
-MAX_VERIFY_CHARS = 4096   # only the tail of a completion is read; the answer comes last
-MAX_NUMBER_CHARS = 40     # longer digit strings are not numbers we compare
-# A number-like token is a maximal run of the characters numbers are written with: digits (any
-# script), . , / ^ $ and every minus or dash sign, and e/E between digits ("1e5"). The run is
-# read whole or not at all (normalize_number): "3/4", "1e5", ".5", "1,2", "1.2.3" and "−5"
-# (U+2212) are not plain numbers, so they never score as 3, 1, 5, 12, 1 or 5.
-_MINUS = "\\-\u2010-\u2015\u2212\ufe58\ufe63\uff0d"
-_CHARS = rf"[\d.,/^$+{_MINUS}]"
-_RUN = rf"(?:{_CHARS}|(?<=\d)[eE](?=[+{_MINUS}]?\d))++"   # possessive: never backtracks
-# Every quantifier below is possessive (*+, ++): a run is taken whole and never given back, so
-# each pattern costs time linear in the window, whatever the text.
-_BOXED = re.compile(r"\\boxed\{\s*+(" + _RUN + ")")
-_HASHES = re.compile(r"####\s*+(" + _RUN + ")")
-_ANSWER_IS = re.compile(r"answer is[:\s*]*+(" + _RUN + ")", re.IGNORECASE)
-_ANY_NUM = re.compile(_RUN)
-_LEADING_RUN = re.compile(_RUN)
-# A plain number: ASCII digits, an optional leading '-' and '$', commas only between groups of
-# exactly three digits, an optional decimal part. "1,000", "$1,000.50", "-3", "0.5" are plain.
-_PLAIN = re.compile(r"-?\$?(?:[0-9]{1,3}(?:,[0-9]{3})++|[0-9]++)(?:\.[0-9]++)?+")
-
-
-def _has_digit(token: str) -> bool:
-    return any(c.isdigit() for c in token)
-
-
-def extract_answer(text: str) -> Optional[str]:
-    """The final answer of a completion, as a number-like token, or None.
-
-    Order: \\boxed{n}, then '#### n', then 'the answer is n', then the last number-like token
-    (see _RUN above); the last match of the first kind found wins. A trailing '.' or ','
-    (the end of a sentence) is dropped. Only the last MAX_VERIFY_CHARS characters are read,
-    so a megabyte of output costs microseconds; a number cut by that window's left edge is
-    dropped, never read in part.
-    """
-    if not isinstance(text, str):
-        return None
-    start = max(0, len(text) - MAX_VERIFY_CHARS)
-    tail = text[start:]
-    if start > 0 and _LEADING_RUN.fullmatch(text[start - 1:start + 1]):  # a run across the edge
-        tail = tail[_LEADING_RUN.match(tail).end():]
-    for pattern in (_BOXED, _HASHES, _ANSWER_IS, _ANY_NUM):
-        found = [t for t in pattern.findall(tail) if _has_digit(t)]
-        if found:
-            return found[-1].rstrip(".,") or None
-    return None
-
-
-def normalize_number(s: Optional[str]) -> Optional[Fraction]:
-    """'$1,234.50' -> Fraction(2469, 2); '18.0' -> 18; '18.' -> 18. None unless a plain number.
-
-    Plain (see _PLAIN): ASCII digits, commas between groups of three, an optional decimal part,
-    an optional leading '-' and '$'. Not plain, so None: '3/4', '1e5', '.5', '1,2', '−5'.
-    """
-    if not isinstance(s, str):
-        return None
-    s = s.strip()
-    s = s[:-1] if s.endswith(".") else s
-    if not s or len(s) > MAX_NUMBER_CHARS or not _PLAIN.fullmatch(s):
-        return None
-    return Fraction(s.replace(",", "").replace("$", ""))  # exact decimal, no float rounding
-
-
-def is_correct(completion: str, gold: str) -> bool:
-    pred, ref = normalize_number(extract_answer(completion)), normalize_number(gold)
-    return pred is not None and ref is not None and pred == ref
-
-
-def reward_fn(completions: list[str], answers: list[str]) -> list[float]:
-    """1.0 if the final number equals the gold answer, else 0.0 (TRL's reward signature).
-
-    A completion is model output (anything: it scores 0.0 unless it ends in the right number);
-    the golds are ours, so a gold that is not a string, or lists of different lengths, raise.
-    """
-    if len(completions) != len(answers):
-        raise ValueError(f"reward_fn: {len(completions)} completions but {len(answers)} gold "
-                         "answers; pass one gold answer per completion")
-    for i, a in enumerate(answers):
-        if not isinstance(a, str):
-            raise TypeError(f"reward_fn: gold answer {i} is {type(a).__name__} {a!r}, not a str; "
-                            "pass golds as strings like '42'")
-    return [1.0 if is_correct(c, a) else 0.0 for c, a in zip(completions, answers)]
-
-
-def finished_rewards(completions: list[str], answers: list[str], completion_ids: torch.Tensor,
-                     eos_id: int) -> torch.Tensor:
-    """reward_fn, with 0 for a completion that never emitted EOS (truncated = wrong). [B] float."""
-    finished = (completion_ids == eos_id).any(1).float().cpu()
-    return torch.tensor(reward_fn(completions, answers), dtype=torch.float32) * finished
-
-
-# ----------------------------------------------------------------------------------------
-# 5. Models: any Hugging Face causal LM and the embedded tiny model, loaded the same way
-# ----------------------------------------------------------------------------------------
-
-TINY = "tiny"  # the --model value that selects the embedded model (section 12 builds it)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch. CPU runs are then deterministic; GPU kernels may not be."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    """--device: "auto" is the GPU if there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """--dtype, the COMPUTE dtype: "auto" is bf16 on a GPU with bf16 units (Ampere or newer),
-    else fp32 (a CPU without bf16 instructions only emulates it, slower than fp32)."""
-    if name == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-        return torch.bfloat16 if bf16 else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    """`with autocast():` runs the model calls inside it in `dtype`, on fp32 master weights.
-
-    Mixed precision the standard way (torch.autocast, as TRL and nanoGPT do): the policy's
-    weights, gradients and AdamW state stay fp32, so an update of lr * ~1 = 1e-6 is kept (a bf16
-    weight near 0.02 moves in steps of 1.2e-4, so a bf16 copy would round it away), while the
-    matrix products run in bf16. Log-probs are still taken in fp32 (selective_log_softmax).
-    Within one region autocast casts each fp32 weight once and reuses the copy, so decoding
-    reads bf16 weights; the copies are dropped when the region ends. Hence: never step an
-    optimizer inside a region, and run backward outside it, as PyTorch advises.
-    fp32 gives a context that does nothing. Returns a function that makes a fresh context.
-    """
-    if dtype == torch.float32:
-        return contextlib.nullcontext
-    return functools.partial(torch.autocast, device.type, dtype=dtype)
-
-
-def load_model_and_tokenizer(name: str, device: torch.device, dtype: torch.dtype,
-                             arith_ops: str = "2-4"):
-    """Load any causal LM the same way: AutoModelForCausalLM.from_pretrained(path).
-
-    `name == "tiny"` warm-starts (or loads from cache) the embedded model first, for the length
-    setting `arith_ops` (each setting has its own warm start). Tokenizers
-    pad on the left for generation; a tokenizer with no pad token pads with EOS.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if name == TINY:
-        name = str(ensure_tiny_model(seed=0, ops=parse_arith_ops(arith_ops)))
-    elif name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
-        raise UserError(f"model folder {name} does not exist; pass --model with a Hugging Face id "
-                        "or a folder made by save_pretrained (or --model tiny for the embedded "
-                        "model)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not load model {name!r} ({first}); pass --model with a local "
-                        "folder made by save_pretrained, or a hub id that is downloaded or "
-                        "reachable") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.eos_token_id is None:
-        raise UserError(f"tokenizer of {name!r} has no EOS token; the completion mask needs one")
-    model.to(device)
-    model.eval()  # no dropout, ever: else ratio != 1 on the first pass and the clip fires on noise
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
-
-
-def load_frozen(name: str, device: torch.device, dtype: torch.dtype, arith_ops: str = "2-4"):
-    """A model that never trains (a reference, a guidance model): loaded as above, no gradients."""
-    model, _ = load_model_and_tokenizer(name, device, dtype, arith_ops)
-    return model.requires_grad_(False)
-
-
-def enable_gradient_checkpointing(model) -> None:
-    """Recompute each decoder layer's activations during backward instead of storing them.
-
-    For bigger models (docs/grpo.md, implementation item 5): activation memory drops from one copy
-    per layer to one layer's, for about one extra forward of compute. Transformers checkpoints
-    only in train mode, so the model goes to train mode with every dropout set to 0 (the first
-    pass must still see ratio == 1); common.generate switches to eval mode to keep the KV cache.
-    """
-    enable = getattr(model, "activation_checkpointing_enable", None)  # newer (transformers >= 5)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        for name, value in list(vars(module).items()):
-            if "dropout" in name and isinstance(value, float):
-                setattr(module, name, 0.0)
-    model.train()
-
-
-def context_length(model) -> Optional[int]:
-    return getattr(model.config, "max_position_embeddings", None)
-
-
-# ----------------------------------------------------------------------------------------
-# 6. Sampling: left-padded prompts, one KV-cached generate call per batch
-# ----------------------------------------------------------------------------------------
-
-
-def tokenize_prompts(tokenizer, examples: list[dict], task: str, max_len: Optional[int],
-                     max_completion_length: int) -> list[list[int]]:
-    """Token ids of each example's prompt. Refuses prompts that do not fit the context."""
-    out = []
-    for ex in examples:
-        ids = tokenizer(format_prompt(tokenizer, ex["question"], task),
-                        add_special_tokens=False)["input_ids"]
-        if max_len is not None and len(ids) + max_completion_length > max_len:
-            raise UserError(f"prompt of example {ex['id']} has {len(ids)} tokens, and with "
-                            f"--max-completion-length {max_completion_length} it exceeds the "
-                            f"model's context of {max_len}; shorten the prompt or lower "
-                            "--max-completion-length")
-        out.append(ids)
-    return out
-
-
-def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """[[5,6],[7]] -> ids [[5,6],[pad,7]], mask [[1,1],[0,1]] (left padding, for generation)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
-    return ids.to(device), mask.to(device)
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-             max_new_tokens: int, num_generations: int = 1, temperature: float = 1.0,
-             top_p: float = 1.0, top_k: int = 0,
-             greedy: bool = False, row_keys: Optional[list[int]] = None) -> torch.Tensor:
-    """Sample `num_generations` completions per prompt in one batched, KV-cached call.
-
-    Returns completion ids [P*G, L] (L <= max_new_tokens), GROUP-CONTIGUOUS: rows g*G..g*G+G-1
-    belong to prompt g. The generation config is built here from our arguments only, so a
-    hub model's own generation_config.json (top_k=20, repetition_penalty, ...) cannot change
-    the sampler: with top_p=1 and top_k=0 it samples exactly softmax(logits / T).
-
-    row_keys (one int per prompt row, num_generations must be 1): each row draws from its own
-    random stream (KeyedSampler), so a row's sample does not depend on which rows share the
-    call, their order or their padding. Used where a batched result must equal a
-    one-row-at-a-time one (SPO's Monte Carlo values).
-    """
-    from transformers import GenerationConfig
-
-    keyed = row_keys is not None and not greedy
-    if keyed and (num_generations != 1 or len(row_keys) != prompt_ids.size(0)):
-        raise ValueError("row_keys needs one key per prompt row and num_generations == 1 "
-                         "(repeat the rows instead)")
-    # Every sampling knob is set explicitly: transformers fills knobs left at None from the
-    # model's own generation_config.json, which may hold temperature 0.7 or repetition_penalty.
-    # (Greedy decoding ignores the sampling knobs, so they are only set when sampling.)
-    sample = not greedy and not keyed  # keyed sampling picks the token; generate() takes its argmax
-    sampling = (dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=0.0, typical_p=1.0)
-                if sample else {})
-    cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=sample, **sampling, repetition_penalty=1.0,
-        no_repeat_ngram_size=0, num_beams=1, num_return_sequences=num_generations if sample else 1,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True)
-    extra = ({"logits_processor": [KeyedSampler(row_keys, temperature, top_p, top_k)]}
-             if keyed else {})
-    was_training = model.training  # train mode only under --gradient-checkpointing: no KV cache
-    model.eval()
-    try:
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                             generation_config=cfg, **extra)
-    finally:
-        model.train(was_training)
-    return out[:, prompt_ids.size(1):]
-
-
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (lowbias32, C. Wellons) on int64 tensors with values in [0, 2^32)."""
-    m = 0xFFFFFFFF
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & m   # int64 products may wrap; the low 32 bits are still right
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & m
-    return x ^ (x >> 16)
-
-
-class KeyedSampler:
-    """A logits processor that samples row r's t-th new token from a stream keyed by (key_r, t).
-
-        p      = softmax(top_p(top_k(logits / T)))            (the same sampler as do_sample)
-        u[v]   = (hash(hash(hash(key_r) ^ t) ^ v) + 0.5) / 2^32,   g[v] = -log(-log u[v])
-        token  = argmax_v (log p[v] + g[v])                   (Gumbel-max: an exact sample of p)
-                                  (log p = logits' - logsumexp: the argmax of logits' + g)
-
-    It returns 0 at that token and -inf elsewhere, and runs under greedy decoding, which takes
-    the argmax. The noise is a pure function of (key, t, v): no generator state is shared
-    between rows, so the same key gives the same sample in any batch.
-    """
-
-    def __init__(self, keys: list[int], temperature: float, top_p: float, top_k: int):
-        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-        self.keys = torch.tensor([k & 0xFFFFFFFF for k in keys], dtype=torch.long)
-        self.warpers = [TemperatureLogitsWarper(temperature)] + \
-            ([TopKLogitsWarper(top_k)] if top_k > 0 else []) + \
-            ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
-        self.start: Optional[int] = None
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.start is None:
-            self.start = input_ids.size(1)
-        t = input_ids.size(1) - self.start                                     # new tokens so far
-        for w in self.warpers:
-            scores = w(input_ids, scores)
-        B, V = scores.shape
-        keys = self.keys.to(scores.device)
-        row = _hash32(_hash32(keys) ^ t)                                       # [B]
-        h = _hash32(row[:, None] ^ torch.arange(V, device=scores.device)[None, :])  # [B, V]
-        u = (h.float() + 0.5) / 2.0 ** 32                                     # in (0, 1)
-        noisy = scores.float() - torch.log(-torch.log(u))  # log p = scores - logsumexp: same argmax
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(1, noisy.argmax(-1, keepdim=True), 0.0)
-
-
-def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """1.0 on tokens up to AND including the first EOS; all ones when there is no EOS.
-
-    Built from the index of the first EOS, never from `ids != pad`: with pad == eos a
-    pad-based mask would drop the EOS and the policy would never learn to stop.
-
-    >>> completion_mask_from_ids(torch.tensor([[5, 7, 2, 2, 2], [5, 7, 8, 9, 9],
-    ...                                        [2, 2, 2, 2, 2]]), eos_id=2)
-    tensor([[1., 1., 1., 0., 0.],
-            [1., 1., 1., 1., 1.],
-            [1., 0., 0., 0., 0.]])
-    """
-    is_eos = completion_ids == eos_id                                   # [B, L]
-    L = completion_ids.size(1)
-    first = torch.where(is_eos.any(1), is_eos.int().argmax(1),
-                        torch.full_like(is_eos[:, 0], L, dtype=torch.long))
-    positions = torch.arange(L, device=completion_ids.device)[None, :]  # [1, L]
-    return (positions <= first[:, None]).float()
-
-
-# ----------------------------------------------------------------------------------------
-# 7. Per-token log-probs of the completion tokens, without an fp32 copy of the vocabulary
-# ----------------------------------------------------------------------------------------
-
-
-CHUNK_ELEMENTS = 1 << 22  # fp32 elements per chunk of rows (16 MiB): 85 rows of a 49k vocabulary
-
-
-def _rows_per_chunk(vocab: int, chunk: Optional[int]) -> int:
-    return chunk if chunk is not None else max(1, CHUNK_ELEMENTS // vocab)
-
-
-class _SelectiveLogSoftmax(torch.autograd.Function):
-    """log softmax(z / T)[y] for each row, fp32, chunked, with a hand-written backward.
-
-    Forward keeps only the logits (already alive, in the model's dtype) and the row
-    log-sum-exp (fp32, one number a row). Backward recomputes softmax chunk by chunk, in place:
-        d logp / d z = (onehot(y) - softmax(z / T)) / T
-    So besides the logits' own gradient (which any method needs), only one fp32 chunk of
-    [rows, V] is alive at a time, in forward or backward.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, targets, temperature: float, chunk: int):
-        n = logits.size(0)
-        logp = torch.empty(n, dtype=torch.float32, device=logits.device)
-        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
-        for s in range(0, n, chunk):
-            z = logits[s:s + chunk].float()
-            if temperature != 1.0:
-                z = z / temperature
-            lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
-            picked = z.gather(-1, targets[s:s + chunk, None]).squeeze(-1)
-            logp[s:s + chunk] = picked - lse[s:s + chunk]
-        ctx.save_for_backward(logits, targets, lse)
-        ctx.temperature, ctx.chunk = temperature, chunk
-        return logp
-
-    @staticmethod
-    def backward(ctx, grad_logp):
-        logits, targets, lse = ctx.saved_tensors
-        T, chunk = ctx.temperature, ctx.chunk
-        grad = torch.empty_like(logits)
-        for s in range(0, logits.size(0), chunk):
-            z = logits[s:s + chunk].to(torch.float32, copy=True)  # a copy even for fp32: edited
-            g = grad_logp[s:s + chunk, None].float()             # [c, 1]
-            if T != 1.0:
-                z.div_(T)
-            z.sub_(lse[s:s + chunk, None]).exp_().mul_(-g)        # -softmax * g
-            z.scatter_add_(-1, targets[s:s + chunk, None], g)     # + onehot * g
-            if T != 1.0:
-                z.div_(T)
-            grad[s:s + chunk] = z                                 # cast to the logits' dtype
-        return grad, None, None, None
-
-
-def selective_log_softmax(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                          chunk: Optional[int] = None) -> torch.Tensor:
-    """log softmax(logits / T) gathered at `targets`. logits [..., V], targets [...] -> [...] fp32.
-
-    Equal to `torch.log_softmax(logits.float() / T, -1).gather(-1, targets[..., None])` (tested),
-    but peak memory is one chunk of rows in fp32 (CHUNK_ELEMENTS, or `chunk` rows) instead of
-    whole [..., V] fp32 tensors (benchmarks/perf/bench_logps.py).
-    """
-    shape = targets.shape
-    flat = logits.reshape(-1, logits.size(-1))
-    out = _SelectiveLogSoftmax.apply(flat, targets.reshape(-1), temperature,
-                                     _rows_per_chunk(flat.size(-1), chunk))
-    return out.view(shape)
-
-
-@torch.no_grad()
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0,
-                        chunk: Optional[int] = None) -> torch.Tensor:
-    """Full-vocabulary entropy of softmax(z / T), chunked, no grad: lse(z) - sum softmax(z) z."""
-    flat = logits.reshape(-1, logits.size(-1))
-    chunk = _rows_per_chunk(flat.size(-1), chunk)
-    out = torch.empty(flat.size(0), dtype=torch.float32, device=logits.device)
-    for s in range(0, flat.size(0), chunk):
-        z = flat[s:s + chunk].float() / temperature
-        lse = torch.logsumexp(z, dim=-1, keepdim=True)
-        out[s:s + chunk] = (lse.squeeze(-1) - (torch.exp(z - lse) * z).sum(-1))
-    return out.view(logits.shape[:-1])
-
-
-def model_inputs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
-                 completion_mask: torch.Tensor) -> dict:
-    """input_ids, attention_mask and position_ids [B, P+L] of left-padded prompts followed by
-    their completions. Position ids = cumsum(attention_mask) - 1, what generation used."""
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)                  # [B, P+L]
-    attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)    # [B, P+L]
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-
-
-def per_token_logps(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                    completion_ids: torch.Tensor, completion_mask: torch.Tensor, temperature: float,
-                    with_entropy: bool = False):
-    """Log-probs [B, L] (fp32) of each completion token under `model`, from logits / T.
-
-    Prompts are left-padded, so position ids = cumsum(attention_mask) - 1, which matches what
-    generation used. The LM head runs only on the last L+1 positions (logits_to_keep): prompt
-    logits are never built. Logit j predicts token j+1, so the final one is dropped.
-    Returns (logps, entropies or None).
-    """
-    L = completion_ids.size(1)
-    logits = model(**model_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask),
-                   logits_to_keep=L + 1, use_cache=False).logits[:, :-1]         # [B, L, V]
-    logps = selective_log_softmax(logits, completion_ids, temperature)         # [B, L]
-    entropies = entropy_from_logits(logits, temperature) if with_entropy else None
-    return logps, entropies
-
-
-def response_hidden_states(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                           completion_ids: torch.Tensor,
-                           completion_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden states [B, L, H] at the positions that predict each completion token.
-
-    The model body runs without its LM head, so no [B, L, V] logits are built: a caller applies
-    the head a chunk of positions at a time (token_dpo.py's full-vocabulary KL and cDPO's score).
-    Inputs as per_token_logps (model_inputs). Needs check_plain_lm_head to hold for the model.
-    """
-    hidden = model.get_decoder()(**model_inputs(prompt_ids, prompt_mask, completion_ids,
-                                                completion_mask),
-                                 use_cache=False).last_hidden_state             # [B, P+L, H]
-    P, L = prompt_ids.size(1), completion_ids.size(1)
-    return hidden[:, P - 1:P - 1 + L]                              # hidden j predicts token j+1
-
-
-def check_plain_lm_head(model, device) -> None:
-    """Refuse a model whose logits are not head(last hidden state) (e.g. soft-capped logits):
-    response_hidden_states followed by the head would not give its distributions."""
-    ids = torch.tensor([[1, 2, 3]], device=device)
-    with torch.no_grad():
-        full = model(input_ids=ids).logits.float()
-        hidden = model.get_decoder()(input_ids=ids).last_hidden_state
-        ours = model.get_output_embeddings()(hidden).float()
-    if not torch.allclose(full, ours, rtol=1e-2, atol=1e-2 * max(1.0, full.abs().max().item())):
-        raise UserError("this model transforms its logits after the LM head (e.g. soft-capping), "
-                        "which token_dpo.py does not reproduce; pass --model with a plain causal "
-                        "LM (Llama, Qwen, ...)")
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
-    """sum(values * mask) / sum(mask), as a float: a per-token metric over the real tokens."""
-    return ((values * mask).sum() / mask.sum()).item()
-
-
-@torch.no_grad()
-def no_grad_pass(fwd, mbs: list, policy=None, reference=None):
-    """Step 2 of every RL loop: one no-grad pass for what the update needs before it starts.
-
-    fwd(model, mb, with_entropy) -> (log-probs [b, L], entropies [b, L] or None) of the rows mb;
-    mbs: the micro-batches covering the batch. Runs `policy` (log-probs AND entropies) and
-    `reference` (log-probs) if given; a model not given costs nothing. Returns (policy log-probs,
-    policy entropies, reference log-probs), each [B, L] in mbs order, or None.
-    The old log-probs need no pass here when nothing reads them before the update: the first
-    optimisation pass runs on the weights that sampled the batch, so its log-probs, detached,
-    ARE the old ones (ratio exactly 1), and that saves a forward.
-    """
-    logps = entropies = ref_logps = None
-    if reference is not None:
-        ref_logps = torch.cat([fwd(reference, mb)[0] for mb in mbs])
-    if policy is not None:
-        outs = [fwd(policy, mb, True) for mb in mbs]
-        logps, entropies = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
-    return logps, entropies, ref_logps
-
-
-# ----------------------------------------------------------------------------------------
-# 8. Evaluation: greedy, on a fixed held-out set
-# ----------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate(model, tokenizer, examples: list[dict], task: str, max_new_tokens: int,
-             batch_size: int = 64, return_completions: bool = False):
-    """Greedy pass@1 accuracy on `examples` (and the completions, if asked)."""
-    device = next(model.parameters()).device
-    correct, texts = 0, []
-    for s in range(0, len(examples), batch_size):
-        chunk = examples[s:s + batch_size]
-        rows = [tokenizer(format_prompt(tokenizer, ex["question"], task),
-                          add_special_tokens=False)["input_ids"] for ex in chunk]
-        ids, mask = left_pad(rows, tokenizer.pad_token_id, device)
-        out = generate(model, tokenizer, ids, mask, max_new_tokens, greedy=True)
-        decoded = decode_completions(tokenizer, out)
-        correct += sum(reward_fn(decoded, [ex["answer"] for ex in chunk]))
-        texts += decoded
-    acc = correct / max(len(examples), 1)
-    return (acc, texts) if return_completions else acc
-
-
-def decode_completions(tokenizer, completion_ids: torch.Tensor) -> list[str]:
-    mask = completion_mask_from_ids(completion_ids, tokenizer.eos_token_id).bool()
-    return [tokenizer.decode(row[m].tolist(), skip_special_tokens=True)
-            for row, m in zip(completion_ids.cpu(), mask.cpu())]
-
-
-# ----------------------------------------------------------------------------------------
-# 9. Runs: folder, config, metrics.jsonl, sample completions, atomic checkpoints, prompt order
+# 11. Runs: folder, config, metrics.jsonl, sample completions, atomic checkpoints, prompt order
 # ----------------------------------------------------------------------------------------
 
 
@@ -1343,71 +1603,14 @@ def resume_args(args, algo: str):
     return out
 
 
-class MetricAverager:
-    """Averages metrics over a whole update (every micro-batch and pass), weighted by tokens.
-
-    `approx_kl_old` is averaged over the last pass only: it says how far the passes moved.
-    """
-    LAST_PASS_ONLY = ("approx_kl_old",)
-    SUMMED = ("policy_loss",)  # each micro-batch holds a part of the loss: sum, then pass mean
-
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.weights: dict[str, float] = {}
-        self.skipped_updates = 0
-        self.passes = 0  # counted by optimizer_step
-
-    def add(self, metrics: dict, weight: float, last_pass: bool = True) -> None:
-        for k, v in metrics.items():
-            if k in self.LAST_PASS_ONLY and not last_pass:
-                continue
-            w = 1.0 if k in self.SUMMED else weight
-            self.sums[k] = self.sums.get(k, 0.0) + v * w
-            self.weights[k] = self.weights.get(k, 0.0) + w
-
-    def means(self) -> dict:
-        out = {k: self.sums[k] / (max(self.passes, 1) if k in self.SUMMED
-                                  else max(self.weights[k], 1e-12)) for k in self.sums}
-        out["skipped_updates"] = self.skipped_updates
-        out["num_updates"] = self.passes
-        return out
-
-
-def optimizer_step(model, optimizer, max_grad_norm: float, avg: MetricAverager) -> float:
-    """Clip the gradient norm and step. A non-finite gradient skips the update (and is counted)."""
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
-    avg.passes += 1
-    if math.isfinite(grad_norm):
-        optimizer.step()
-    else:
-        avg.skipped_updates += 1
-        print(f"warning: non-finite gradient norm ({grad_norm}); update skipped", file=sys.stderr)
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
-
-
-def rollout_metrics(rewards: torch.Tensor, completion_ids: torch.Tensor,
-                    completion_mask: torch.Tensor, eos_id: int, num_generations: int) -> dict:
-    """Reward and length statistics of one rollout batch, with TRL's metric names."""
-    r = rewards.float().view(-1, num_generations)
-    lengths = completion_mask.sum(1).float().cpu()
-    terminated = (completion_ids == eos_id).any(1).cpu()
-    return {
-        "reward": r.mean().item(), "reward_std": r.std(1).mean().item(),
-        "accuracy": (rewards > 0.5).float().mean().item(),
-        "frac_reward_zero_std": (r.std(1) < 1e-6).float().mean().item(),
-        "completions/mean_length": lengths.mean().item(),
-        "completions/min_length": lengths.min().item(),
-        "completions/max_length": lengths.max().item(),
-        "completions/clipped_ratio": 1.0 - terminated.float().mean().item(),
-        "completions/mean_terminated_length": (lengths[terminated].mean().item()
-                                               if terminated.any() else 0.0),
-    }
-
-
 def progress(iterable, desc: str):
     from tqdm import tqdm
     return tqdm(iterable, desc=desc, dynamic_ncols=True)
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 step', '2 steps', '0 steps'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 class Run:
@@ -1478,6 +1681,11 @@ class Run:
         for log in ("metrics.jsonl", "completions.jsonl"):  # drop the steps the checkpoint lacks
             trim_jsonl(self.run_dir / log, step)
         (self.run_dir / "summary.json").unlink(missing_ok=True)  # written again when it ends
+        if "best_accuracy" not in self.state:  # a checkpoint from before the best was kept
+            for line in (self.run_dir / "metrics.jsonl").read_text().splitlines():
+                row = json.loads(line)  # (trim_jsonl kept only whole lines)
+                if row["step"] > 0 and "eval/accuracy" in row:
+                    self._note_eval(row["step"], row["eval/accuracy"])
         config = json.loads((self.run_dir / "config.json").read_text())
         record = {"from_step": step, "checkpoint": ckpt.name, "time": round(time.time()),
                   "changed": getattr(self.args, "resume_changes", {})}
@@ -1522,6 +1730,8 @@ class Run:
         not change, and no checkpoint is written, so the last good checkpoint stays.
         """
         self.logger.log(step, metrics)
+        if "eval/accuracy" in metrics:
+            self._note_eval(step, metrics["eval/accuracy"])
         passes, skipped = metrics.get("num_updates", 0), metrics.get("skipped_updates", 0)
         self.bad_steps = self.bad_steps + 1 if passes > 0 and skipped == passes else 0
         limit = self.args.max_bad_steps
@@ -1529,9 +1739,19 @@ class Run:
             self.logger.close()
             last = latest_checkpoint(self.run_dir)
             raise TrainingDiverged(
-                f"{self.bad_steps} steps in a row had a non-finite loss or gradient (step {step}). "
-                f"Last good checkpoint: {last or 'none yet'}. Lower --learning-rate, or raise "
-                "--max-bad-steps (0 never stops), then --resume the run")
+                f"{plural(self.bad_steps, 'step')} in a row had a non-finite loss or gradient "
+                f"(step {step}). Last good checkpoint: {last or 'none yet'}. Lower "
+                "--learning-rate, or raise --max-bad-steps (0 never stops), then --resume the run")
+
+    def best(self) -> tuple[float, int]:
+        """The best held-out accuracy so far and the first step that reached it (0: the start)."""
+        if "best_accuracy" not in self.state:
+            return self.state["start_accuracy"], 0
+        return self.state["best_accuracy"], self.state["best_step"]
+
+    def _note_eval(self, step: int, accuracy: float) -> None:
+        if accuracy > self.best()[0]:  # kept in run.state, so a checkpoint and --resume keep it
+            self.state["best_accuracy"], self.state["best_step"] = accuracy, step
 
     def end_step(self, step: int, metrics: dict, texts: list[str], rewards: torch.Tensor,
                  idx: list[int], examples: list[dict], num_generations: int) -> None:
@@ -1542,11 +1762,15 @@ class Run:
                                         rewards[:num_generations].tolist())
 
     def finish(self, final_accuracy: float, wall_time: float) -> dict:
-        """Write summary.json; its "status" is "finished", or "interrupted" (with the signal)."""
+        """Write summary.json and print the summary line: the start, last and best held-out
+        accuracy (the best with its step). Its "status" is "finished", or "interrupted" (with the
+        signal)."""
         import signal
 
         start = self.state["start_accuracy"]
+        best, best_step = self.best()
         summary = dict(algo=self.algo, start_accuracy=start, final_accuracy=final_accuracy,
+                       best_accuracy=best, best_step=best_step,
                        steps=self.state["step"], wall_time_s=round(wall_time, 1),
                        run_dir=str(self.run_dir))
         summary["status"] = "finished" if self.stop_signal is None else "interrupted"
@@ -1559,126 +1783,14 @@ class Run:
                   f"{self.args.total_steps}; --resume {self.run_dir} continues", flush=True)
             return summary
         print(f"{self.algo}: held-out greedy accuracy {start:.3f} -> {final_accuracy:.3f} "
-              f"({100 * (final_accuracy - start):+.1f} pts) in {summary['steps']} steps, "
-              f"{wall_time:.0f}s; saved to {self.run_dir}", flush=True)
+              f"({100 * (final_accuracy - start):+.1f} pts; best {best:.3f} at step {best_step}) "
+              f"in {plural(summary['steps'], 'step')}, {wall_time:.0f}s; saved to {self.run_dir}",
+              flush=True)
         return summary
 
 
-def run_main(main, args_cls, argv: Optional[list[str]] = None):
-    """Parse and check the CLI, run `main`; every error a user can fix is one line.
-
-    Before any work: argparse (one line), the run's own config.json on --resume (resume_args),
-    then every field against its range (check_args). Exit codes: 2 bad input, 3 diverged,
-    128 + the signal (130 SIGINT, 143 SIGTERM) for an interrupted run, whose summary.json
-    says "status": "interrupted".
-    """
-    import signal
-
-    args = parse_args(args_cls, argv)
-    algo = Path(inspect.getfile(main)).stem
-    try:
-        if getattr(args, "resume", None):  # integrations/train_trl.py has no --resume
-            args = resume_args(args, algo)
-        check_args(args, algo)
-        result = main(args)
-    except UserError as e:
-        fail(str(e))
-    except TrainingDiverged as e:
-        print(f"stopped: {e}", file=sys.stderr, flush=True)
-        sys.exit(3)
-    except Interrupted as e:
-        print(f"stopped: {e.args[1]}", file=sys.stderr, flush=True)
-        sys.exit(128 + e.args[0])
-    except KeyboardInterrupt:  # before the run had its signal handlers: no checkpoint was written
-        print("stopped: SIGINT before training started; nothing to resume", file=sys.stderr,
-              flush=True)
-        sys.exit(128 + signal.SIGINT)
-    if isinstance(result, dict) and result.get("status") == "interrupted":
-        sys.exit(128 + signal.Signals[result["signal"]])
-    return result
-
-
 # ----------------------------------------------------------------------------------------
-# 10. Preference pairs (token_dpo.py): a JSONL file of pairs, tokenised, batched
-# ----------------------------------------------------------------------------------------
-# A pair of token ids is {"prompt": [int], "chosen": [int], "rejected": [int]}; each response
-# ends with its EOS, as a finished answer does.
-
-def read_preference_jsonl(path: str) -> list[dict]:
-    """Rows {"prompt": str, "chosen": str, "rejected": str} of a JSONL file (extra keys ignored).
-
-    Any bad line raises UserError with one line "<path>:<line>: <problem>; <fix>".
-    """
-    fields = ('each line must be a JSON object with non-empty string fields "prompt", '
-              '"chosen" and "rejected"')
-    if not Path(path).is_file():
-        raise UserError(f"--pairs-file {path} does not exist; pass a JSONL file, one pair per "
-                        f"line ({fields})")
-    rows = []
-    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
-        for lineno, line in enumerate(fh, 1):
-            check_utf8(line, f"{path}:{lineno}", "--pairs-file")  # one line, no traceback
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); {fields}") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got "
-                                f"{type(row).__name__}; {fields}")
-            for key in ("prompt", "chosen", "rejected"):
-                if not isinstance(row.get(key), str) or not row[key].strip():
-                    problem = "missing" if key not in row else "not a non-empty string"
-                    raise UserError(f"{path}:{lineno}: '{key}' is {problem}; {fields}")
-            if row["chosen"] == row["rejected"]:
-                raise UserError(f"{path}:{lineno}: 'chosen' equals 'rejected', which carries no "
-                                "preference; drop the line or fix one answer")
-            rows.append({k: row[k] for k in ("prompt", "chosen", "rejected")})
-    if not rows:
-        raise UserError(f"{path} holds no pairs; {fields}")
-    return rows
-
-
-def tokenize_pairs(rows: list[dict], tokenizer, task: str, context: Optional[int]) -> list[dict]:
-    """Text pairs -> token-id pairs. The prompt is formatted like the task's prompts; a response
-    is tokenised on its own (no merge across the boundary) and ends with EOS."""
-    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    out = []
-    for i, r in enumerate(rows, 1):
-        prompt = ids(format_prompt(tokenizer, r["prompt"], task))
-        chosen, rejected = (ids(r[k]) + [tokenizer.eos_token_id] for k in ("chosen", "rejected"))
-        n = len(prompt) + max(len(chosen), len(rejected))
-        if context is not None and n > context:
-            raise UserError(f"pair {i} of --pairs-file has {n} tokens, more than the model's "
-                            f"context of {context}; shorten it or drop it")
-        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    return out
-
-
-def right_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """[[5,6],[7]] -> ids [[5,6],[7,pad]], mask [[1,1],[1,0]] (float, from the lengths: a pad
-    id inside a row is still a token)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width))
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1.0
-    return ids.to(device), mask.to(device)
-
-
-def collate_pairs(pairs: list[dict], pad_id: int, device) -> tuple[torch.Tensor, ...]:
-    """N pairs -> one batch of 2N sequences, [chosen_1..chosen_N; rejected_1..rejected_N]:
-    prompt ids/mask [2N, P] (left-padded), completion ids/mask [2N, L] (right-padded)."""
-    prompt_ids, prompt_mask = left_pad([p["prompt"] for p in pairs] * 2, pad_id, device)
-    responses = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-    completion_ids, completion_mask = right_pad(responses, pad_id, device)
-    return prompt_ids, prompt_mask, completion_ids, completion_mask
-
-
-# ----------------------------------------------------------------------------------------
-# 11. Credit view: one group's completions, each token with its advantage (model-free)
+# 12. Credit view: one group's completions, each token with its advantage (model-free)
 # ----------------------------------------------------------------------------------------
 
 _GREENS = (151, 114, 77, 40, 46)    # 256-colour ANSI codes, weakest to strongest
@@ -1718,8 +1830,9 @@ def credit_group_text(step: int, examples: list[dict], idx: list[int], rewards: 
     line saying that no group's rewards differ (every advantage of the step is then 0)."""
     g = pick_credit_group(rewards, num_generations)
     if g is None:
-        return (f"step {step}, credit view: in all {len(idx)} groups every completion has the same "
-                "reward, so every advantage is 0; nothing to show")
+        groups = "its one group" if len(idx) == 1 else f"all {len(idx)} groups"
+        return (f"step {step}, credit view: in {groups} every completion has the same reward, so "
+                "every advantage is 0; nothing to show")
     ex, rows = examples[idx[g]], slice(g * num_generations, (g + 1) * num_generations)
     return (f"step {step}, credit view of {ex['question']!r} (gold {ex['answer']}), "
             f"group {g + 1} of {len(idx)}; " + render(rows))
@@ -1794,8 +1907,9 @@ def credit_view(tokenizer, completion_ids: torch.Tensor, advantages: torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------
-# 12. The embedded tiny model: a character tokenizer, a 1.8M-parameter Llama, its warm start
+# 13. The embedded tiny model: a character tokenizer, a 1.8M-parameter Llama, its warm start
 # ----------------------------------------------------------------------------------------
+
 # Only `--model tiny` reaches this section (load_model_and_tokenizer calls ensure_tiny_model).
 
 TINY_VERSION = "v4"             # the warm start's recipe; a cached folder of another is unused
@@ -1966,7 +2080,7 @@ def build_tiny_model_folder(path: Path, seed: int = 0, ops: tuple[int, int] = AR
     path.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, path)  # atomic: a half-written model is never used
     if not quiet:
-        print(f"warm start: {step} SFT steps, held-out accuracy {acc:.3f}, "
+        print(f"warm start: {plural(step, 'SFT step')}, held-out accuracy {acc:.3f}, "
               f"{info['seconds']}s -> {path}")
     return info
 

@@ -53,7 +53,7 @@ class Args:
     arith_ops: str = field(default="2-4", metadata={"range": "arith_ops", "help":
         "arith: operations per problem, LO-HI (at least 2; longer chains, longer answers)"})
     data_dir: Optional[str] = field(default=None, metadata={"range": "data_dir", "help":
-        "folder with GSM8K train.jsonl/test.jsonl (default: ../shared/data/gsm8k)"})
+        "folder with GSM8K train.jsonl/test.jsonl, or hub (needs `datasets`)"})
     total_steps: int = field(default=80, metadata={"range": ">0", "help":
         "rollout batches to train on (each gives num_iterations optimizer steps)"})
     eval_every: int = field(default=20, metadata={"range": ">0", "help":

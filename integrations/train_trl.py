@@ -184,7 +184,7 @@ def main(args: Args):
     if trainer.accelerator.is_main_process:
         logged = [h for h in trainer.state.log_history if "reward" in h]
         if logged:
-            print(f"done: {trainer.state.global_step} steps, last logged reward "
+            print(f"done: {common.plural(trainer.state.global_step, 'step')}, last logged reward "
                   f"{logged[-1]['reward']:.3f}")
     return trainer
 

@@ -106,6 +106,8 @@ CASES = [
     ("argparse", A("--total-steps", "two"), "invalid int value: 'two'"),
     ("argparse", A("--learning-rate", "fast"), "invalid float value"),
     ("argparse", A("--no-such-flag", "1"), "unrecognized arguments"),
+    ("argparse", A("--totalsteps", "1"),
+     "unrecognized arguments: --totalsteps 1 (did you mean --total-steps?)"),
     ("range", lambda c, s: [flag_name(s, "temperature"), "0"], "must be positive, got 0.0"),
     ("range", A("--seed", "-1"), "is outside [0, 4294967295], got -1"),
     ("range", A("--seed", str(2**32)), "is outside"),
@@ -140,6 +142,10 @@ CASES = [
     ("data", gsm8k("broken"), "train.jsonl:2 is not a GSM8K record", "--data-dir"),
     ("data", A("--task", "gsm8k", "--data-dir", "hub"), "needs the `datasets` package",
      "--data-dir"),
+    # the embedded tiny model with gsm8k: refused before any load (issue 26, item 2a); the folder
+    # exists, so the data is not what is refused
+    ("tiny", lambda c, s: ["--model", "tiny", *gsm8k("utf8")(c, s)], "is for --task arith",
+     "--model"),
     ("resume", lambda c, s: ["--resume", str(c[f"run_{s}"]), batch_flag(s), "3"],
      " 3 differs from the run's 2", batch_flag),
     ("resume", lambda c, s: ["--resume", str(c[f"run_{s}"]), "--seed", "1", "--total-steps", "9"],
@@ -292,10 +298,48 @@ def test_zero_is_honoured_or_refused_never_replaced():
         assert "args.learning_rate or" not in src and "args.max_completion_length or" not in src
 
 
+def test_tiny_model_with_gsm8k_is_one_line_naming_a_model_to_pass(ctx, tmp_path, capsys):
+    """`grpo.py --task gsm8k` leaves --model at tiny: one line that says to pass --model, where a
+    user once got a context error that named only --max-completion-length (issue 26, item 2a)."""
+    argv = ["--task", "gsm8k", "--total-steps", "1", "--data-dir", str(ctx["root"] / "utf8"),
+            "--output-dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as e:
+        common.run_main(MODULES["grpo"].main, MODULES["grpo"].Args, argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: --task gsm8k needs --model: the embedded tiny model (--model tiny, the default) is "
+        "for --task arith (trained on arithmetic only, and GSM8K's prompts do not fit its "
+        "context); pass --model for gsm8k, e.g. --model Qwen/Qwen2.5-0.5B-Instruct\n")
+    assert not (tmp_path / "out").exists()
+
+
 def test_help_shows_each_range():
     parser = common._parser(MODULES["grpo"].Args)
     text = " ".join(parser.format_help().split())  # argparse wraps the lines
     assert "(default: 20; >0)" in text and "(default: 1.0; (0, 1])" in text
+    assert "(default: 0; [0, 4294967295])" in text and "SEED_MAX" not in text  # --seed
+
+
+@pytest.mark.parametrize("script", [*SCRIPTS, "train_trl"])
+def test_help_gives_each_flag_one_default(script, monkeypatch, tmp_path):
+    """--data-dir shows one default, the folder it reads when not given (issue 26, item 2c)."""
+    monkeypatch.chdir(tmp_path)  # the folder is shown relative to here, or absolute if shorter
+    text = " ".join(common._parser(MODULES[script].Args).format_help().split())
+    text = text.split(" options: ", 1)[1]  # the help lines, after the usage
+    data_dir = text.split("--data-dir DATA_DIR", 1)[1].split(" --", 1)[0]
+    assert data_dir.count("default") == 1, data_dir
+    shown = data_dir.split("(default: ", 1)[1].split(")", 1)[0]
+    assert (tmp_path / shown).resolve() == common.gsm8k_dir(None).resolve(), shown
+
+
+def test_a_mistyped_flag_gets_the_nearest_flags(capsys):
+    argv = ["--totalsteps", "3", "--evalevery=2", "--no-such-flag"]
+    with pytest.raises(SystemExit) as e:
+        common.parse_args(MODULES["grpo"].Args, argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: unrecognized arguments: --totalsteps 3 --evalevery=2 --no-such-flag (did you mean "
+        "--total-steps for --totalsteps, --eval-every for --evalevery?); see grpo.py --help\n")
 
 
 # ---------------------------------------------------------------- integrations/train_trl.py

@@ -98,6 +98,10 @@ def test_char_tokenizer_roundtrip(tmp_path):
     assert tok2.padding_side == "left" and tok2.pad_token_id != tok2.eos_token_id
 
 
+def test_plural():
+    assert [common.plural(n, "step") for n in (0, 1, 2)] == ["0 steps", "1 step", "2 steps"]
+
+
 def test_prompt_sampler_resumes_exactly():
     a = common.PromptSampler(10, seed=3)
     first = [a.next(4) for _ in range(3)]
@@ -126,6 +130,23 @@ def test_checkpoint_is_atomic_and_loadable(random_tiny_model_dir, tmp_path):
     with pytest.raises(RuntimeError, match="non-finite"):
         common.save_checkpoint(tmp_path, 4, model, tok, {})
     assert common.latest_checkpoint(tmp_path) == ckpt
+
+
+def test_a_run_shows_no_transformers_progress_bars(random_tiny_model_dir, tmp_path, capsys):
+    """Loading, saving a checkpoint and loading it back draw none of transformers' own bars
+    ("Loading weights", "Writing model shards"): a run shows one bar, its own (issue 26, 2b)."""
+    from transformers.utils import logging as hf_logging
+    previous = hf_logging.set_tqdm_hook(None)  # as in a fresh process: the loader must set it
+    try:
+        model, tok = common.load_model_and_tokenizer(str(random_tiny_model_dir), torch.device("cpu"),
+                                                     torch.float32)
+        (tmp_path / "config.json").write_text("{}")
+        ckpt = common.save_checkpoint(tmp_path, 1, model, tok, {})
+        common.load_frozen(str(ckpt), torch.device("cpu"), torch.float32)
+    finally:
+        hf_logging.set_tqdm_hook(previous)
+    err = capsys.readouterr().err
+    assert "Loading weights" not in err and "Writing model shards" not in err and "it/s" not in err, err
 
 
 def test_generation_ignores_model_generation_config(random_tiny_model_dir):

@@ -1,4 +1,4 @@
-"""The text credit view (common.py section 11): the group it shows and the tokens it marks."""
+"""The text credit view (common.py section 12): the group it shows and the tokens it marks."""
 import torch
 
 import common
@@ -25,6 +25,9 @@ def test_credit_group_text_shows_the_picked_group():
     none = common.credit_group_text(7, examples, [2, 0], torch.tensor([0.0, 0, 1, 1]), 2,
                                     lambda g: 1 / 0)
     assert "\n" not in none and "same reward" in none and none.startswith("step 7, credit view:")
+    assert "in all 2 groups every completion" in none
+    one = common.credit_group_text(7, examples, [2], torch.tensor([1.0, 1]), 2, lambda g: 1 / 0)
+    assert "in its one group every completion" in one  # not "in all 1 groups"
 
 
 def test_marks_only_what_differs_from_grpo():

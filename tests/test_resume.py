@@ -231,3 +231,28 @@ def test_resume_refuses_a_config_with_a_flag_this_version_lacks(tmp_path):
     args = common.parse_args(grpo.Args, ["--resume", str(tmp_path)])
     with pytest.raises(common.UserError, match="--temperature-old"):
         common.resume_args(args, "grpo")
+
+
+@pytest.mark.parametrize("older_checkpoint", [False, True])
+def test_the_best_evaluation_survives_a_resume(older_checkpoint, random_tiny_model_dir, tmp_path,
+                                               fake_reward, monkeypatch):
+    """summary.json's best accuracy counts the evaluations before a resume: from run.state in the
+    checkpoint, or, in a checkpoint written before the best was kept, from metrics.jsonl."""
+    import common
+    import torch
+    evals = iter([0.25, 0.75, 0.5, 0.5, 0.6, 0.5])  # steps 0-3, then 4-5 after the resume
+    monkeypatch.setattr(common, "evaluate", lambda *a, **k: next(evals))
+    grpo_run(["--model", str(random_tiny_model_dir), *SMALL, "--total-steps", "3",
+              "--output-dir", str(tmp_path)])
+    (cut,) = list(tmp_path.iterdir())
+    ckpt = cut / "checkpoints" / "step-0000003"
+    if older_checkpoint:  # as written before best_accuracy/best_step were kept in run.state
+        trainer = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        assert (trainer["state"].pop("best_accuracy"), trainer["state"].pop("best_step")) == (0.75, 1)
+        torch.save(trainer, ckpt / "trainer_state.pt")
+        marker = json.loads((ckpt / "COMPLETE").read_text())
+        marker["sha256"]["trainer_state.pt"] = common.sha256_file(ckpt / "trainer_state.pt")
+        (ckpt / "COMPLETE").write_text(json.dumps(marker))
+    summary, _ = grpo_run(["--resume", str(cut), "--total-steps", "5"])
+    assert (summary["best_accuracy"], summary["best_step"]) == (0.75, 1)
+    assert (summary["final_accuracy"], summary["steps"]) == (0.5, 5)

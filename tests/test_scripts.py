@@ -1,6 +1,7 @@
 """End-to-end: the scripts as a user runs them (subprocess), --help, and bad input."""
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,6 +51,34 @@ def test_two_steps_end_to_end(script, random_tiny_model_dir, tmp_path):
     start = AutoModelForCausalLM.from_pretrained(random_tiny_model_dir)
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), start.parameters()))
     assert "held-out greedy accuracy" in out.stdout and str(run_dir) in out.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_summary_gives_the_last_and_the_best_evaluation(script, random_tiny_model_dir, tmp_path,
+                                                            monkeypatch, capsys):
+    """The last line: start -> last accuracy, the best with its step, "1 step" or "3 steps"; the
+    same in summary.json, beside the keys benchmarks/compare.py reads (issue 26, items 2d, 2e)."""
+    import re
+    mod = __import__(script)
+    argv = ["--model", str(random_tiny_model_dir), *tiny_run(script), "--save-every", "100"]
+    for steps, accs, words in [
+            (3, [0.25, 0.5, 0.75, 0.5], "0.250 -> 0.500 (+25.0 pts; best 0.750 at step 2) in 3 steps"),
+            (1, [0.5, 0.25], "0.500 -> 0.250 (-25.0 pts; best 0.500 at step 0) in 1 step")]:
+        evals = iter(accs)  # step 0 (the start), then every step (--eval-every 1)
+        monkeypatch.setattr(common, "evaluate", lambda *a, **k: next(evals))
+        out = tmp_path / str(steps)
+        summary = common.run_main(mod.main, mod.Args, [*argv, "--total-steps", str(steps),
+                                                       "--output-dir", str(out)])
+        last = capsys.readouterr().out.strip().splitlines()[-1]
+        assert re.fullmatch(rf"{script}: held-out greedy accuracy {re.escape(words)}, \d+s; "
+                            rf"saved to {re.escape(summary['run_dir'])}", last), last
+        assert json.loads((out / Path(summary["run_dir"]).name / "summary.json").read_text()) == summary
+        best = max(accs)
+        assert {k: summary[k] for k in ("start_accuracy", "final_accuracy", "best_accuracy",
+                                        "best_step", "steps", "status")} == {
+            "start_accuracy": accs[0], "final_accuracy": accs[-1], "best_accuracy": best,
+            "best_step": accs.index(best), "steps": steps, "status": "finished"}
+        assert {"algo", "wall_time_s", "run_dir"} <= set(summary)
 
 
 def _bad(capsys, script, argv):
