@@ -13,6 +13,9 @@ Everything is read back from the runs' own metrics.jsonl, and written to OUT:
     runs.csv    one row per run: final and best accuracy, steps to --target, time per step,
                 the method's diagnostics (means over the run)
     table.md    one row per method: mean +- std over seeds of the same
+    paired.md   one short row per method: final accuracy, and its difference from the method it
+                changes (BASELINE: GRPO for the RL methods, DPO for the preference losses), seed by
+                seed; the README's table
     curves.png  held-out greedy accuracy against step and against wall time (mean over seeds,
                 shaded +- std); needs matplotlib, an optional dependency of this benchmark only
 
@@ -54,6 +57,11 @@ METHODS = {
     "tabpo": ("token_dpo", ["--loss", "tabpo"]),
 }
 QUICK_FLAGS = ["--total-steps", "6", "--eval-every", "3", "--eval-size", "50"]
+
+# What each method changes, for the paired differences (same seed = same prompts and sampling seed).
+BASELINE = {"tempo": "grpo", "dcpo": "grpo", "spo-chain": "grpo", "spo-tree": "grpo", "tw-grpo": "grpo",
+            "d3s": "grpo", "dpo": "grpo", "tdpo1": "dpo", "tdpo2": "dpo", "tgdpo": "dpo", "cdpo": "dpo",
+            "tabpo": "dpo"}
 
 # The diagnostics each method logs (their means over the run's steps go in the tables).
 DIAGNOSTICS = {
@@ -153,6 +161,26 @@ def markdown_table(rows: list[dict], target: float) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def paired_table(records: list[dict]) -> str:
+    """Final accuracy per method, and its difference from its BASELINE seed by seed, in points.
+
+    | method | final | vs | by seed | mean |: "by seed" lists final(method) - final(baseline) for each
+    seed both ran, in seed order; "mean" is their mean. E.g. grpo 0.46, 0.43 and tempo 0.48, 0.40
+    (seeds 0, 1) give "+2.0, -3.0" and "-0.5".
+    """
+    final = {(r["method"], r["seed"]): r["final_acc"] for r in records}
+    lines = ["| method | final | vs | by seed | mean |", "|---|---|---|---|---|"]
+    methods = [m for m in METHODS if any(r["method"] == m for r in records)]
+    for method in methods + sorted({r["method"] for r in records} - set(methods)):
+        m, s = _mean_std([r["final_acc"] for r in records if r["method"] == method])
+        base = BASELINE.get(method)
+        diffs = [100 * (final[(method, seed)] - final[(base, seed)])
+                 for seed in sorted(seed for meth, seed in final if meth == method) if (base, seed) in final]
+        paired = ("—", "—") if not diffs else (", ".join(f"{d:+.1f}" for d in diffs), f"{statistics.mean(diffs):+.1f}")
+        lines.append(f"| {method} | {100 * m:.1f} ± {100 * s:.1f} | {base if diffs else '—'} | {paired[0]} | {paired[1]} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_csv(records: list[dict], path: Path) -> None:
     keys = ["method", "seed", "steps", "start_acc", "final_acc", "best_acc", "steps_to_target", "sec_per_step", "wall_s"]
     diag = sorted({k for r in records for k in DIAGNOSTICS.get(r["method"], [])})
@@ -217,6 +245,7 @@ def build_outputs(out: Path, target: float) -> list[dict]:
     write_csv(records, out / "runs.csv")
     rows = aggregate(records)
     (out / "table.md").write_text(markdown_table(rows, target))
+    (out / "paired.md").write_text(paired_table(records))
     plot_curves(records, out / "curves.png")
     return rows
 
@@ -300,7 +329,8 @@ def main(argv=None) -> None:
             commit=_git_commit(), wall_s=round(time.time() - t_start)), indent=2))
     build_outputs(out, args.target)
     print((out / "table.md").read_text())
-    print(f"wrote {out}/runs.csv, {out}/table.md" + (f", {out}/curves.png" if (out / "curves.png").exists() else ""))
+    print((out / "paired.md").read_text())
+    print(f"wrote {out}/runs.csv, {out}/table.md, {out}/paired.md" + (f", {out}/curves.png" if (out / "curves.png").exists() else ""))
 
 
 def _git_commit() -> str:

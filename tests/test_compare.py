@@ -76,6 +76,23 @@ def test_table_from_fixture(fixture_dir):
         ("grpo", "0", "0.6", "2"), ("grpo", "1", "0.4", ""), ("tempo", "0", "0.55", "4")]
 
 
+def test_paired_table_is_each_method_minus_its_baseline_seed_by_seed(fixture_dir):
+    compare.build_outputs(fixture_dir, target=0.5)
+    lines = (fixture_dir / "paired.md").read_text().splitlines()
+    assert lines[0] == "| method | final | vs | by seed | mean |"
+    assert lines[2] == "| grpo | 50.0 ± 14.1 | — | — | — |"  # the baseline itself
+    assert lines[3] == "| tempo | 55.0 ± 0.0 | grpo | -5.0 | -5.0 |"  # seed 0 only: 0.55 - 0.60
+    records = [{"method": m, "seed": s, "final_acc": a, "start_acc": 0.3, "best_acc": a, "sec_per_step": 1.0,
+                "wall_s": 1.0, "steps_to_target": None}
+               for m, s, a in [("grpo", 0, 0.46), ("grpo", 1, 0.43), ("tempo", 0, 0.48), ("tempo", 1, 0.40)]]
+    assert compare.paired_table(records).splitlines()[3] == "| tempo | 44.0 ± 5.7 | grpo | +2.0, -3.0 | -0.5 |"
+
+
+def test_every_method_has_a_baseline_that_is_a_method():
+    assert set(compare.BASELINE) | {"grpo"} == set(compare.METHODS)
+    assert set(compare.BASELINE.values()) <= set(compare.METHODS)
+
+
 def test_missing_matplotlib_still_writes_tables(fixture_dir, monkeypatch, capsys):
     real_import = builtins.__import__
 
