@@ -18,7 +18,7 @@ import torch
 
 from conftest import ROOT
 
-pytest.importorskip("verl", reason="verl is not installed (see the module docstring)")
+pytest.importorskip("verl", reason="needs verl in a venv of its own: pip install -r integrations/requirements-verl.txt (see the module docstring)")
 sys.path.insert(0, str(ROOT / "integrations"))
 import dcpo  # noqa: E402
 import tempo  # noqa: E402
