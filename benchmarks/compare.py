@@ -17,7 +17,7 @@ Everything is read back from the runs' own metrics.jsonl, and written to OUT:
                 changes (BASELINE: GRPO for the RL methods, DPO for the preference losses), seed by
                 seed; the README's table
     curves.png  held-out greedy accuracy against step and against wall time (mean over seeds,
-                shaded +- std); needs matplotlib, an optional dependency of this benchmark only
+                shaded +- std; dashed: the preference losses); needs matplotlib, an optional dependency of this benchmark only
 
 Jobs: 2 CPU cores run one job with 2 threads, or --jobs 2 with 1 thread each (more runs per
 hour: a model this small does not use two threads well). Time per step depends on this choice,
@@ -202,7 +202,10 @@ def plot_curves(records: list[dict], path: Path) -> bool:
               "runs.csv and table.md are written", file=sys.stderr)
         return False
     fig, (ax_step, ax_time) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for method in dict.fromkeys(r["method"] for r in records):
+    colors = plt.get_cmap("tab20").colors  # 20 distinct colours: 13 methods, no colour twice
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in records)):
+        style = dict(color=colors[2 * i % 20 + (2 * i // 20) % 2],  # the dark shades first
+                     linestyle="--" if method == "dpo" or BASELINE.get(method) == "dpo" else "-")
         runs = [r for r in records if r["method"] == method]
         steps = sorted(set.intersection(*[{s for s, _, _ in r["curve"]} for r in runs]))
         by_step = [{s: (t, a) for s, t, a in r["curve"]} for r in runs]  # per run: step -> (seconds, accuracy)
@@ -211,10 +214,10 @@ def plot_curves(records: list[dict], path: Path) -> bool:
         mean = [statistics.mean(a) for a in acc]
         std = [statistics.stdev(a) if len(a) > 1 else 0.0 for a in acc]
         t = [statistics.mean(x) for x in sec]
-        line, = ax_step.plot(steps, mean, marker="o", ms=3, label=method)
+        ax_step.plot(steps, mean, marker="o", ms=3, label=method, **style)
         ax_step.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                             color=line.get_color(), alpha=0.15)
-        ax_time.plot(t, mean, marker="o", ms=3, color=line.get_color(), label=method)
+                             color=style["color"], alpha=0.08)
+        ax_time.plot(t, mean, marker="o", ms=3, label=method, **style)
     ax_step.set(xlabel="training step", ylabel="held-out greedy accuracy", title="accuracy vs step")
     ax_time.set(xlabel="wall time since step 0 (s)", ylabel="held-out greedy accuracy", title="accuracy vs wall time")
     for ax in (ax_step, ax_time):
