@@ -38,10 +38,12 @@ method alike:
     TDPO             minus its per-token KL (a penalty), only where it is not 0 everywhere
     TGDPO            the guidance token reward r_hat_t, only with a guidance model
     cDPO             +1 on a right answer's tokens (chosen, unweighted), -w_t on a wrong one's
-                     (rejected, weighted), only with --cdpo-models
+                     (rejected, weighted); its two models from --cdpo-models, else fitted here
+                     from the reference as token_dpo.py's first round fits them, on every prompt
+                     sampled for the groups (--cdpo-sft-steps; 0 leaves the row out)
 
-At the warm start policy = reference, so TDPO's KL is 0 and there is no guidance or cDPO model:
-those rows are left out, and the table says so.
+At the warm start policy = reference, so TDPO's KL is 0 and there is no guidance model: those
+rows are left out, and the table says so.
 
 The measures, per method, pooled over every completion token of every group, each with a 95%
 percentile bootstrap interval over groups (the same resampled groups for every method):
@@ -64,8 +66,9 @@ Cost: the truth's continuations dominate, about (distinct prefixes) x K x (mean 
 generated tokens a group, so it grows with the square of the completion length. Measured on the
 2-4 warm start, 16 groups, K = 64, one thread of a 2-core CPU (docs/study.md): 763 s in all, 738
 s of them for 2,178 prefixes and 1.8M continuation tokens; the methods and the bootstrap, 18 s.
-6-8 costs about four times as much a group. --quick (2 groups, K = 4, 50 bootstrap draws) is a
-smoke run for the tests: 14 s.
+6-8 costs about four times as much a group. Fitting cDPO's two models adds about 30 s.
+--quick (2 groups, K = 4, 50 bootstrap draws, 2 cDPO fitting steps) is a smoke run for the
+tests: 14 s.
 
 Writes OUT.md, OUT.csv and OUT.json (default runs/credit_truth/credit_truth).
 """
@@ -91,6 +94,7 @@ import common  # noqa: E402
 import credit_map  # noqa: E402
 import grpo  # noqa: E402
 import spo  # noqa: E402
+import token_dpo  # noqa: E402
 
 TRUTH_SEED_OFFSET = 1_000_003  # the truth's streams are never SPO-chain's (keyed by this + seed)
 ENTROPY_QUANTILE = 0.2         # the 80/20 mask's share of tokens (Wang et al.)
@@ -108,12 +112,15 @@ TRUTH_ROW, CHANCE_ROW = "MC truth", "chance"
 @torch.no_grad()
 def sample_groups(model, tokenizer, examples: list[dict], G: int, max_len: int, seed: int,
                   n_groups: int, prompts_per_call: int = 8,
-                  max_prompts: int = 1000) -> tuple[list[dict], int]:
+                  max_prompts: int = 1000,
+                  batches: Optional[list] = None) -> tuple[list[dict], int]:
     """Up to n_groups groups of G completions whose rewards differ, and the prompts drawn.
 
     Prompts in a seeded order, prompts_per_call at a time in one generate call (as a training
     step's rollout, temperature 1); rewards are common.finished_rewards. Each group is a dict in
     credit_map.sample_group's format (CPU tensors), so credit_map.credit_matrices reads it.
+    With a list `batches`, every generate call's prompts and completions are appended to it, in
+    credit_map.sample_group's "batch" format (the round cDPO's models are fitted on).
     """
     device = next(model.parameters()).device
     common.seed_everything(seed)
@@ -130,6 +137,9 @@ def sample_groups(model, tokenizer, examples: list[dict], G: int, max_len: int, 
         texts = common.decode_completions(tokenizer, c_ids)
         rewards = common.finished_rewards(
             texts, [examples[i]["answer"] for i in idx for _ in range(G)], c_ids, eos)
+        if batches is not None:
+            batches.append({"examples": [examples[i] for i in idx], "prompt_rows": rows,
+                            "completion_ids": c_ids, "texts": texts, "rewards": rewards})
         for g in range(len(idx)):
             r = rewards[g * G:(g + 1) * G]
             if r.min() == r.max():
@@ -146,6 +156,21 @@ def sample_groups(model, tokenizer, examples: list[dict], G: int, max_len: int, 
             if len(groups) == n_groups:
                 return groups, drawn
     return groups, drawn
+
+
+def merge_batches(batches: list[dict], eos: int) -> dict:
+    """sample_groups' generate calls as one round: a "batch" for credit_map.fit_cdpo_models.
+
+    Completions are right-padded with EOS to the widest call's width; a completion's tokens end
+    at its first EOS, so the padding changes no row (one without EOS already has the full width).
+    """
+    width = max(b["completion_ids"].size(1) for b in batches)
+    pad = lambda ids: torch.nn.functional.pad(ids, (0, width - ids.size(1)), value=eos)  # noqa
+    return {"examples": [e for b in batches for e in b["examples"]],
+            "prompt_rows": [r for b in batches for r in b["prompt_rows"]],
+            "completion_ids": torch.cat([pad(b["completion_ids"]) for b in batches]),
+            "texts": [t for b in batches for t in b["texts"]],
+            "rewards": torch.cat([b["rewards"] for b in batches])}
 
 
 # ----------------------------------------------------------------------------------------
@@ -558,12 +583,18 @@ def main(argv=None) -> None:
     p.add_argument("--guidance-model", default=None, help="TGDPO's guidance model")
     p.add_argument("--cdpo-models", nargs=2, default=None, metavar=("POS", "NEG"),
                    help="cDPO's positive and negative model folders")
+    p.add_argument("--cdpo-sft-steps", type=int, default=token_dpo.Args.ce_sft_steps,
+                   help="without --cdpo-models: fit cDPO's two models for this many steps on "
+                   "every prompt sampled here, as token_dpo.py's first round fits them on its "
+                   "round (its --ce-sft-steps; about 30 s a thread); 0: no cDPO row")
     p.add_argument("--out", default="runs/credit_truth/credit_truth",
                    help="output prefix: OUT.md, OUT.csv, OUT.json")
-    p.add_argument("--quick", action="store_true", help="smoke run: 2 groups, K = 4, 50 draws")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 groups, K = 4, 50 draws, "
+                   "at most 2 cDPO fitting steps")
     a = p.parse_args(argv)
     if a.quick:
         a.groups, a.k, a.boot = 2, 4, 50
+        a.cdpo_sft_steps = min(a.cdpo_sft_steps, 2)
     try:
         _main(a)
     except common.UserError as e:
@@ -571,6 +602,9 @@ def main(argv=None) -> None:
 
 
 def _main(a) -> None:
+    if a.cdpo_sft_steps < 0:
+        raise common.UserError(f"--cdpo-sft-steps must be at least 0 (got {a.cdpo_sft_steps}); "
+                               "0 leaves the cDPO row out")
     if a.groups < 1 or a.k < 2 or a.boot < 1:
         raise common.UserError(f"--groups {a.groups}, --k {a.k}, --boot {a.boot}: need groups "
                                ">= 1, K >= 2 (two halves) and boot >= 1; pass e.g. --k 64")
@@ -584,11 +618,23 @@ def _main(a) -> None:
     model, tok, max_len = s["model"], s["tokenizer"], s["max_len"]
     train = common.load_task("arith", "train", None, s["ops"])
     t0 = time.time()
-    groups, drawn = sample_groups(model, tok, train, G, max_len, a.seed, a.groups)
+    batches = []
+    groups, drawn = sample_groups(model, tok, train, G, max_len, a.seed, a.groups,
+                                  batches=batches)
     t_sample = time.time() - t0
     if not groups:
         raise common.UserError("no group with differing rewards in 1000 prompts; try another "
                                "--seed or a less or more trained --run")
+    cdpo_models, fitted, t_cdpo = s["cdpo_models"], [], 0.0
+    if cdpo_models is None and a.cdpo_sft_steps > 0:
+        # one round: every prompt drawn above, as token_dpo.py fits its models on a round's samples
+        t0 = time.time()
+        round_ = {"batch": merge_batches(batches, tok.eos_token_id),
+                  "completion_ids": groups[0]["completion_ids"]}
+        cdpo_models, note = credit_map.fit_cdpo_models(round_, s["ref"], tok, a.cdpo_sft_steps,
+                                                       a.seed)
+        fitted.append(note)
+        t_cdpo = time.time() - t0
     cost = {"truth": 0.0, "truth_tokens": 0, "truth_prefixes": 0, "methods": 0.0}
 
     def timer(k, v):
@@ -596,10 +642,10 @@ def _main(a) -> None:
 
     records, notes = [], []
     for g, group in enumerate(groups):
-        rec, n = group_record(group, model, tok, s["ref"], s["guidance"], s["cdpo_models"],
+        rec, n = group_record(group, model, tok, s["ref"], s["guidance"], cdpo_models,
                               K=a.k, max_len=max_len, key=a.seed * 100_000 + g, timer=timer)
         records.append(rec)
-        notes = notes or n
+        notes = notes or fitted + n
         print(f"group {g + 1}/{len(groups)}: {group['example']['question']} "
               f"rewards {group['rewards'].tolist()}, truth {cost['truth']:.0f}s so far",
               flush=True)
@@ -609,7 +655,8 @@ def _main(a) -> None:
     meta = {"run": a.run, "arith_ops": s["ops"], "G": G, "K": a.k, "groups": len(groups),
             "prompts_drawn": drawn, "seed": a.seed, "boot": a.boot, "max_len": max_len,
             "threads": torch.get_num_threads(),
-            "seconds": {"sample": round(t_sample, 1), "truth": round(cost["truth"], 1),
+            "seconds": {"sample": round(t_sample, 1), "cdpo_fit": round(t_cdpo, 1),
+                        "truth": round(cost["truth"], 1),
                         "methods": round(cost["methods"], 1), "bootstrap": round(t_boot, 1),
                         "total": round(time.time() - t_start, 1)},
             "truth_prefixes": cost["truth_prefixes"], "truth_tokens": cost["truth_tokens"]}

@@ -419,6 +419,45 @@ def test_quick_end_to_end_on_a_random_model(models, monkeypatch, tmp_path, capsy
     assert "wrote" in capsys.readouterr().out
 
 
+def test_quick_fits_cdpo_on_the_round_and_scores_it(models, monkeypatch, tmp_path):
+    """Without --cdpo-models the two models are fitted once, from the reference, on every prompt
+    sampled, through credit_map.fit_cdpo_models; --cdpo-sft-steps 0 leaves the row out."""
+    stand_in_setting(models, monkeypatch)
+    calls = []
+    real = ct.credit_map.fit_cdpo_models
+
+    def spy(round_, ref, tok, steps, seed):
+        calls.append((round_["batch"]["completion_ids"].size(0), steps))
+        return real(round_, ref, tok, steps, seed)
+
+    monkeypatch.setattr(ct.credit_map, "fit_cdpo_models", spy)
+    ct.main(["--quick", "--cdpo-sft-steps", "2", "--out", str(tmp_path / "q")])
+    data = json.loads((tmp_path / "q.json").read_text())
+    assert "cDPO" in data["rows"] and data["notes"][0].startswith("cDPO: its positive")
+    G = 8
+    assert calls == [(data["meta"]["prompts_drawn"] * G, 2)]
+    ct.main(["--quick", "--cdpo-sft-steps", "0", "--out", str(tmp_path / "n")])
+    data = json.loads((tmp_path / "n.json").read_text())
+    assert "cDPO" not in data["rows"] and any(n.startswith("cDPO") for n in data["notes"])
+    assert len(calls) == 1
+
+
+def test_merge_batches_keeps_every_completion():
+    eos = 9
+    a = torch.tensor([[1, 2, eos, 0], [3, 4, 5, 6]])           # width 4: row 1 ran out
+    b = torch.tensor([[7, eos]])                              # width 2
+    batches = [{"examples": ["x"], "prompt_rows": [[1]], "completion_ids": a, "texts": ["p", "q"],
+                "rewards": torch.tensor([1.0, 0.0])},
+               {"examples": ["y"], "prompt_rows": [[2]], "completion_ids": b, "texts": ["r"],
+                "rewards": torch.tensor([1.0])}]
+    m = ct.merge_batches(batches, eos)
+    assert m["completion_ids"].tolist() == [[1, 2, eos, 0], [3, 4, 5, 6], [7, eos, eos, eos]]
+    assert m["examples"] == ["x", "y"] and m["texts"] == ["p", "q", "r"]
+    assert m["rewards"].tolist() == [1.0, 0.0, 1.0]
+    masks = common.completion_mask_from_ids(m["completion_ids"], eos)
+    assert masks.sum(1).tolist() == [3, 4, 2]
+
+
 def test_quick_on_the_shipped_model(tmp_path):
     if common.shipped_tiny_problem(common.shipped_tiny_dir((2, 4))) is not None:
         pytest.skip("the shipped tiny model is not in this checkout")
