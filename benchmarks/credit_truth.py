@@ -501,8 +501,9 @@ def _cell(v: tuple) -> str:
     return f"{value:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
-def table_markdown(scores: dict, notes: list[str]) -> str:
-    """The markdown table: one row per method, then the truth and chance rows, then notes."""
+def table_markdown(scores: dict, notes: list[str], fitted: tuple = ()) -> str:
+    """The markdown table: one row per method, then the truth and chance rows, then what was
+    fitted here (cDPO's models) and the methods left out."""
     lines = ["| method | " + " | ".join(HEADERS) + " |", "|---" * (len(HEADERS) + 1) + "|"]
     for row, vals in scores["rows"].items():
         lines.append(f"| {row} | " + " | ".join(_cell(vals[k]) for k in MEASURES) + " |")
@@ -517,14 +518,14 @@ def table_markdown(scores: dict, notes: list[str]) -> str:
                  f"{rel['split_half_r_cutpoints']:.3f}, continuations for 0.9: "
                  f"{rel['K_for_0.9_cutpoints']:.0f}." if "cutpoint_tokens" in rel else "")
               + " n/a: undefined (a constant credit, or no case)."]
-    lines += [f"- left out: {n}" for n in notes]
+    lines += [f"- {n}" for n in fitted] + [f"- left out: {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
 def write_outputs(out: Path, scores: dict, notes: list[str], meta: dict) -> None:
     """OUT.md, OUT.csv (value, lo, hi per measure) and OUT.json (everything, with meta)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(table_markdown(scores, notes))
+    out.with_suffix(".md").write_text(table_markdown(scores, notes, meta.get("fitted", ())))
     with out.with_suffix(".csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method"] + [f"{k}{s}" for k in MEASURES for s in ("", "_lo", "_hi")])
@@ -645,7 +646,7 @@ def _main(a) -> None:
         rec, n = group_record(group, model, tok, s["ref"], s["guidance"], cdpo_models,
                               K=a.k, max_len=max_len, key=a.seed * 100_000 + g, timer=timer)
         records.append(rec)
-        notes = notes or fitted + n
+        notes = notes or n
         print(f"group {g + 1}/{len(groups)}: {group['example']['question']} "
               f"rewards {group['rewards'].tolist()}, truth {cost['truth']:.0f}s so far",
               flush=True)
@@ -659,10 +660,11 @@ def _main(a) -> None:
                         "truth": round(cost["truth"], 1),
                         "methods": round(cost["methods"], 1), "bootstrap": round(t_boot, 1),
                         "total": round(time.time() - t_start, 1)},
-            "truth_prefixes": cost["truth_prefixes"], "truth_tokens": cost["truth_tokens"]}
+            "truth_prefixes": cost["truth_prefixes"], "truth_tokens": cost["truth_tokens"],
+            "fitted": fitted}
     out = Path(a.out)
     write_outputs(out, scores, notes, meta)
-    print(table_markdown(scores, notes))
+    print(table_markdown(scores, notes, fitted))
     print(f"{len(groups)} groups from {drawn} prompts; K = {a.k}: {cost['truth_prefixes']} "
           f"prefixes, {cost['truth_tokens']} continuation tokens; seconds {meta['seconds']}")
     print(f"wrote {out.with_suffix('.md')}, .csv and .json")

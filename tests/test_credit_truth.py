@@ -433,12 +433,16 @@ def test_quick_fits_cdpo_on_the_round_and_scores_it(models, monkeypatch, tmp_pat
     monkeypatch.setattr(ct.credit_map, "fit_cdpo_models", spy)
     ct.main(["--quick", "--cdpo-sft-steps", "2", "--out", str(tmp_path / "q")])
     data = json.loads((tmp_path / "q.json").read_text())
-    assert "cDPO" in data["rows"] and data["notes"][0].startswith("cDPO: its positive")
+    assert "cDPO" in data["rows"] and not any(n.startswith("cDPO") for n in data["notes"])
+    assert data["meta"]["fitted"][0].startswith("cDPO: its positive")
+    md = (tmp_path / "q.md").read_text()
+    assert "\n- cDPO: its positive" in md and "left out: cDPO" not in md
     G = 8
     assert calls == [(data["meta"]["prompts_drawn"] * G, 2)]
     ct.main(["--quick", "--cdpo-sft-steps", "0", "--out", str(tmp_path / "n")])
     data = json.loads((tmp_path / "n.json").read_text())
     assert "cDPO" not in data["rows"] and any(n.startswith("cDPO") for n in data["notes"])
+    assert data["meta"]["fitted"] == [] and "left out: cDPO" in (tmp_path / "n.md").read_text()
     assert len(calls) == 1
 
 
