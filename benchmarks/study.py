@@ -15,9 +15,10 @@ job), with the setting's default max completion length (9 * HI + 12: 48 and 84 t
 
 Methods: grpo, tempo, dcpo, spo-chain and tdpo1 (the preference method with per-token KL),
 with compare.py's flags for each; seeds 0, 1, 2; every run `--total-steps 60 --eval-every 20`
-(held-out greedy accuracy on 200 problems of the same setting). Runs are launched by
-compare.plan_runs / compare.launch and read back by compare.read_run, one folder per setting:
-OUT/ops{LO}-{HI}/runs/{method}/seed{S}/. A finished run is never run again.
+(held-out greedy accuracy on all 500 test problems of the setting, the default --eval-size).
+Runs are launched by compare.plan_runs / compare.launch and read back by compare.read_run, one
+folder per setting: OUT/ops{LO}-{HI}/runs/{method}/seed{S}/. A finished run is never run again.
+benchmarks/upper_bound.py shares this layout and these runs.
 
 Budget (the 100 minutes of 2 CPU cores). The estimate, not a measurement: compare.py's full
 run (80 steps, --jobs 2, 1 thread a run) took 3.6 s a step for grpo, tempo and dcpo, 3.2 for
@@ -104,7 +105,7 @@ def collect(out: Path, lengths: list[str]) -> list[dict]:
         root = out / f"ops{setting}" / "runs"
         for method_dir in sorted(root.glob("*")):
             for seed_dir in sorted(method_dir.glob("seed*")):
-                done = [d for d in seed_dir.iterdir() if (d / "summary.json").exists()]
+                done = [d for d in seed_dir.iterdir() if compare.finished(d)]
                 if not done:
                     continue
                 rec = compare.read_run(
