@@ -152,4 +152,4 @@ def test_the_picture_has_a_row_per_setting(tmp_path, fake_checkpoints):
     ub.build_outputs(tmp_path, ["2-4", "6-8"], list(ub.METHODS))
     from matplotlib.image import imread
     h, w = imread(tmp_path / "upper_bound.png").shape[:2]
-    assert h > 0.8 * w  # two rows of two panels
+    assert h > 0.6 * w  # two rows of two panels (one row: 4 by 11)
