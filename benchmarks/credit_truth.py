@@ -1,7 +1,7 @@
 """Whose credit is right? Each method's per-token credit, scored against the true advantage.
 
     python benchmarks/credit_truth.py                       # the warm start of 2-4, 16 groups
-    python benchmarks/credit_truth.py --arith-ops 6-8 --groups 4
+    python benchmarks/credit_truth.py --arith-ops 6-8 --groups 8
     python benchmarks/credit_truth.py --run runs/grpo__tiny__arith__0__1700000000   # a checkpoint
     python benchmarks/credit_truth.py --quick               # a smoke run: 2 groups, K = 4
 
@@ -66,9 +66,9 @@ Cost: the truth's continuations dominate, about (distinct prefixes) x K x (mean 
 generated tokens a group, so it grows with the square of the completion length. Measured on the
 2-4 warm start, 16 groups, K = 64, one thread of a 2-core CPU (docs/study.md): 763 s in all, 738
 s of them for 2,178 prefixes and 1.8M continuation tokens; the methods and the bootstrap, 18 s.
-6-8 costs about four times as much a group. Fitting cDPO's two models adds about 30 s.
---quick (2 groups, K = 4, 50 bootstrap draws, 2 cDPO fitting steps) is a smoke run for the
-tests: 14 s.
+6-8 costs about five times as much a group (300 s against 59 s, both measured while other jobs
+shared the cores). Fitting cDPO's two models adds 30 to 50 s. --quick (2 groups, K = 4, 50
+bootstrap draws, 2 cDPO fitting steps) is a smoke run for the tests: 14 s.
 
 Writes OUT.md, OUT.csv and OUT.json (default runs/credit_truth/credit_truth).
 """
