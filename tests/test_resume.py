@@ -51,6 +51,7 @@ def test_sigint_then_resume_is_exact(script, random_tiny_model_dir, tmp_path):
     assert stopped_at < 6, "the run was not interrupted"
     assert (cut / "checkpoints" / f"step-{stopped_at:07d}" / "COMPLETE").exists()
     assert summary["steps"] == stopped_at
+    assert f"| {stopped_at}/6 [" in err.split("interrupted by SIGINT")[0].split("\r")[-1]  # the bar counts it
     subprocess.run(cmd + ["--resume", str(cut)], check=True, env=env, cwd=ROOT, capture_output=True, timeout=300)
     (straight,) = list((tmp_path / "straight").iterdir())
     assert rows(cut) == rows(straight)
