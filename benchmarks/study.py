@@ -20,8 +20,9 @@ Runs are launched by compare.plan_runs / compare.launch and read back by compare
 folder per setting: OUT/ops{LO}-{HI}/runs/{method}/seed{S}/. A finished run is never run again.
 benchmarks/upper_bound.py shares this layout and these runs.
 
-Budget (the 100 minutes of 2 CPU cores). The estimate, not a measurement: compare.py's full
-run (80 steps, --jobs 2, 1 thread a run) took 3.6 s a step for grpo, tempo and dcpo, 3.2 for
+Budget (the 100 minutes of 2 CPU cores; measured 2026-12-07 on 2 cores without bf16
+instructions: 33 minutes a seed on idle cores, docs/study.md). The estimate made before any
+run: compare.py's full run (80 steps, --jobs 2, 1 thread a run) took 3.6 s a step for grpo, tempo and dcpo, 3.2 for
 spo-chain and 2.2 for tdpo1 at 2-4, so one seed of the 5 methods costs 60 x 16.2 s = 16 min of
 one core, plus about 1 min of evaluations; 3 seeds on 2 cores: about 27 min. At 6-8 a step
 costs about twice as much (completions twice as long; generation and training scale with the
