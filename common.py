@@ -1608,6 +1608,14 @@ def progress(iterable, desc: str):
     return tqdm(iterable, desc=desc, dynamic_ncols=True)
 
 
+def close_bar(bar, steps_left: int) -> None:
+    """Close a training bar whose loop stops early, showing the steps really done. (tqdm counts
+    an iterable's items in a local variable and copies it to bar.n only when it redraws, so
+    bar.n can be behind.)"""
+    bar.n = bar.total - steps_left
+    bar.close()
+
+
 def plural(n: int, noun: str) -> str:
     """'1 step', '2 steps', '0 steps'."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

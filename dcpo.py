@@ -646,8 +646,7 @@ def main(args: Args) -> dict:
         if step % args.save_every == 0 or step == args.total_steps or run.stop_requested:
             run.save(step)
         if run.stop_requested:
-            bar.update()  # this step is done: the bar shows it before the loop stops
-            bar.close()
+            common.close_bar(bar, args.total_steps - step)  # the bar shows this step as done
             break
 
     return run.finish(eval_acc, time.time() - t_start)
