@@ -1914,6 +1914,20 @@ def credit_view(tokenizer, completion_ids: torch.Tensor, advantages: torch.Tenso
                                       marks=marks)
 
 
+def cpu_description() -> str:
+    """The CPU's model name and its bf16 flags (none on most laptops), for the record."""
+    import platform
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = re.search(r"model name\s*:\s*(.*)", info)
+    flags = sorted(set(re.findall(r"\b(avx512_bf16|amx_bf16|avx2)\b", info)))
+    cores = len(re.findall(r"^processor\s*:", info, re.M))
+    return f"{name.group(1) if name else platform.machine()}, {cores} cores, flags: " + \
+        (" ".join(flags) or "none of avx2/avx512_bf16/amx_bf16")
+
+
 # ----------------------------------------------------------------------------------------
 # 13. The embedded tiny model: a character tokenizer, a 1.8M-parameter Llama, its warm start
 # ----------------------------------------------------------------------------------------

@@ -41,8 +41,6 @@ import argparse
 import csv
 import json
 import os
-import platform
-import re
 import shutil
 import signal
 import statistics
@@ -151,18 +149,6 @@ def run_part(todo: list[dict], jobs: int, logs: Path, budget_s: float | None) ->
     return outcomes
 
 
-def cpu_line() -> str:
-    """The CPU, and which of avx2 / avx512_bf16 / amx_bf16 it has (the figures depend on it)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    name = re.search(r"model name\s*:\s*(.*)", info)
-    flags = sorted(set(re.findall(r"\b(avx512_bf16|amx_bf16|avx2)\b", info)))
-    return (f"{name.group(1).strip() if name else 'unknown CPU'}, {os.cpu_count()} cores, "
-            f"flags: {' '.join(flags) or 'none of avx2/avx512_bf16/amx_bf16'}")
-
-
 # ----------------------------------------------------------------------------------------
 # Reading runs back (tested on fixtures)
 # ----------------------------------------------------------------------------------------
@@ -191,8 +177,8 @@ def collect(out: Path, lengths: list[str], methods: list[str]) -> tuple[list[dic
                 seed = int(seed_dir.name[4:])
                 done = [d for d in seed_dir.iterdir() if compare.finished(d)]
                 if not done:
-                    ckpt = max((common.latest_checkpoint(d) for d in seed_dir.iterdir()
-                                if d.is_dir() and common.latest_checkpoint(d)), default=None)
+                    ckpts = [common.latest_checkpoint(d) for d in seed_dir.iterdir() if d.is_dir()]
+                    ckpt = max((c for c in ckpts if c is not None), default=None)
                     unfinished.append(f"{setting} {method} seed {seed}: "
                                       f"{'step ' + ckpt.name[5:].lstrip('0') if ckpt else 'no checkpoint'}")
                     continue
@@ -339,7 +325,7 @@ def main(argv=None) -> None:
             f.write(json.dumps(dict(
                 command=" ".join(["python", "benchmarks/upper_bound.py",
                                   *(argv if argv is not None else sys.argv[1:])]),
-                commit=compare._git_commit(), cpu=cpu_line(), started=started,
+                commit=compare._git_commit(), cpu=common.cpu_description(), started=started,
                 minutes=round((time.time() - t0) / 60, 1), runs=outcomes)) + "\n")
     print(build_outputs(out, lengths, a.methods))
     print(f"wrote {out}/upper_bound.md" + (", .csv and .png" if (out / "upper_bound.csv").exists()

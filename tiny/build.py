@@ -14,8 +14,6 @@ sets), so commit a rebuilt folder only with the README numbers it changes.
 from __future__ import annotations
 
 import argparse
-import platform
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,19 +21,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
-
-
-def cpu_description() -> str:
-    """The CPU's model name and its bf16 flags (none on most laptops), for the record."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = re.search(r"model name\s*:\s*(.*)", info)
-    flags = sorted(set(re.findall(r"\b(avx512_bf16|amx_bf16|avx2)\b", info)))
-    cores = len(re.findall(r"^processor\s*:", info, re.M))
-    return f"{name.group(1) if name else platform.machine()}, {cores} cores, flags: " + \
-        (" ".join(flags) or "none of avx2/avx512_bf16/amx_bf16")
 
 
 def main() -> None:
@@ -48,7 +33,7 @@ def main() -> None:
     for text in args.arith_ops or [f"{lo}-{hi}" for lo, hi in common.TINY_SHIPPED]:
         ops = common.parse_arith_ops(text)
         record = dict(command=f"python tiny/build.py --arith-ops {text}", commit=commit,
-                      cpu=cpu_description(), torch_threads=common.torch.get_num_threads())
+                      cpu=common.cpu_description(), torch_threads=common.torch.get_num_threads())
         common.build_tiny_model_folder(common.shipped_tiny_dir(ops), seed=0, ops=ops,
                                        record=record)
 
