@@ -447,11 +447,12 @@ def mc_rollout_rewards(model, tokenizer, prefixes: list[PrefixKey], prompt_ids: 
         R_pj     = reward_fn(decode(prefix + tau_pj), answer)  if tau_pj ends in EOS, else 0
 
     The budget gives a continued response the same length limit as the original. Prefixes are
-    sorted by length and cut into calls of about batch_size rows, so rows of one call have
-    similar budgets (a call runs until its longest budget or until every row has ended).
-    Continuation j of prefix p draws from its own random stream, keyed by (seed, p's prompt
-    index, p's tokens, j) (common.KeyedSampler), so a prefix's values do not depend on which
-    other prefixes share its call: batched equals one-at-a-time, sample for sample (tested).
+    sorted by length and cut into calls of about batch_size rows (little padding). In a call,
+    a prefix is encoded once for its N continuations, and a continuation leaves the batch when
+    it ends (common.generate_continuations). Continuation j of prefix p draws from its own
+    random stream, keyed by (seed, p's prompt index, p's tokens, j) (common.KeyedSampler), so
+    a prefix's values do not depend on which other prefixes share its call: batched equals
+    one-at-a-time, sample for sample (tested).
     greedy=True repeats each row's argmax continuation N times.
     Returns rewards [P, N] (fp32, row p = prefixes[p]) and the continuation tokens generated.
     Example: prefixes [(0, ()), (0, (7, 8))], N = 2 -> 2 prefix rows, each continued twice.
@@ -464,18 +465,18 @@ def mc_rollout_rewards(model, tokenizer, prefixes: list[PrefixKey], prompt_ids: 
     for s in range(0, P, per_call):
         chunk = order[s:s + per_call]
         rows = [prompt_ids[prefixes[p][0]] + list(prefixes[p][1]) for p in chunk]
-        ids, mask = common.left_pad(rows, tokenizer.pad_token_id, device)
-        budget = max_completion_length - len(prefixes[chunk[0]][1])  # the shortest prefix's
-        if greedy:
+        if greedy:  # one argmax row per prefix, to the shortest prefix's budget (cut below)
+            ids, mask = common.left_pad(rows, tokenizer.pad_token_id, device)
+            budget = max_completion_length - len(prefixes[chunk[0]][1])
             out = common.generate(model, tokenizer, ids, mask, budget, greedy=True).cpu()
-            out = out.repeat_interleave(N, 0)
-        else:  # N rows per prefix, each with its own stream
+            out = out.repeat_interleave(N, 0).tolist()
+        else:  # N rows per prefix, each with its own stream, sharing the prefix's prefill
             keys = [mc_stream_key(seed, prefixes[p], j) for p in chunk for j in range(N)]
-            out = common.generate(model, tokenizer, ids.repeat_interleave(N, 0),
-                                  mask.repeat_interleave(N, 0), budget, 1, temperature, top_p,
-                                  top_k, row_keys=keys).cpu()
+            out = common.generate_continuations(
+                model, tokenizer, rows, N, [max_completion_length - len(prefixes[p][1])
+                                            for p in chunk], keys, temperature, top_p, top_k)
         texts, finished = [], []
-        for r, row in enumerate(out.tolist()):                # row r = (chunk[r // N], j = r % N)
+        for r, row in enumerate(out):                         # row r = (chunk[r // N], j = r % N)
             prefix = list(prefixes[chunk[r // N]][1])
             cont, done = _cut_at_eos(row, eos, max_completion_length - len(prefix))
             tokens += len(cont)

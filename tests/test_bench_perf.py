@@ -69,3 +69,13 @@ def test_decode_bound_by_hand_and_the_decode_benchmark_runs(tmp_path):
     assert out["bound_tokens_per_s"] == bench_decode.decode_bound_tokens_per_s(
         1_790_208, 4, 4, 1000.0)
     assert "measured / bound" in (tmp_path / "report.md").read_text()
+
+
+def test_mc_benchmark_runs_and_both_paths_give_the_same_rewards(tmp_path):
+    """bench_mc --quick: the shared-prefill Monte Carlo and the previous one-row-per-continuation
+    path draw the same samples (the script exits non-zero if not) and the report is written."""
+    import bench_mc
+
+    report = bench_mc.main(["--quick", "--out", str(tmp_path)])
+    assert report["same_rewards"] and report["rollouts"] == 8 * 4 and report["tokens"] > 0
+    assert json.loads((tmp_path / "bench_mc_2-4.json").read_text())["speedup"] == report["speedup"]

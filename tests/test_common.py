@@ -209,6 +209,31 @@ def test_keyed_generation_does_not_depend_on_batch_mates(random_tiny_model_dir):
         common.generate(model, tok, ids, mask, 4, num_generations=2, row_keys=[1, 2])
 
 
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (1.5, 5)])
+def test_generate_continuations_equals_generate_on_repeated_rows(temperature, top_k):
+    """One prefill per row, and a continuation leaves the batch when it ends: the same samples as
+    generate() on the rows repeated n times with the same keys, cut at EOS or at each row's budget."""
+    model, tok = common.load_model_and_tokenizer(common.TINY, torch.device("cpu"), torch.float32, "2-4")
+    rows = [tok(common.format_prompt(tok, q, "arith"), add_special_tokens=False)["input_ids"]
+            for q in ["12+7*3", "5-9+44", "8*8-1"]]
+    rows[2] = rows[2] + tok("8*8=64", add_special_tokens=False)["input_ids"]  # a prompt plus a prefix
+    n, budgets = 6, [30, 4, 25]                                   # row 1's budget ends before its EOS
+    keys = [1000 * p + j for p in range(3) for j in range(n)]
+    got = common.generate_continuations(model, tok, rows, n, budgets, keys, temperature, 1.0, top_k)
+    ids, mask = common.left_pad([r for r in rows for _ in range(n)], tok.pad_token_id, "cpu")
+    ref = common.generate(model, tok, ids, mask, max(budgets), temperature=temperature, top_k=top_k,
+                          row_keys=keys).tolist()
+    eos = tok.eos_token_id
+    for r, (row, want) in enumerate(zip(got, ref)):
+        want = want[:budgets[r // n]]
+        want = want[:want.index(eos) + 1] if eos in want else want
+        assert row == want, r
+    ended = [row for row in got if row and row[-1] == eos]
+    assert len(ended) >= 2 * n and len({len(row) for row in ended}) > 1     # rows left at different steps
+    assert all(len(row) == 4 and eos not in row for row in got[n:2 * n])   # cut by the budget
+    assert common.generate_continuations(model, tok, rows[:1], 2, [0], [1, 2]) == [[], []]
+
+
 def test_gradient_checkpointing_recomputes_layers_and_keeps_gradients(random_tiny_model_dir):
     def grads_and_layer_calls(checkpointing):
         model, tok = common.load_model_and_tokenizer(str(random_tiny_model_dir), torch.device("cpu"), torch.float32)

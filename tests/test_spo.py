@@ -457,19 +457,19 @@ def test_mc_estimator_sends_each_prefix_once_with_its_budget(warm, monkeypatch):
     prefixes, index = plan_mc_prefixes(ids, T([[0, 3], [0, 3], [0, 3]]), T([0, 0, 0]))
     assert len(prefixes) == 3 and index.tolist() == [[0, 1], [0, 1], [0, 2]]
     calls = []
-    real = common.generate
+    real = common.generate_continuations
 
-    def spy(model, tok, prompt_ids, prompt_mask, max_new_tokens, num_generations=1, *a, **kw):
-        calls.append((prompt_ids.size(0), max_new_tokens, num_generations))
-        return real(model, tok, prompt_ids, prompt_mask, max_new_tokens, num_generations, *a, **kw)
+    def spy(model, tok, rows, n, budgets, *a, **kw):
+        calls.append((len(rows), n, budgets))
+        return real(model, tok, rows, n, budgets, *a, **kw)
 
-    monkeypatch.setattr(common, "generate", spy)
+    monkeypatch.setattr(common, "generate_continuations", spy)
     rewards, tokens = mc_rollout_rewards(model, tok, prefixes, prompts, answers, 4, 10, batch_size=512)
-    assert calls == [(12, 10, 1)] and rewards.shape == (3, 4)  # one call: 3 distinct prefixes x N = 4 rows
-    assert 0 < tokens <= 4 * (10 + 7 + 7)                       # budgets: 10 - prefix length
+    assert calls == [(3, 4, [10, 7, 7])] and rewards.shape == (3, 4)  # one call: 3 distinct prefixes x N = 4
+    assert 0 < tokens <= 4 * (10 + 7 + 7)                             # budgets: 10 - prefix length
     calls.clear()
     mc_rollout_rewards(model, tok, prefixes, prompts, answers, 4, 10, batch_size=8)  # 2 prefixes per call
-    assert [c[0] for c in calls] == [8, 4]
+    assert [c[0] for c in calls] == [2, 1]
 
 
 def test_grow_trees_structure(warm):
