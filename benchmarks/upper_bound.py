@@ -28,7 +28,8 @@ outcome.
 
 Outputs (from finished runs only), in OUT:
     upper_bound.md    per (setting, method): seeds, final accuracy, gain, gain minus GRPO's
-                      (paired by seed), seconds per step, and the runs still unfinished
+                      (paired by seed), seconds per step, and the runs still unfinished; then
+                      what the steps looked like (STEP_DIAGNOSTICS)
     upper_bound.csv   one row per finished run
     upper_bound.png   accuracy against step and against training seconds (the sum of the logged
                       step times: a run resumed in another session has a gap in wall time, not
@@ -62,6 +63,12 @@ RUN_FLAGS = {"oracle": ["--save-every", "5"]}  # run management only: training i
 LENGTHS = ["2-4", "6-8"]
 SEEDS = [0, 1, 2, 3, 4]
 QUICK_FLAGS = ["--total-steps", "2", "--eval-every", "2", "--eval-size", "20"]
+# What the steps looked like, each averaged over a run's training steps, then over seeds: the
+# sampled reward, the share of groups whose G rewards are all equal (no signal for GRPO), the
+# gradient norm before clipping, how far a step moved the policy, its entropy, and the share of
+# tokens in SPO's loss (tokens with p < rho; the others get no gradient)
+STEP_DIAGNOSTICS = ["reward", "frac_reward_zero_std", "grad_norm", "approx_kl_old", "entropy",
+                    "spo/mask_keep_frac"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -183,7 +190,8 @@ def collect(out: Path, lengths: list[str], methods: list[str]) -> tuple[list[dic
                                       f"{'step ' + ckpt.name[5:].lstrip('0') if ckpt else 'no checkpoint'}")
                     continue
                 rec = compare.read_run(max(done), method, seed, target=1.0,
-                                       diagnostics=study.STUDY_DIAGNOSTICS.get(method, []))
+                                       diagnostics=study.STUDY_DIAGNOSTICS.get(method, [])
+                                       + STEP_DIAGNOSTICS)
                 secs = training_seconds(max(done))
                 rec["curve"] = [(s, secs.get(s, float("nan")), a) for s, _, a in rec["curve"]]
                 rec["train_s"] = secs[max(secs)]
@@ -216,14 +224,34 @@ def markdown_table(rows: list[dict], unfinished: list[str]) -> str:
     return head + "\n".join(lines) + "\n" + tail
 
 
+def diagnostics_table(records: list[dict], methods: list[str]) -> str:
+    """Per (setting, method): STEP_DIAGNOSTICS, mean over training steps, then over seeds."""
+    order = {m: i for i, m in enumerate(methods)}
+    keys = sorted({(r["setting"], r["method"]) for r in records},
+                  key=lambda k: (k[0], order.get(k[1], len(order))))
+    head = ("| ops | method | train reward | groups all equal | grad norm | approx KL | entropy "
+            "| tokens in loss |\n|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for setting, method in keys:
+        runs = [r for r in records if r["setting"] == setting and r["method"] == method]
+        cells = []
+        for k in STEP_DIAGNOSTICS:
+            mean = compare._mean_std([r.get(k, float("nan")) for r in runs])[0]
+            cells.append("—" if mean != mean else f"{mean:.3g}")
+        lines.append(f"| {setting} | {method} | " + " | ".join(cells) + " |")
+    return (head + "\n".join(lines) + "\n\nEach a mean over a run's training steps, then over "
+            "seeds. Groups all equal: the share of groups whose G rewards are equal (GRPO's "
+            "advantage is 0 there). Tokens in loss: SPO's probability mask (p < 0.9).\n")
+
+
 def write_csv(records: list[dict], path: Path) -> None:
     keys = ["setting", "method", "seed", "steps", "start_acc", "final_acc", "gain",
-            "sec_per_step", "train_s"]
+            "sec_per_step", "train_s", *STEP_DIAGNOSTICS]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(keys)
         for r in records:
-            w.writerow([r[k] for k in keys])
+            w.writerow([r.get(k, "") for k in keys])
 
 
 def plot(records: list[dict], lengths: list[str], path: Path) -> bool:
@@ -269,6 +297,7 @@ def build_outputs(out: Path, lengths: list[str], methods: list[str]) -> str:
             "Not finished yet: " + "; ".join(unfinished) + ".\n" if unfinished else "")
     else:
         table = markdown_table(summarize(records, methods), unfinished)
+        table += "\n" + diagnostics_table(records, methods)
         write_csv(records, out / "upper_bound.csv")
         plot(records, lengths, out / "upper_bound.png")
     (out / "upper_bound.md").write_text(table)

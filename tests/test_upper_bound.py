@@ -18,13 +18,15 @@ import upper_bound as ub  # noqa: E402
 
 
 def _run(out, setting, method, seed, name="1", status=None, evals=None, step_time=2.0,
-         checkpoint=False):
-    """A run folder: metrics.jsonl with steps 0..4, evals, and summary.json if status is given."""
+         checkpoint=False, logged=None):
+    """A run folder: metrics.jsonl with steps 0..4, evals, and summary.json if status is given;
+    logged: {metric: value at step s = value * s} on the training steps."""
     run = out / f"ops{setting}" / "runs" / method / f"seed{seed}" / f"{method}__{seed}__{name}"
     run.mkdir(parents=True)
     evals = evals or {0: 0.4, 4: 0.5}
     rows = [dict({"step": s, "time": 1000.0 * s},  # wall time with a gap: not what is plotted
                  **({"step_time": step_time} if s else {}),
+                 **({k: v * s for k, v in (logged or {}).items()} if s else {}),
                  **({"eval/accuracy": evals[s]} if s in evals else {})) for s in range(5)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if status is not None:
@@ -121,7 +123,7 @@ def test_tables_pair_by_seed_and_plot_training_seconds(tmp_path, fake_checkpoint
     assert "| 2-4 | oracle | 2 | 48.0 ± 2.8 | +8.0 ± 2.8 | +2.0 ± 4.2 (2) | 100.0 |" in md
     assert "Not finished yet: 2-4 oracle seed 2: step 3." in md
     table = ub.build_outputs(tmp_path, ["2-4"], list(ub.METHODS))
-    assert table == md and (tmp_path / "upper_bound.csv").read_text().count("\n") == 5
+    assert table.startswith(md) and (tmp_path / "upper_bound.csv").read_text().count("\n") == 5
 
 
 def test_study_reads_only_finished_runs(tmp_path):
@@ -153,3 +155,20 @@ def test_the_picture_has_a_row_per_setting(tmp_path, fake_checkpoints):
     from matplotlib.image import imread
     h, w = imread(tmp_path / "upper_bound.png").shape[:2]
     assert h > 0.6 * w  # two rows of two panels (one row: 4 by 11)
+
+
+def test_diagnostics_are_means_over_steps_then_seeds(tmp_path, fake_checkpoints):
+    for seed, reward in enumerate([0.1, 0.2]):   # steps 1..4 log reward * s: mean 2.5 * reward
+        _run(tmp_path, "2-4", "grpo", seed, status="finished",
+             logged={"reward": reward, "frac_reward_zero_std": 0.2})
+    _run(tmp_path, "2-4", "oracle", 0, status="finished", logged={"spo/mask_keep_frac": 0.04})
+    records, _ = ub.collect(tmp_path, ["2-4"], list(ub.METHODS))
+    md = ub.diagnostics_table(records, list(ub.METHODS))
+    assert "| 2-4 | grpo | 0.375 | 0.5 | — | — | — | — |" in md    # (0.25 + 0.5) / 2; 0.5
+    assert "| 2-4 | oracle | — | — | — | — | — | 0.1 |" in md
+    assert md.index("| 2-4 | grpo") < md.index("| 2-4 | oracle")
+    assert ub.diagnostics_table(records, list(ub.METHODS)) in ub.build_outputs(
+        tmp_path, ["2-4"], list(ub.METHODS))
+    header = (tmp_path / "upper_bound.csv").read_text().splitlines()[0]
+    assert header.endswith(",reward,frac_reward_zero_std,grad_norm,approx_kl_old,entropy,"
+                           "spo/mask_keep_frac")
