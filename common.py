@@ -175,6 +175,8 @@ def generate_continuations(model, tokenizer, rows: list[list[int]], n: int, budg
                      logits_to_keep=1)                                    # one prefill per row
         cache = getattr(step, cache_kw)
         cache.batch_repeat_interleave(n)
+        for layer in getattr(cache, "layers", []):
+            _grow_in_place(layer, out.size(1))
         logits = step.logits[:, -1].float().repeat_interleave(n, 0)                   # [R, V]
         mask, pos = mask.repeat_interleave(n, 0), pos[:, -1:].repeat_interleave(n, 0)
         going = budget > 0                           # [b]: rows still writing tokens
@@ -196,6 +198,36 @@ def generate_continuations(model, tokenizer, rows: list[list[int]], n: int, budg
     finally:
         model.train(was_training)
     return [row[:k] for row, k in zip(out.tolist(), length.tolist())]
+
+
+def _grow_in_place(layer, room: int) -> None:
+    """Let one KV-cache layer grow into preallocated room, without a copy of it per token.
+
+    transformers' DynamicLayer appends each new key and value with torch.cat, which copies the
+    layer's whole cache at every step: half of the Monte Carlo's time at --arith-ops 6-8. Here
+    update() writes them into a buffer with `room` free positions and keeps `keys` and `values`
+    as views of its filled part, so the layer's other methods (length, masks, batch selection)
+    work unchanged. After a batch selection replaces `keys`, the next update makes a new buffer.
+    A layer of another kind (sliding window, quantized, ...) is left as it is.
+    """
+    if type(layer).__name__ != "DynamicLayer" or getattr(layer, "keys", None) is None \
+            or layer.keys.dim() != 4:
+        return
+    buffers, views = [None, None], [None, None]
+
+    def update(key_states, value_states, *args, **kwargs):
+        n, new = layer.keys.shape[-2], key_states.shape[-2]
+        for i, (old, states) in enumerate([(layer.keys, key_states), (layer.values, value_states)]):
+            if old is not views[i] or n + new > buffers[i].shape[-2]:         # a new buffer
+                shape = (*old.shape[:-2], n + max(new, room), old.shape[-1])
+                buffers[i] = old.new_empty(shape)
+                buffers[i][..., :n, :] = old
+            buffers[i][..., n:n + new, :] = states
+            views[i] = buffers[i][..., :n + new, :]
+        layer.keys, layer.values = views
+        return layer.keys, layer.values
+
+    layer.update = update
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:

@@ -234,6 +234,30 @@ def test_generate_continuations_equals_generate_on_repeated_rows(temperature, to
     assert common.generate_continuations(model, tok, rows[:1], 2, [0], [1, 2]) == [[], []]
 
 
+def test_a_cache_layer_grows_in_place_and_holds_what_concatenation_would():
+    from transformers.cache_utils import DynamicLayer
+
+    layer, plain = DynamicLayer(), DynamicLayer()
+    states = [(torch.randn(3, 2, 4, 5), torch.randn(3, 2, 4, 7))]          # prefill: 4 positions
+    states += [(torch.randn(3, 2, 1, 5), torch.randn(3, 2, 1, 7)) for _ in range(6)]  # 6 tokens
+    for lay in (layer, plain):
+        lay.update(*states[0])
+    common._grow_in_place(layer, room=4)
+    ptrs = []
+    for i in range(6):
+        if i == 3:                                        # a batch selection, as when rows end
+            for lay in (layer, plain):
+                lay.batch_select_indices(torch.tensor([0, 2]))
+            states = [(k[[0, 2]], v[[0, 2]]) for k, v in states]
+        k, v = states[1 + i]
+        got, want = layer.update(k, v), plain.update(k, v)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert layer.get_seq_length() == plain.get_seq_length() == 5 + i
+        ptrs.append(got[0].data_ptr())
+    # no copy per token: the same buffer until the room (4) runs out or rows are selected
+    assert ptrs[0] == ptrs[1] == ptrs[2] != ptrs[3] and ptrs[3] == ptrs[4] == ptrs[5]
+
+
 def test_gradient_checkpointing_recomputes_layers_and_keeps_gradients(random_tiny_model_dir):
     def grads_and_layer_calls(checkpointing):
         model, tok = common.load_model_and_tokenizer(str(random_tiny_model_dir), torch.device("cpu"), torch.float32)
