@@ -28,8 +28,9 @@ outcome.
 
 Outputs (from finished runs only), in OUT:
     upper_bound.md    per (setting, method): seeds, final accuracy, gain, gain minus GRPO's
-                      (paired by seed), seconds per step, and the runs still unfinished; then
-                      what the steps looked like (STEP_DIAGNOSTICS)
+                      (paired by seed), seconds per step, and the runs still unfinished; the
+                      accuracy at every evaluation (the curves in numbers); what the steps
+                      looked like (STEP_DIAGNOSTICS)
     upper_bound.csv   one row per finished run
     upper_bound.png   accuracy against step and against training seconds (the sum of the logged
                       step times: a run resumed in another session has a gap in wall time, not
@@ -244,6 +245,34 @@ def diagnostics_table(records: list[dict], methods: list[str]) -> str:
             "advantage is 0 there). Tokens in loss: SPO's probability mask (p < 0.9).\n")
 
 
+def curve_table(records: list[dict], methods: list[str]) -> str:
+    """The curves per step in numbers: per (setting, method), the accuracy at every evaluated
+    step, mean over seeds, and its difference from GRPO's at that step, paired by seed."""
+    order = {m: i for i, m in enumerate(methods)}
+    keys = sorted({(r["setting"], r["method"]) for r in records},
+                  key=lambda k: (k[0], order.get(k[1], len(order))))
+    steps = sorted(set.intersection(*[{s for s, _, _ in r["curve"]} for r in records]))
+    head = ("| ops | method | seeds | " + " | ".join(f"step {s}" for s in steps) + " |\n|"
+            + "---|" * (3 + len(steps)) + "\n")
+    lines = []
+    for setting, method in keys:
+        runs = {r["seed"]: {s: a for s, _, a in r["curve"]} for r in records
+                if r["setting"] == setting and r["method"] == method}
+        grpo = {r["seed"]: {s: a for s, _, a in r["curve"]} for r in records
+                if r["setting"] == setting and r["method"] == "grpo"}
+        cells = []
+        for s in steps:
+            cell = f"{100 * statistics.mean(c[s] for c in runs.values()):.1f}"
+            paired = [100 * (runs[k][s] - grpo[k][s]) for k in runs if k in grpo]
+            if method != "grpo" and paired and s > 0:
+                cell += f" ({statistics.mean(paired):+.1f})"
+            cells.append(cell)
+        lines.append(f"| {setting} | {method} | {len(runs)} | " + " | ".join(cells) + " |")
+    return (head + "\n".join(lines) + "\n\nHeld-out accuracy (%) at each evaluation, mean "
+            "over seeds; in brackets, the mean difference from GRPO at that step over the seeds "
+            "both have.\n")
+
+
 def write_csv(records: list[dict], path: Path) -> None:
     keys = ["setting", "method", "seed", "steps", "start_acc", "final_acc", "gain",
             "sec_per_step", "train_s", *STEP_DIAGNOSTICS]
@@ -297,6 +326,7 @@ def build_outputs(out: Path, lengths: list[str], methods: list[str]) -> str:
             "Not finished yet: " + "; ".join(unfinished) + ".\n" if unfinished else "")
     else:
         table = markdown_table(summarize(records, methods), unfinished)
+        table += "\n" + curve_table(records, methods)
         table += "\n" + diagnostics_table(records, methods)
         write_csv(records, out / "upper_bound.csv")
         plot(records, lengths, out / "upper_bound.png")

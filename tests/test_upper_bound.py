@@ -119,6 +119,9 @@ def test_tables_pair_by_seed_and_plot_training_seconds(tmp_path, fake_checkpoint
     vs = rows[1]["gain_vs_grpo"]
     assert vs[0] == pytest.approx(((0.50 - 0.45) + (0.46 - 0.47)) / 2)
     assert rows[1]["sec_per_step"][0] == pytest.approx(100.0)
+    curves = ub.curve_table(records, list(ub.METHODS))
+    assert "| 2-4 | grpo | 2 | 40.0 | 42.0 | 46.0 |" in curves             # (45 + 47) / 2 at step 4
+    assert "| 2-4 | oracle | 2 | 40.0 | 44.0 (+2.0) | 48.0 (+2.0) |" in curves   # paired by seed
     md = ub.markdown_table(rows, unfinished)
     assert "| 2-4 | oracle | 2 | 48.0 ± 2.8 | +8.0 ± 2.8 | +2.0 ± 4.2 (2) | 100.0 |" in md
     assert "Not finished yet: 2-4 oracle seed 2: step 3." in md
