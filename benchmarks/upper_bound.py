@@ -17,14 +17,15 @@ problems (the scripts' default --eval-size). Those are the study's settings (stu
 study's runs ARE this benchmark's runs for grpo, tempo and spo-chain: both write to
 OUT/ops{LO}-{HI}/runs/{method}/seed{S}/, and the default OUT is the study's, runs/study.
 
-Parts. The oracle costs about 112 s a step at 2-4 on one core (docs/study.md), so one run is
-about 2 hours and a 6-8 run several times that. A part is whatever fits: --budget-min M starts
+Parts. On one core of a 2-core Xeon, an oracle run at 2-4 took 51 minutes (60 steps with
+evaluations) with the Monte Carlo of commit a15dce2, and 33 minutes with 7043bfd's (KV cache
+grown in place); a 6-8 run costs more (docs/study.md). A part is whatever fits: --budget-min M starts
 runs (--jobs at a time) until M minutes have passed, then sends SIGINT to those still running.
 A script that gets SIGINT finishes its step, checkpoints and exits (common.Run), and the next
 part continues it with `--resume RUN_DIR`; the oracle also checkpoints every 5 steps, so even a
 killed part loses at most 5 steps. A finished run is never run again. Each part appends one
-line to OUT/upper_bound_parts.jsonl: its command, commit, CPU, start, minutes, and each run's
-outcome.
+line to OUT/upper_bound_parts.jsonl: its command, commit (at its start), CPU, start, minutes,
+and each run's outcome with the commit it started at.
 
 Outputs (from finished runs only), in OUT:
     upper_bound.md    per (setting, method): seeds, final accuracy, gain, gain minus GRPO's
@@ -130,6 +131,7 @@ def run_part(todo: list[dict], jobs: int, logs: Path, budget_s: float | None) ->
                     if d.is_dir():
                         shutil.rmtree(d)
             log = open(logs / f"ops{job['setting']}-{job['method']}-seed{job['seed']}.log", "a")
+            job["commit"] = compare._git_commit()   # the code this run starts with
             proc = subprocess.Popen(job["cmd"], stdout=log, stderr=subprocess.STDOUT, env=env,
                                     cwd=ROOT)
             running.append((job, proc, time.time(), log))
@@ -150,7 +152,8 @@ def run_part(todo: list[dict], jobs: int, logs: Path, budget_s: float | None) ->
             status = ("finished" if code == 0 else "interrupted" if code == 128 + signal.SIGINT
                       else f"failed (exit {code})")
             outcomes.append(dict(setting=job["setting"], method=job["method"], seed=job["seed"],
-                                 resumed=job["resume"] is not None, status=status,
+                                 commit=job["commit"], resumed=job["resume"] is not None,
+                                 status=status,
                                  seconds=round(time.time() - t0)))
             print(f"[{time.time() - t_start:6.0f}s] ops {job['setting']}: {job['method']} seed "
                   f"{job['seed']}: {status} in {time.time() - t0:.0f}s", flush=True)
@@ -378,13 +381,14 @@ def main(argv=None) -> None:
         steps_flags = QUICK_FLAGS if a.quick else study.STEPS_FLAGS
         todo = plan(out, lengths, a.methods, seeds, steps_flags)
         t0, started = time.time(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        commit = compare._git_commit()  # at the start: the tree may change during a long part
         outcomes = run_part(todo, a.jobs, out / "logs",
                             a.budget_min * 60 if a.budget_min else None)
         with open(out / "upper_bound_parts.jsonl", "a") as f:
             f.write(json.dumps(dict(
                 command=" ".join(["python", "benchmarks/upper_bound.py",
                                   *(argv if argv is not None else sys.argv[1:])]),
-                commit=compare._git_commit(), cpu=common.cpu_description(), started=started,
+                commit=commit, cpu=common.cpu_description(), started=started,
                 minutes=round((time.time() - t0) / 60, 1), runs=outcomes)) + "\n")
     print(build_outputs(out, lengths, a.methods))
     print(f"wrote {out}/upper_bound.md" + (", .csv and .png" if (out / "upper_bound.csv").exists()

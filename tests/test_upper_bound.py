@@ -102,6 +102,7 @@ def test_a_part_stops_at_its_budget_with_sigint_and_starts_nothing_new(tmp_path)
     assert got == {"quick": "finished", "long": "interrupted", "slow": "interrupted"}
     assert "checkpointed" in (tmp_path / "logs" / "ops2-4-long-seed0.log").read_text()
     assert all(o["seconds"] < 30 for o in outcomes)
+    assert all(o["commit"] == compare._git_commit() for o in outcomes)  # the code each started with
 
 
 def test_tables_pair_by_seed_and_plot_training_seconds(tmp_path, fake_checkpoints):
