@@ -182,8 +182,9 @@ def generate_continuations(model, tokenizer, rows: list[list[int]], n: int, budg
         going = budget > 0                           # [b]: rows still writing tokens
         for t in range(out.size(1)):
             tok = sampler.pick(logits, t, live)                                         # [b]
-            out[live[going].cpu(), t] = tok[going].cpu()
-            length[live[going].cpu()] += 1
+            written = live[going].cpu()
+            out[written, t] = tok[going].cpu()
+            length[written] += 1
             going &= (tok != tokenizer.eos_token_id) & (budget[live] > t + 1)
             if not going.any():
                 break

@@ -228,15 +228,19 @@ def markdown_table(rows: list[dict], unfinished: list[str]) -> str:
     return head + "\n".join(lines) + "\n" + tail
 
 
+def _groups(records: list[dict], methods: list[str]) -> list[tuple[str, str]]:
+    """The (setting, method) pairs present, by setting, then in `methods` order."""
+    order = {m: i for i, m in enumerate(methods)}
+    return sorted({(r["setting"], r["method"]) for r in records},
+                  key=lambda k: (k[0], order.get(k[1], len(order))))
+
+
 def diagnostics_table(records: list[dict], methods: list[str]) -> str:
     """Per (setting, method): STEP_DIAGNOSTICS, mean over training steps, then over seeds."""
-    order = {m: i for i, m in enumerate(methods)}
-    keys = sorted({(r["setting"], r["method"]) for r in records},
-                  key=lambda k: (k[0], order.get(k[1], len(order))))
     head = ("| ops | method | train reward | groups all equal | grad norm | approx KL | entropy "
             "| tokens in loss |\n|---|---|---|---|---|---|---|---|\n")
     lines = []
-    for setting, method in keys:
+    for setting, method in _groups(records, methods):
         runs = [r for r in records if r["setting"] == setting and r["method"] == method]
         cells = []
         for k in STEP_DIAGNOSTICS:
@@ -251,14 +255,11 @@ def diagnostics_table(records: list[dict], methods: list[str]) -> str:
 def curve_table(records: list[dict], methods: list[str]) -> str:
     """The curves per step in numbers: per (setting, method), the accuracy at every evaluated
     step, mean over seeds, and its difference from GRPO's at that step, paired by seed."""
-    order = {m: i for i, m in enumerate(methods)}
-    keys = sorted({(r["setting"], r["method"]) for r in records},
-                  key=lambda k: (k[0], order.get(k[1], len(order))))
     steps = sorted(set.intersection(*[{s for s, _, _ in r["curve"]} for r in records]))
     head = ("| ops | method | seeds | " + " | ".join(f"step {s}" for s in steps) + " |\n|"
             + "---|" * (3 + len(steps)) + "\n")
     lines = []
-    for setting, method in keys:
+    for setting, method in _groups(records, methods):
         runs = {r["seed"]: {s: a for s, _, a in r["curve"]} for r in records
                 if r["setting"] == setting and r["method"] == method}
         grpo = {r["seed"]: {s: a for s, _, a in r["curve"]} for r in records

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -35,29 +34,22 @@ import common  # noqa: E402
 import spo  # noqa: E402
 
 
-def reference_mc(model, tok, prefixes, prompts, answers, N, max_len, seed, batch_size=512):
-    """The previous path: each chunk's rows repeated N times into one common.generate call."""
-    rewards, tokens, eos = torch.zeros(len(prefixes), N), 0, tok.eos_token_id
-    order = sorted(range(len(prefixes)), key=lambda p: len(prefixes[p][1]))
-    per_call = max(1, batch_size // N)
-    for s in range(0, len(order), per_call):
-        chunk = order[s:s + per_call]
-        rows = [prompts[prefixes[p][0]] + list(prefixes[p][1]) for p in chunk]
-        ids, mask = common.left_pad(rows, tok.pad_token_id, "cpu")
-        keys = [spo.mc_stream_key(seed, prefixes[p], j) for p in chunk for j in range(N)]
-        out = common.generate(model, tok, ids.repeat_interleave(N, 0), mask.repeat_interleave(N, 0),
-                              max_len - len(prefixes[chunk[0]][1]), row_keys=keys).tolist()
-        texts, finished = [], []
-        for r, row in enumerate(out):
-            prefix = list(prefixes[chunk[r // N]][1])
-            cont, done = spo._cut_at_eos(row, eos, max_len - len(prefix))
-            tokens += len(cont)
-            texts.append(tok.decode(prefix + cont, skip_special_tokens=True))
-            finished.append(done)
-        golds = [answers[prefixes[p][0]] for p in chunk for _ in range(N)]
-        scores = torch.tensor(common.reward_fn(texts, golds)) * torch.tensor(finished).float()
-        rewards[chunk] = scores.view(len(chunk), N)
-    return rewards, tokens
+def repeated_rows(model, tok, rows, n, budgets, keys, temperature=1.0, top_p=1.0, top_k=0):
+    """The previous path, as a stand-in for common.generate_continuations: one common.generate
+    call on the rows repeated n times, to the longest budget (rows are cut at theirs later)."""
+    ids, mask = common.left_pad(rows, tok.pad_token_id, "cpu")
+    return common.generate(model, tok, ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0),
+                           max(budgets), temperature=temperature, top_p=top_p, top_k=top_k,
+                           row_keys=keys).tolist()
+
+
+def reference_mc(model, tok, prefixes, prompts, answers, N, max_len, seed):
+    """spo.mc_rollout_rewards with the previous path in place of generate_continuations."""
+    new, common.generate_continuations = common.generate_continuations, repeated_rows
+    try:
+        return spo.mc_rollout_rewards(model, tok, prefixes, prompts, answers, N, max_len, seed=seed)
+    finally:
+        common.generate_continuations = new
 
 
 def main(argv=None) -> dict:
@@ -99,13 +91,9 @@ def main(argv=None) -> dict:
 
     N, times, results = args.num_rollouts, {"new": [], "reference": []}, {}
     for _ in range(args.repeats):
-        for name, fn in [("reference", reference_mc), ("new", None)]:
+        for name, fn in [("reference", reference_mc), ("new", spo.mc_rollout_rewards)]:
             t0 = time.perf_counter()
-            if fn is None:
-                results[name] = spo.mc_rollout_rewards(model, tok, prefixes, prompts, answers, N,
-                                                       max_len, seed=args.seed)
-            else:
-                results[name] = fn(model, tok, prefixes, prompts, answers, N, max_len, args.seed)
+            results[name] = fn(model, tok, prefixes, prompts, answers, N, max_len, seed=args.seed)
             times[name].append(time.perf_counter() - t0)
     same = torch.equal(results["new"][0], results["reference"][0])
     new, ref = statistics.median(times["new"]), statistics.median(times["reference"])
