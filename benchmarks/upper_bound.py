@@ -116,6 +116,7 @@ def plan(out: Path, lengths: list[str], methods: list[str], seeds: list[int],
 def run_part(todo: list[dict], jobs: int, logs: Path, budget_s: float | None) -> list[dict]:
     """Run `todo`, `jobs` at a time, until the budget: then SIGINT to the running ones (they
     checkpoint and exit) and no new starts. Returns one outcome per run started."""
+    jobs = max(1, min(jobs, len(todo)))   # one run left: it gets every core, not 1/jobs of them
     threads = max(1, (os.cpu_count() or 2) // jobs)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     logs.mkdir(parents=True, exist_ok=True)
@@ -153,7 +154,7 @@ def run_part(todo: list[dict], jobs: int, logs: Path, budget_s: float | None) ->
                       else f"failed (exit {code})")
             outcomes.append(dict(setting=job["setting"], method=job["method"], seed=job["seed"],
                                  commit=job["commit"], resumed=job["resume"] is not None,
-                                 status=status,
+                                 status=status, threads=threads,
                                  seconds=round(time.time() - t0)))
             print(f"[{time.time() - t_start:6.0f}s] ops {job['setting']}: {job['method']} seed "
                   f"{job['seed']}: {status} in {time.time() - t0:.0f}s", flush=True)
@@ -350,7 +351,7 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="training seeds (default 0 1 2 3 4; --quick: 0)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time; threads = cores / jobs")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time; threads = cores / jobs (fewer runs than jobs: cores / runs)")
     p.add_argument("--budget-min", type=float, default=None,
                    help="minutes this part may run: then SIGINT to the running runs (they "
                    "checkpoint; the next part resumes them), and no new starts")

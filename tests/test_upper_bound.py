@@ -2,6 +2,7 @@
 and stand-in commands (no training here)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,12 +82,12 @@ def test_the_shared_methods_run_exactly_the_study_s_command(tmp_path, fake_check
 
 
 STAND_IN = """
-import signal, sys, time
+import os, signal, sys, time
 def stop(*_):
     print("checkpointed", flush=True)
     sys.exit(130)
 signal.signal(signal.SIGINT, stop)
-print("started", flush=True)
+print("started threads=" + os.environ["OMP_NUM_THREADS"], flush=True)
 time.sleep(float(sys.argv[1]))
 """
 
@@ -103,6 +104,18 @@ def test_a_part_stops_at_its_budget_with_sigint_and_starts_nothing_new(tmp_path)
     assert "checkpointed" in (tmp_path / "logs" / "ops2-4-long-seed0.log").read_text()
     assert all(o["seconds"] < 30 for o in outcomes)
     assert all(o["commit"] == compare._git_commit() for o in outcomes)  # the code each started with
+    assert {o["threads"] for o in outcomes} == {max(1, (os.cpu_count() or 2) // 2)}
+
+
+def test_a_lone_run_gets_every_core(tmp_path):
+    script = tmp_path / "stand_in.py"
+    script.write_text(STAND_IN)
+    job = dict(setting="6-8", method="oracle", seed=4, resume=None, seed_dir=tmp_path / "o",
+               cmd=[sys.executable, str(script), "0.1"])
+    (outcome,) = ub.run_part([job], 2, tmp_path / "logs", budget_s=None)
+    cores = os.cpu_count() or 2
+    assert outcome["status"] == "finished" and outcome["threads"] == cores
+    assert f"threads={cores}" in (tmp_path / "logs" / "ops6-8-oracle-seed4.log").read_text()
 
 
 def test_tables_pair_by_seed_and_plot_training_seconds(tmp_path, fake_checkpoints):
