@@ -19,8 +19,9 @@ OUT/ops{LO}-{HI}/runs/{method}/seed{S}/, and the default OUT is the study's, run
 
 Parts. On one core of a 2-core Xeon, an oracle run at 2-4 took 51 minutes (60 steps with
 evaluations) with the Monte Carlo of commit a15dce2, and 33 minutes with 7043bfd's (KV cache
-grown in place); a 6-8 run costs more (docs/study.md). A part is whatever fits: --budget-min M starts
-runs (--jobs at a time) until M minutes have passed, then sends SIGINT to those still running.
+grown in place); a 6-8 run took 57 to 59 minutes with 7043bfd's (docs/study.md). A part is
+whatever fits: --budget-min M starts runs (--jobs at a time) until M minutes have passed, then
+sends SIGINT to those still running.
 A script that gets SIGINT finishes its step, checkpoints and exits (common.Run), and the next
 part continues it with `--resume RUN_DIR`; the oracle also checkpoints every 5 steps, so even a
 killed part loses at most 5 steps. A finished run is never run again. Each part appends one
