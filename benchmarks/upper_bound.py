@@ -352,7 +352,8 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="training seeds (default 0 1 2 3 4; --quick: 0)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time; threads = cores / jobs (fewer runs than jobs: cores / runs)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="runs at a time; threads = cores / jobs (fewer runs than jobs: cores / runs)")
     p.add_argument("--budget-min", type=float, default=None,
                    help="minutes this part may run: then SIGINT to the running runs (they "
                    "checkpoint; the next part resumes them), and no new starts")
